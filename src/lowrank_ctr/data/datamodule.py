@@ -1,0 +1,254 @@
+"""Streaming batches from prepared parquet shards, and the LightningDataModule around them.
+
+No per-row ``__getitem__``: a consumer (one loader worker of one DDP rank) reads whole parquet row groups,
+optionally shuffles them in a buffer, and cuts whole batches out of numpy arrays.
+
+Work split, exactly once per epoch: the (shuffled) sequence of row groups is one long row range, and consumer c of
+C = world_size x num_workers takes the contiguous slice [c N / C, (c+1) N / C). Every consumer then yields the SAME
+number of batches K (a consumer with fewer rows cuts a few smaller batches), so DDP ranks stay in lock-step and
+no rank waits on an all-reduce the others never join.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from lowrank_ctr.data.errors import DataError
+from lowrank_ctr.data.schema import Schema
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One parquet row group: the unit of reading and of shuffling order."""
+
+    path: str
+    row_group: int
+    rows: int
+
+
+def list_pieces(split_dir: Path) -> list[Piece]:
+    files = sorted(Path(split_dir).glob("part-*.parquet"))
+    pieces = []
+    for f in files:
+        md = pq.ParquetFile(f).metadata
+        pieces += [Piece(str(f), i, md.row_group(i).num_rows) for i in range(md.num_row_groups)]
+    return [p for p in pieces if p.rows > 0]
+
+
+def _distributed() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def batch_sizes(rows: int, num_batches: int, batch_size: int) -> list[int]:
+    """``rows`` cut into exactly ``num_batches`` batches of at most ``batch_size``, full ones first."""
+    sizes, left = [], rows
+    for i in range(num_batches):
+        size = min(batch_size, left - (num_batches - 1 - i))
+        sizes.append(size)
+        left -= size
+    return sizes
+
+
+class ShardedBatches(IterableDataset):
+    """Whole batches from one split's shards; see the module docstring for the work split."""
+
+    def __init__(self, split_dir: str | Path, schema: Schema, batch_size: int, shuffle: bool = False, seed: int = 0,
+                 shuffle_buffer: int = 262_144, world: tuple[int, int] | None = None) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise DataError(f"batch size must be >= 1, got {batch_size}")
+        self.split_dir = Path(split_dir)
+        self.schema = schema
+        self.pieces = list_pieces(self.split_dir)
+        self.rows = sum(p.rows for p in self.pieces)
+        self.batch_size, self.shuffle, self.seed = int(batch_size), shuffle, int(seed)
+        self.shuffle_buffer = max(int(shuffle_buffer), 2 * self.batch_size)  # keeps half for mixing
+        self.epoch = 0
+        self._world = world  # (rank, world_size) override for tests; default: torch.distributed
+        self._num_workers = 1
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    # Work split -------------------------------------------------------------------------------------------
+    def _consumer(self) -> tuple[int, int]:
+        rank, world = self._world or _distributed()
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        return rank * nw + wid, world * nw
+
+    def batches_per_consumer(self, consumers: int) -> int:
+        most_rows = -(-self.rows // consumers)
+        return -(-most_rows // self.batch_size)
+
+    def __len__(self) -> int:
+        """Batches per DDP rank (what Lightning counts), over all loader workers."""
+        _, world = self._world or _distributed()
+        consumers = world * self._num_workers
+        per = self.batches_per_consumer(consumers)
+        return self._num_workers * min(per, max(self.rows // consumers, 1))
+
+    def _ordered_pieces(self) -> list[Piece]:
+        if not self.shuffle:
+            return self.pieces
+        order = np.random.default_rng([self.seed, self.epoch, 17]).permutation(len(self.pieces))
+        return [self.pieces[i] for i in order]
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        c, consumers = self._consumer()
+        start, stop = c * self.rows // consumers, (c + 1) * self.rows // consumers
+        mine = stop - start
+        k = min(self.batches_per_consumer(consumers), mine)
+        sizes = batch_sizes(mine, k, self.batch_size) if mine else []
+        rng = np.random.default_rng([self.seed, self.epoch, 31, c])
+        yield from self._batches(self._read_range(start, stop), sizes, rng)
+
+    # Reading ----------------------------------------------------------------------------------------------
+    def _read_range(self, start: int, stop: int) -> Iterator[dict[str, np.ndarray]]:
+        pos = 0
+        files: dict[str, pq.ParquetFile] = {}
+        for piece in self._ordered_pieces():
+            lo, hi = pos, pos + piece.rows
+            pos = hi
+            if hi <= start or lo >= stop:
+                continue
+            pf = files.get(piece.path) or files.setdefault(piece.path, pq.ParquetFile(piece.path))
+            table = pf.read_row_group(piece.row_group)
+            a, b = max(start - lo, 0), min(stop, hi) - lo
+            if a or b < piece.rows:
+                table = table.slice(a, b - a)
+            yield self._arrays(table)
+
+    def _arrays(self, table) -> dict[str, np.ndarray]:
+        n = table.num_rows
+        s = self.schema
+        col = lambda name: table.column(name).to_numpy()  # noqa: E731
+        cat = (np.column_stack([col(f.name) for f in s.categorical]) if s.categorical
+               else np.zeros((n, 0), np.int32))
+        num = (np.column_stack([col(f.name) for f in s.numeric]).astype(np.float32, copy=False) if s.numeric
+               else np.zeros((n, 0), np.float32))
+        multi = np.zeros((n, len(s.multihot), s.multihot_max_len), np.int32)
+        for j, f in enumerate(s.multihot):
+            multi[:, j, : f.max_len] = table.column(f.name).combine_chunks().values.to_numpy().reshape(n, f.max_len)
+        return {"cat": cat, "num": num, "multi": multi, "label": col("label").astype(np.float32),
+                "row_id": col("row_id")}
+
+    def _batches(self, parts: Iterator[dict[str, np.ndarray]], sizes: list[int],
+                 rng: np.random.Generator) -> Iterator[dict[str, torch.Tensor]]:
+        buffer: list[dict[str, np.ndarray]] = []
+        buffered = 0
+        i = 0
+        exhausted = False
+        while i < len(sizes):
+            while not exhausted and buffered < max(self.shuffle_buffer if self.shuffle else 0, sizes[i]):
+                part = next(parts, None)
+                if part is None:
+                    exhausted = True
+                    break
+                buffer.append(part)
+                buffered += len(part["label"])
+            data = {k: np.concatenate([p[k] for p in buffer]) for k in buffer[0]} if len(buffer) > 1 else buffer[0]
+            if self.shuffle:
+                perm = rng.permutation(buffered)
+                data = {k: v[perm] for k, v in data.items()}
+            # Emit as many batches as the buffer holds while keeping it at least half full for mixing.
+            offset = 0
+            keep = self.shuffle_buffer // 2 if (self.shuffle and not exhausted) else 0
+            while i < len(sizes) and buffered - offset - sizes[i] >= keep and offset + sizes[i] <= buffered:
+                sl = slice(offset, offset + sizes[i])
+                yield {k: _tensor(k, v[sl]) for k, v in data.items()}
+                offset += sizes[i]
+                i += 1
+            rest = {k: v[offset:] for k, v in data.items()}
+            buffer, buffered = ([rest], buffered - offset) if buffered - offset else ([], 0)
+            if exhausted and offset == 0 and i < len(sizes):
+                raise RuntimeError(f"internal: {len(sizes) - i} batches planned but no rows left")
+
+
+def _tensor(key: str, a: np.ndarray) -> torch.Tensor:
+    t = torch.from_numpy(np.require(a, requirements=["C", "W"]))
+    return t.long() if key in ("cat", "multi") else t
+
+
+def _cfg(cfg: Mapping[str, Any] | Any) -> dict:
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(cfg):
+            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except ImportError:  # pragma: no cover
+        pass
+    return dict(cfg)
+
+
+try:
+    import lightning.pytorch as pl
+except ImportError:  # pragma: no cover - the data layer works without Lightning
+    pl = None
+
+
+class CTRDataModule(pl.LightningDataModule if pl is not None else object):
+    """Prepares (or reuses) a dataset from its data config and serves streaming train/valid/test loaders."""
+
+    def __init__(self, data: Mapping[str, Any], seed: int = 0, progress: bool = True) -> None:
+        super().__init__()
+        self.cfg = _cfg(data)
+        self.seed = seed
+        self.progress = progress
+        self.prepared = None
+        self.datasets: dict[str, ShardedBatches] = {}
+
+    @property
+    def path(self) -> Path:
+        return Path(self.cfg["out_dir"]).expanduser()
+
+    def prepare_data(self) -> None:
+        from lowrank_ctr.data.prepare import prepare
+
+        self.prepared = prepare(self.cfg, progress=self.progress)
+
+    @property
+    def schema(self) -> Schema:
+        return Schema.load(self.path)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        schema = self.schema
+        bs = int(self.cfg.get("batch_size", 4096))
+        ebs = int(self.cfg.get("eval_batch_size") or bs)
+        for split, size, shuffle in (("train", bs, True), ("valid", ebs, False), ("test", ebs, False)):
+            self.datasets[split] = ShardedBatches(self.path / split, schema, size, shuffle=shuffle, seed=self.seed,
+                                                  shuffle_buffer=int(self.cfg.get("shuffle_buffer", 262_144)))
+
+    def _loader(self, split: str) -> DataLoader:
+        ds = self.datasets[split]
+        if ds.rows == 0:
+            raise DataError(f"the {split} split of {self.path} has no rows: adjust data.split or the {split} file")
+        workers = int(self.cfg.get("num_workers", 0))
+        ds._num_workers = max(workers, 1)
+        return DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=bool(self.cfg.get("pin_memory", False)),
+                          persistent_workers=False)
+
+    def train_dataloader(self) -> DataLoader:
+        if self.trainer is not None:
+            self.datasets["train"].set_epoch(self.trainer.current_epoch)
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("valid")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
