@@ -7,6 +7,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from lowrank_ctr.data.schema import PAD_ID, Schema
+
 
 class FieldEmbedding(nn.Module):
     """All id-valued fields in ONE flat table with per-field offsets: one gather per batch.
@@ -91,3 +93,350 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+# ------------------------------------------------------------------------------------------------
+# Feature embedding: every field of a batch -> (B, F_emb, dim) field vectors + (B, n_dense) dense columns
+# ------------------------------------------------------------------------------------------------
+
+NUMERIC_MODES = ("embed", "dense")
+
+
+def pooled_lookup(table: nn.Module, cat: torch.Tensor, multi: torch.Tensor, n_cat: int | None = None,
+                  n_multi: int | None = None) -> torch.Tensor:
+    """Look up categorical (B, n_cat) and multi-hot (B, n_multi, L) ids in ONE call of ``table``.
+
+    ``table`` is a :class:`FieldEmbedding` over categorical-then-multi-hot fields, or any drop-in with the same
+    call signature (a compressed table). Multi-hot lists are mean-pooled over ids != PAD_ID with an explicit
+    mask, never by trusting the PAD row to be zero: a compressed table reconstructs that row as non-zero.
+    When both kinds are present, categorical ids are padded to (B, n_cat, L) so that one gather serves all fields
+    (a calibration hook on ``table`` should therefore weight looked-up rows by ``ids != PAD_ID``).
+    ``n_cat`` / ``n_multi`` (schema-static; default: read from the shapes) keep torch.jit.trace free of
+    data-dependent branches. Returns (B, n_cat + n_multi, dim).
+    """
+    n_cat = cat.shape[1] if n_cat is None else n_cat
+    n_multi = multi.shape[1] if n_multi is None else n_multi
+    if n_multi == 0:
+        return table(cat)
+    if n_cat == 0:
+        ids = multi
+        mask = multi != PAD_ID
+    else:
+        length = multi.shape[2]
+        ids = torch.cat([nn.functional.pad(cat.unsqueeze(-1), (0, length - 1), value=PAD_ID), multi], dim=1)
+        # Categorical slots: position 0 always counts (even an out-of-contract id 0), padding never does.
+        is_cat_slot = torch.zeros(n_cat + n_multi, length, dtype=torch.bool, device=ids.device)
+        is_cat_slot[:n_cat, 0] = True
+        is_cat_field = torch.zeros(n_cat + n_multi, 1, dtype=torch.bool, device=ids.device)
+        is_cat_field[:n_cat] = True
+        mask = torch.where(is_cat_field, is_cat_slot, ids != PAD_ID)
+    vectors = table(ids)  # (B, F, L, dim)
+    weights = mask.unsqueeze(-1).to(vectors.dtype)
+    return (vectors * weights).sum(2) / weights.sum(2).clamp_min(1.0)
+
+
+class NumericEmbedding(nn.Module):
+    """One learned vector per numeric field, scaled by the field's (already normalised) value."""
+
+    def __init__(self, num_fields: int, dim: int, init_std: float = 0.01) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_fields, dim))
+        nn.init.normal_(self.weight, std=init_std)
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        return values.unsqueeze(-1) * self.weight  # (B, n_num, dim)
+
+
+class FeatureEmbedding(nn.Module):
+    """Turns a batch dict into field vectors for interaction layers plus dense columns for the DNN.
+
+    ``self.table`` (a :class:`FieldEmbedding` over categorical then multi-hot fields, or None when the schema has
+    neither) is the compression target: compression/ replaces it in place with a same-signature module.
+    ``numeric="embed"`` gives each numeric field a vector (``self.numeric``) so FM/CIN/attention see it as a field;
+    ``numeric="dense"`` passes the values through as extra DNN columns instead.
+    Field order of ``emb``: categorical, multi-hot, numeric (if embedded) -- see :attr:`field_names`.
+    """
+
+    def __init__(self, schema: Schema, dim: int, numeric: str = "embed", init_std: float = 0.01) -> None:
+        super().__init__()
+        if numeric not in NUMERIC_MODES:
+            raise ValueError(f"numeric must be one of {NUMERIC_MODES}, got {numeric!r}")
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"embedding_dim must be a positive int, got {dim!r}")
+        self.dim = dim
+        self.numeric_mode = numeric
+        self.n_categorical = len(schema.categorical)
+        self.n_multihot = len(schema.multihot)
+        self.n_numeric = len(schema.numeric)
+        vocab = schema.sparse_vocab_sizes
+        self.add_module("table", FieldEmbedding(vocab, dim, init_std) if vocab else None)
+        embed_numeric = numeric == "embed" and self.n_numeric > 0
+        self.add_module("numeric", NumericEmbedding(self.n_numeric, dim, init_std) if embed_numeric else None)
+        self.field_names: list[str] = [f.name for f in schema.categorical] + [f.name for f in schema.multihot]
+        if embed_numeric:
+            self.field_names += [f.name for f in schema.numeric]
+
+    @property
+    def num_fields(self) -> int:
+        """F_emb: fields that come out as vectors."""
+        return len(self.field_names)
+
+    @property
+    def dense_dim(self) -> int:
+        return self.n_numeric if self.numeric_mode == "dense" else 0
+
+    @property
+    def flat_dim(self) -> int:
+        """Width of :meth:`flatten` -- the usual DNN input."""
+        return self.num_fields * self.dim + self.dense_dim
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        num = batch["num"]
+        parts = []
+        if self.table is not None:
+            parts.append(pooled_lookup(self.table, batch["cat"], batch["multi"], self.n_categorical, self.n_multihot))
+        if self.numeric is not None:
+            parts.append(self.numeric(num))
+        if not parts:
+            emb = num.new_zeros(num.shape[0], 0, self.dim)
+        else:
+            emb = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        dense = num if self.numeric_mode == "dense" else num[:, :0]
+        return emb, dense
+
+    @staticmethod
+    def flatten(emb: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """(B, F*dim + n_dense), field-major: the first Linear that eats this sees field i at [i*dim, (i+1)*dim)."""
+        return torch.cat([emb.flatten(1), dense], dim=1)
+
+
+class LinearTerm(nn.Module):
+    """First-order (wide) term: one scalar per id, one weight per numeric value, one global bias -> (B,)."""
+
+    def __init__(self, schema: Schema) -> None:
+        super().__init__()
+        vocab = schema.sparse_vocab_sizes
+        self.add_module("table", FieldEmbedding(vocab, 1) if vocab else None)
+        self.n_categorical, self.n_multihot = len(schema.categorical), len(schema.multihot)
+        self.weight = nn.Parameter(torch.zeros(len(schema.numeric)))
+        self.bias = nn.Parameter(torch.zeros(()))
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = batch["num"] @ self.weight + self.bias
+        if self.table is not None:
+            pooled = pooled_lookup(self.table, batch["cat"], batch["multi"], self.n_categorical, self.n_multihot)
+            out = out + pooled.sum(dim=(1, 2))
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Interaction layers
+# ------------------------------------------------------------------------------------------------
+
+class FactorizationMachine(nn.Module):
+    """Sum of pairwise dot products in O(F*d): 0.5 * ((sum_i v_i)^2 - sum_i v_i^2)."""
+
+    def __init__(self, reduce_sum: bool = True) -> None:
+        super().__init__()
+        self.reduce_sum = reduce_sum
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.sum(dim=1)
+        out = 0.5 * (s * s - (x * x).sum(dim=1))  # (B, d)
+        return out.sum(dim=-1) if self.reduce_sum else out
+
+
+class CrossNetwork(nn.Module):
+    """DCN v1: x_{l+1} = x0 * (x_l . w_l) + b_l + x_l (rank-1 crosses; w_l is a vector, not a Linear)."""
+
+    def __init__(self, in_dim: int, num_layers: int) -> None:
+        super().__init__()
+        self.num_layers = num_layers
+        self.weight = nn.Parameter(torch.randn(num_layers, in_dim) / in_dim**0.5)
+        self.bias = nn.Parameter(torch.zeros(num_layers, in_dim))
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        x = x0
+        for i in range(self.num_layers):
+            x = x0 * (x @ self.weight[i]).unsqueeze(-1) + self.bias[i] + x
+        return x
+
+
+class CrossNetworkV2(nn.Module):
+    """DCN v2: x_{l+1} = x0 * (W_l x_l + b_l) + x_l; each W_l is an nn.Linear (``layers.{l}``) so it can be compressed."""
+
+    def __init__(self, in_dim: int, num_layers: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(in_dim, in_dim) for _ in range(num_layers))
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        x = x0
+        for layer in self.layers:
+            x = x0 * layer(x) + x
+        return x
+
+
+class CIN(nn.Module):
+    """Compressed Interaction Network (xDeepFM): explicit vector-wise crosses of bounded degree.
+
+    Each layer's 1x1 convolution over the F0*H outer-product maps is an nn.Linear (``layers.{l}``).
+    With ``split_half`` every layer but the last sends half of its maps to the output and half to the next layer.
+    forward (B, F0, d) -> (B, out_dim) sum-pooled feature maps.
+    """
+
+    def __init__(self, num_fields: int, layer_sizes: Sequence[int], split_half: bool = True,
+                 activation: str = "identity") -> None:
+        super().__init__()
+        if num_fields < 1 or not layer_sizes or any(h < 1 for h in layer_sizes):
+            raise ValueError(f"CIN needs num_fields >= 1 and positive layer sizes, got {num_fields}, {list(layer_sizes)}")
+        last = len(layer_sizes) - 1
+        if split_half and any(h % 2 for h in layer_sizes[:last]):
+            raise ValueError(f"cin_layers must be even (except the last) when split_half=True, got {list(layer_sizes)}")
+        self.num_fields = num_fields
+        self.split_half = split_half
+        self.layers = nn.ModuleList()
+        self.activation = make_activation(activation)
+        prev, out_dim = num_fields, 0
+        for i, h in enumerate(layer_sizes):
+            self.layers.append(nn.Linear(num_fields * prev, h))
+            prev = h // 2 if split_half and i < last else h
+            out_dim += prev
+        self.out_dim = out_dim
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        b, f0, d = x0.shape
+        h, outs = x0, []
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            z = (x0.unsqueeze(2) * h.unsqueeze(1)).reshape(b, f0 * h.shape[1], d)
+            z = self.activation(layer(z.transpose(1, 2))).transpose(1, 2)  # (B, H_l, d)
+            if self.split_half and i < last:
+                h, keep = torch.chunk(z, 2, dim=1)
+            else:
+                h = keep = z
+            outs.append(keep.sum(dim=2))
+        return torch.cat(outs, dim=1)
+
+
+class InteractingLayer(nn.Module):
+    """AutoInt multi-head self-attention over fields with a projected residual, then ReLU.
+
+    Projections ``query``/``key``/``value``/``residual`` are nn.Linear (bias-free) so compression can find them.
+    """
+
+    def __init__(self, in_dim: int, attention_dim: int, num_heads: int, residual: bool = True,
+                 scale: bool = True) -> None:
+        super().__init__()
+        if attention_dim % num_heads:
+            raise ValueError(f"attention_dim {attention_dim} must be divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = attention_dim // num_heads
+        self.out_dim = attention_dim
+        self.scale = self.head_dim**-0.5 if scale else 1.0
+        self.query = nn.Linear(in_dim, attention_dim, bias=False)
+        self.key = nn.Linear(in_dim, attention_dim, bias=False)
+        self.value = nn.Linear(in_dim, attention_dim, bias=False)
+        self.residual = nn.Linear(in_dim, attention_dim, bias=False) if residual else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, f, _ = x.shape
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, f, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, F, dh)
+
+        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        attn = torch.softmax((q @ k.transpose(-1, -2)) * self.scale, dim=-1)
+        out = (attn @ v).transpose(1, 2).reshape(b, f, self.out_dim)
+        if self.residual is not None:
+            out = out + self.residual(x)
+        return torch.relu(out)
+
+
+class SENETLayer(nn.Module):
+    """FiBiNET squeeze-excitation: re-weights whole fields by a gate computed from all field summaries."""
+
+    def __init__(self, num_fields: int, reduction_ratio: float = 3.0) -> None:
+        super().__init__()
+        reduced = max(1, int(num_fields / reduction_ratio))
+        self.excitation = nn.Sequential(nn.Linear(num_fields, reduced, bias=False), nn.ReLU(),
+                                        nn.Linear(reduced, num_fields, bias=False), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.excitation(x.mean(dim=-1)).unsqueeze(-1)
+
+
+BILINEAR_TYPES = ("field_all", "field_each", "field_interaction")
+
+
+class BilinearInteraction(nn.Module):
+    """FiBiNET bilinear interaction p_ij = (v_i W) * v_j for i < j -> (B, F(F-1)/2, d).
+
+    ``field_all`` shares one W, ``field_each`` has one W per left field, ``field_interaction`` one per pair.
+    """
+
+    def __init__(self, num_fields: int, dim: int, bilinear_type: str = "field_interaction") -> None:
+        super().__init__()
+        if bilinear_type not in BILINEAR_TYPES:
+            raise ValueError(f"bilinear_type must be one of {BILINEAR_TYPES}, got {bilinear_type!r}")
+        self.bilinear_type = bilinear_type
+        left, right = torch.triu_indices(num_fields, num_fields, offset=1)
+        self.register_buffer("left", left, persistent=False)
+        self.register_buffer("right", right, persistent=False)
+        n_w = {"field_all": 1, "field_each": num_fields, "field_interaction": left.numel()}[bilinear_type]
+        bound = dim**-0.5
+        self.weight = nn.Parameter(torch.empty(n_w, dim, dim).uniform_(-bound, bound))
+
+    @property
+    def num_pairs(self) -> int:
+        return self.left.numel()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bilinear_type == "field_all":
+            left = (x @ self.weight[0])[:, self.left]
+        elif self.bilinear_type == "field_each":
+            left = torch.einsum("bfd,fde->bfe", x, self.weight)[:, self.left]
+        else:
+            left = torch.einsum("bpd,pde->bpe", x[:, self.left], self.weight)
+        return left * x[:, self.right]
+
+
+class FeatureGate(nn.Module):
+    """FinalMLP feature selection for one stream: x * 2*sigmoid(MLP(context)), context from chosen fields or a
+    learned vector (then the gate is a learned per-feature weight, as in the reference implementation)."""
+
+    def __init__(self, input_dim: int, embedding_dim: int, context_fields: Sequence[int], hidden: Sequence[int],
+                 activation: str = "relu") -> None:
+        super().__init__()
+        self.context_fields = [int(i) for i in context_fields]
+        ctx_dim = embedding_dim * max(1, len(self.context_fields))
+        self.context_bias = nn.Parameter(torch.zeros(1, embedding_dim)) if not self.context_fields else None
+        self.mlp = MLP(ctx_dim, hidden, activation=activation, out_dim=input_dim)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.context_bias is not None:
+            ctx = self.context_bias.expand(x.shape[0], -1)
+        else:
+            ctx = emb[:, self.context_fields].flatten(1)
+        return x * (2.0 * torch.sigmoid(self.mlp(ctx)))
+
+
+class InteractionAggregation(nn.Module):
+    """FinalMLP two-stream fusion: w_x.x + w_y.y + sum_h x_h^T W_h y_h (multi-head bilinear) -> (B,)."""
+
+    def __init__(self, x_dim: int, y_dim: int, num_heads: int = 1) -> None:
+        super().__init__()
+        if x_dim % num_heads or y_dim % num_heads:
+            raise ValueError(f"num_heads {num_heads} must divide both stream widths ({x_dim}, {y_dim})")
+        self.num_heads = num_heads
+        self.w_x = nn.Linear(x_dim, 1)
+        self.w_y = nn.Linear(y_dim, 1, bias=False)
+        hx, hy = x_dim // num_heads, y_dim // num_heads
+        self.w_xy = nn.Parameter(torch.empty(num_heads, hx, hy))
+        nn.init.xavier_normal_(self.w_xy)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        xh = x.view(b, self.num_heads, -1)
+        yh = y.view(b, self.num_heads, -1)
+        xy = torch.einsum("bhi,hij,bhj->b", xh, self.w_xy, yh)
+        return self.w_x(x).squeeze(-1) + self.w_y(y).squeeze(-1) + xy

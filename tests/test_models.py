@@ -1,0 +1,315 @@
+"""Model zoo tests: every registered model on several schema shapes, layer math, errors, configs.
+
+Tiny sizes throughout (embedding_dim=4, MLPs [16, 16]) so the file runs in seconds on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from lowrank_ctr.data.batch import random_batch
+from lowrank_ctr.data.schema import PAD_ID, FieldSpec, Schema
+from lowrank_ctr.models import (
+    CIN,
+    MLP,
+    MODELS,
+    BilinearInteraction,
+    CrossNetwork,
+    CrossNetworkV2,
+    FactorizationMachine,
+    FeatureEmbedding,
+    FieldEmbedding,
+    LinearTerm,
+    build_model,
+    list_models,
+    model_arguments,
+    pooled_lookup,
+)
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
+DIM = 4
+TINY_MLP = {"mlp": [16, 16]}
+TINY: dict[str, dict] = {
+    "lr": {},
+    "fm": {},
+    "dnn": TINY_MLP,
+    "widedeep": TINY_MLP,
+    "deepfm": TINY_MLP,
+    "dcn": {**TINY_MLP, "cross_layers": 2},
+    "dcnv2": {**TINY_MLP, "cross_layers": 2},
+    "xdeepfm": {**TINY_MLP, "cin_layers": [8, 8]},
+    "autoint": {**TINY_MLP, "attention_layers": 2, "num_heads": 2, "attention_dim": 8},
+    "fibinet": TINY_MLP,
+    "finalmlp": {"mlp1": [16, 16], "mlp2": [16], "fs_hidden": [16], "num_heads": 2},
+}
+
+
+def _num(n: int) -> list[FieldSpec]:
+    return [FieldSpec(f"I{i}", "numeric") for i in range(n)]
+
+
+def _cat(sizes: list[int], prefix: str = "C") -> list[FieldSpec]:
+    return [FieldSpec(f"{prefix}{i}", "categorical", vocab_size=v) for i, v in enumerate(sizes)]
+
+
+SCHEMAS = {
+    "criteo_like": Schema("criteo_like", _num(3) + _cat([10, 20, 7, 50])),
+    "movielens_like": Schema("movielens_like", _cat([30, 40, 4], "U")
+                             + [FieldSpec("genres", "multihot", vocab_size=12, max_len=4)]),
+    "categorical_only": Schema("categorical_only", _cat([9, 15, 6])),
+    "numeric_multihot": Schema("numeric_multihot", _num(2) + [
+        FieldSpec("tags", "multihot", vocab_size=20, max_len=5),
+        FieldSpec("genres", "multihot", vocab_size=8, max_len=3),
+    ]),
+}
+
+
+def tiny_model(name: str, schema: Schema, **overrides) -> nn.Module:
+    torch.manual_seed(0)
+    return build_model(name, schema, embedding_dim=DIM, **{**TINY[name], **overrides})
+
+
+def learnable_batch(schema: Schema, batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """Labels from a simple rule on the first available field, so every model (even LR) can fit them."""
+    batch = random_batch(schema, batch_size, torch.Generator().manual_seed(1))
+    if batch["cat"].shape[1]:
+        label = batch["cat"][:, 0] % 2 == 0
+    elif batch["num"].shape[1]:
+        label = batch["num"][:, 0] > 0
+    else:
+        label = batch["multi"][:, 0, 0] % 2 == 0
+    batch["label"] = label.float()
+    return batch
+
+
+def test_tiny_settings_cover_registry() -> None:
+    assert sorted(TINY) == list_models()
+
+
+@pytest.mark.parametrize("schema_name", sorted(SCHEMAS))
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_forward_shape_and_finite(name: str, schema_name: str) -> None:
+    schema = SCHEMAS[schema_name]
+    model = tiny_model(name, schema)
+    assert model.model_name == name
+    out = model(random_batch(schema, 32))
+    assert out.shape == (32,)
+    assert torch.isfinite(out).all()
+    assert model(random_batch(schema, 1)).shape == (1,)
+
+
+@pytest.mark.parametrize("schema_name", ["criteo_like", "movielens_like", "categorical_only"])
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_loss_decreases(name: str, schema_name: str) -> None:
+    schema = SCHEMAS[schema_name]
+    model = tiny_model(name, schema)
+    batch = learnable_batch(schema)
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    losses = []
+    for _ in range(30):
+        loss = nn.functional.binary_cross_entropy_with_logits(model(batch), batch["label"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_dense_numeric_mode(name: str) -> None:
+    schema = SCHEMAS["criteo_like"]
+    model = tiny_model(name, schema, **({} if name == "lr" else {"numeric": "dense"}))
+    if name != "lr":
+        assert model.embedding.dense_dim == 3 and model.embedding.num_fields == 4
+    assert model(random_batch(schema, 8)).shape == (8,)
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_compression_contract(name: str) -> None:
+    """compression/ finds the embedding at ``embedding.table`` and DNN Linears inside MLP modules."""
+    model = tiny_model(name, SCHEMAS["criteo_like"])
+    if name == "lr":
+        assert not hasattr(model, "embedding")
+        return
+    assert isinstance(model.embedding, FeatureEmbedding)
+    assert isinstance(model.embedding.table, FieldEmbedding)
+    assert "embedding.table.weight" in dict(model.named_parameters())
+    mlps = [m for m in model.modules() if isinstance(m, MLP)]
+    assert bool(mlps) == (name != "fm")
+    for m in mlps:
+        assert any(isinstance(c, nn.Linear) for c in m.net)
+
+
+def test_feature_embedding_shapes() -> None:
+    schema = Schema("mixed", _num(2) + _cat([5, 6]) + [FieldSpec("m", "multihot", vocab_size=7, max_len=3)])
+    batch = random_batch(schema, 5)
+    emb, dense = FeatureEmbedding(schema, DIM)(batch)
+    assert emb.shape == (5, 5, DIM) and dense.shape == (5, 0)
+    fe = FeatureEmbedding(schema, DIM, numeric="dense")
+    emb, dense = fe(batch)
+    assert emb.shape == (5, 3, DIM) and torch.equal(dense, batch["num"])
+    assert fe.num_fields == 3 and fe.dense_dim == 2 and fe.flat_dim == 3 * DIM + 2
+    assert fe.field_names == ["C0", "C1", "m"]
+    with pytest.raises(ValueError, match="numeric"):
+        FeatureEmbedding(schema, DIM, numeric="bogus")
+
+
+def test_pooled_lookup_is_masked_mean() -> None:
+    schema = SCHEMAS["movielens_like"]
+    table = FieldEmbedding(schema.sparse_vocab_sizes, DIM)
+    batch = random_batch(schema, 16)
+    out = pooled_lookup(table, batch["cat"], batch["multi"])
+    assert out.shape == (16, 4, DIM)
+    for i in range(3):
+        assert torch.equal(out[:, i], table.field_table(i)[batch["cat"][:, i]])
+    ids = batch["multi"][:, 0]
+    rows = table.field_table(3)[ids]  # (B, L, d)
+    mask = (ids != PAD_ID).unsqueeze(-1).float()
+    assert torch.allclose(out[:, 3], (rows * mask).sum(1) / mask.sum(1))
+
+
+@pytest.mark.parametrize("name", ["deepfm", "autoint", "finalmlp", "lr"])
+def test_multihot_padding_row_is_ignored(name: str) -> None:
+    """A compressed table does not keep the PAD row zero; pooling must not depend on it."""
+    schema = SCHEMAS["numeric_multihot"] if name == "lr" else SCHEMAS["movielens_like"]
+    model = tiny_model(name, schema).eval()
+    batch = random_batch(schema, 16)
+    assert (batch["multi"] == PAD_ID).any()
+    before = model(batch)
+    tables = [m for m in model.modules() if isinstance(m, FieldEmbedding)]
+    with torch.no_grad():
+        for table in tables:
+            for i, v in enumerate(table.vocab_sizes):
+                table.field_table(i)[PAD_ID] = torch.randn(table.dim) * 10
+    assert torch.allclose(model(batch), before, atol=1e-6)
+
+
+class _ShiftedTable(nn.Module):
+    """Stand-in for a compressed table: same call signature, every row (PAD included) reconstructed non-zero."""
+
+    def __init__(self, table: FieldEmbedding) -> None:
+        super().__init__()
+        self.inner, self.vocab_sizes, self.dim = table, table.vocab_sizes, table.dim
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.inner(ids) + 1.0
+
+
+@pytest.mark.parametrize("name", ["deepfm", "xdeepfm", "fibinet"])
+def test_embedding_table_is_replaceable(name: str) -> None:
+    schema = SCHEMAS["movielens_like"]
+    model = tiny_model(name, schema).eval()
+    batch = random_batch(schema, 8)
+    emb_before, _ = model.embedding(batch)
+    model.embedding.table = _ShiftedTable(model.embedding.table)
+    emb_after, _ = model.embedding(batch)
+    assert torch.allclose(emb_after, emb_before + 1.0, atol=1e-6)  # masked mean: padding never leaks in
+    assert torch.isfinite(model(batch)).all()
+
+
+def test_fm_matches_pairwise_dot_products() -> None:
+    x = torch.randn(6, 5, 3, dtype=torch.float64)
+    brute = sum((x[:, i] * x[:, j]).sum(-1) for i in range(5) for j in range(i + 1, 5))
+    assert torch.allclose(FactorizationMachine()(x), brute)
+    assert torch.allclose(FactorizationMachine(reduce_sum=False)(x).sum(-1), brute)
+
+
+def test_cross_networks_match_formulas() -> None:
+    torch.manual_seed(0)
+    x0 = torch.randn(4, 6)
+    v1 = CrossNetwork(6, 2)
+    with torch.no_grad():
+        v1.bias.normal_()
+    x = x0
+    for w, b in zip(v1.weight, v1.bias):
+        x = x0 * (x * w).sum(-1, keepdim=True) + b + x
+    assert torch.allclose(v1(x0), x, atol=1e-6)
+    v2 = CrossNetworkV2(6, 2)
+    x = x0
+    for lin in v2.layers:
+        x = x0 * (x @ lin.weight.T + lin.bias) + x
+    assert torch.allclose(v2(x0), x, atol=1e-6)
+
+
+def test_cin_and_bilinear() -> None:
+    x = torch.randn(3, 5, DIM)
+    cin = CIN(5, [6, 4], split_half=True)
+    assert cin.out_dim == 3 + 4 and cin(x).shape == (3, 7)
+    assert CIN(5, [6, 4], split_half=False)(x).shape == (3, 10)
+    with pytest.raises(ValueError, match="even"):
+        CIN(5, [5, 4])
+    bi = BilinearInteraction(5, DIM, "field_interaction")
+    p = bi(x)
+    assert p.shape == (3, 10, DIM)
+    assert torch.allclose(p[:, 0], (x[:, 0] @ bi.weight[0]) * x[:, 1], atol=1e-6)
+    for kind in ("field_all", "field_each"):
+        assert BilinearInteraction(5, DIM, kind)(x).shape == (3, 10, DIM)
+
+
+def test_linear_term_uses_every_field() -> None:
+    schema = Schema("mixed", _num(2) + _cat([5]) + [FieldSpec("m", "multihot", vocab_size=7, max_len=3)])
+    lt = LinearTerm(schema)
+    with torch.no_grad():
+        lt.weight.fill_(1.0)
+        lt.bias.fill_(0.5)
+        lt.table.weight.zero_()
+    batch = random_batch(schema, 4)
+    assert torch.allclose(lt(batch), batch["num"].sum(1) + 0.5)
+
+
+def test_unknown_model_lists_known_names() -> None:
+    with pytest.raises(ValueError) as err:
+        build_model("deepfmm", SCHEMAS["criteo_like"])
+    for name in list_models():
+        assert name in str(err.value)
+
+
+@pytest.mark.parametrize(("name", "kwargs", "exc", "match"), [
+    ("deepfm", {"embedding_dim": 0}, ValueError, "embedding_dim"),
+    ("lr", {"embedding_dim": -1}, ValueError, "embedding_dim"),
+    ("dnn", {"mlp": [16, -4]}, ValueError, "mlp"),
+    ("dnn", {"mlp": "400"}, TypeError, "mlp"),
+    ("dcn", {"cross_layers": 0}, ValueError, "cross_layers"),
+    ("dcnv2", {"structure": "diagonal"}, ValueError, "structure"),
+    ("xdeepfm", {"cin_layers": [7, 8]}, ValueError, "cin_layers"),
+    ("autoint", {"attention_dim": 9, "num_heads": 2}, ValueError, "attention_dim"),
+    ("fibinet", {"bilinear_type": "pairwise"}, ValueError, "bilinear_type"),
+    ("finalmlp", {"fs1_context": ["nope"]}, ValueError, "fs1_context"),
+    ("finalmlp", {"num_heads": 3}, ValueError, "num_heads"),
+    ("deepfm", {"dropout": 1.5}, ValueError, "dropout"),
+    ("deepfm", {"activation": "swishy"}, ValueError, "activation"),
+    ("deepfm", {"numeric": "raw"}, ValueError, "numeric"),
+    ("deepfm", {"hidden_units": [8]}, TypeError, "hidden_units"),
+])
+def test_invalid_arguments_name_model_and_argument(name: str, kwargs: dict, exc: type, match: str) -> None:
+    with pytest.raises(exc, match=match) as err:
+        build_model(name, SCHEMAS["criteo_like"], **kwargs)
+    assert name in str(err.value)
+
+
+def test_interaction_models_refuse_schemas_without_fields() -> None:
+    numeric_only = Schema("numeric_only", _num(3))
+    with pytest.raises(ValueError, match="xdeepfm"):
+        build_model("xdeepfm", numeric_only, numeric="dense")
+    out = build_model("xdeepfm", numeric_only, **TINY["xdeepfm"])(random_batch(numeric_only, 4))
+    assert out.shape == (4,)
+
+
+def test_every_model_has_a_config_that_builds() -> None:
+    files = {p.stem: p for p in CONF_DIR.glob("*.yaml")}
+    assert sorted(files) == list_models()
+    schema = SCHEMAS["criteo_like"]
+    for stem, path in files.items():
+        cfg = OmegaConf.load(path)
+        name = cfg.pop("name")
+        assert name == stem and cfg.embedding_dim == 16
+        assert set(cfg) <= set(model_arguments(name)), name
+        torch.manual_seed(0)
+        model = build_model(name, schema, **cfg)  # ListConfig values, exactly as Hydra passes them
+        assert isinstance(model, MODELS[name])
+        assert model(random_batch(schema, 4)).shape == (4,)
