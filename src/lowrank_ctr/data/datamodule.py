@@ -12,6 +12,7 @@ no rank waits on an all-reduce the others never join.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -25,6 +26,8 @@ from lowrank_ctr.data.errors import DataError
 from lowrank_ctr.data.schema import Schema
 
 log = logging.getLogger(__name__)
+# Our IterableDataset splits work across workers itself, so its __len__ is exact; Lightning cannot know that.
+warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")
 
 
 @dataclass(frozen=True)
@@ -217,7 +220,8 @@ class CTRDataModule(pl.LightningDataModule if pl is not None else object):
     def prepare_data(self) -> None:
         from lowrank_ctr.data.prepare import prepare
 
-        self.prepared = prepare(self.cfg, progress=self.progress)
+        if self.prepared is None:  # Lightning calls this again in fit(); once per module is enough
+            self.prepared = prepare(self.cfg, progress=self.progress)
 
     @property
     def schema(self) -> Schema:

@@ -1,0 +1,156 @@
+"""The LightningModule around any CTR model: BCE loss, optional in-batch embedding L2, AUC / logloss metrics.
+
+The module stores what is needed to rebuild its model without the Hydra config (model name and arguments,
+the dataset schema, and a compression spec once compressed) in ``hparams``; ``load_model`` rebuilds a model
+from a checkpoint with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import lightning.pytorch as pl
+import torch
+import torchmetrics
+from torch import nn
+
+from lowrank_ctr.data.schema import Schema
+from lowrank_ctr.models import build_model
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+
+
+class CTRModule(pl.LightningModule):
+    def __init__(self, model_name: str, model_kwargs: Mapping[str, Any], schema: Mapping[str, Any],
+                 optimizer: OptimizerFactory | None = None, scheduler: Callable | None = None,
+                 embedding_l2: float = 0.0, compression_spec: Mapping[str, Any] | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.schema = Schema.from_dict(dict(schema))
+        self.model = build_model(model_name, self.schema, **dict(model_kwargs))
+        if compression_spec:
+            from lowrank_ctr.compression.spec import apply_spec
+
+            apply_spec(self.model, dict(compression_spec))
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.embedding_l2 = float(embedding_l2)
+        self._looked_up: list[torch.Tensor] = []
+        self._hooks: list = []
+        if self.embedding_l2 > 0:
+            self._watch_embeddings()
+        self.metrics = nn.ModuleDict({
+            split: torchmetrics.MetricCollection({
+                "auc": torchmetrics.classification.BinaryAUROC(),
+                "logloss": torchmetrics.MeanMetric(),
+            }) for split in ("val_", "test_")
+        })
+
+    # Model --------------------------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(batch)
+
+    def _watch_embeddings(self) -> None:
+        """Keep the rows looked up in this batch, for the in-batch L2 penalty (whole-table L2 is too costly)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        for m in self.model.modules():
+            if getattr(m, "dim", 0) > 1 and hasattr(m, "vocab_sizes"):
+                self._hooks.append(m.register_forward_hook(lambda _m, _i, out: self._looked_up.append(out)))
+
+    def set_compression_spec(self, spec: Mapping[str, Any] | None) -> None:
+        """Record the compression applied to ``self.model`` so checkpoints rebuild the compressed structure."""
+        self.hparams["compression_spec"] = dict(spec) if spec else None
+        if self.embedding_l2 > 0:
+            self._watch_embeddings()
+
+    # Steps --------------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self._looked_up.clear()
+        logits = self.model(batch)
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, batch["label"])
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(logits))
+        if self.embedding_l2 > 0 and self._looked_up:
+            reg = sum(e.pow(2).sum() for e in self._looked_up) / len(logits)
+            loss = loss + self.embedding_l2 * reg
+            self._looked_up.clear()
+        return loss
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], prefix: str) -> None:
+        logits = self.model(batch)
+        self._looked_up.clear()
+        labels = batch["label"]
+        m = self.metrics[prefix + "_"]
+        m["auc"].update(torch.sigmoid(logits), labels.long())
+        m["logloss"].update(nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none"))
+
+    def _eval_epoch_end(self, prefix: str) -> None:
+        m = self.metrics[prefix + "_"]
+        self.log(f"{prefix}/auc", m["auc"].compute(), prog_bar=True, sync_dist=False)
+        self.log(f"{prefix}/logloss", m["logloss"].compute(), prog_bar=prefix == "val", sync_dist=False)
+        m.reset()
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def on_train_epoch_start(self) -> None:
+        # New shuffle order each epoch (loader workers get a fresh copy of the dataset every epoch).
+        dm = getattr(self.trainer, "datamodule", None)
+        ds = getattr(dm, "datasets", {}).get("train") if dm is not None else None
+        if ds is not None:
+            ds.set_epoch(self.current_epoch)
+
+    # Optimisation -------------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        factory = self.optimizer_factory or (lambda params: torch.optim.Adam(params, lr=1e-3))
+        opt = factory(params=self.model.parameters())
+        if self.scheduler_factory is None:
+            return opt
+        sched = self.scheduler_factory(optimizer=opt)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val/auc", "interval": "epoch"}}
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint read safely (weights_only=True): tensors and plain containers only."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist: check ckpt_path")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means: not a checkpoint we can trust
+        raise ValueError(f"checkpoint {path} cannot be loaded safely (weights_only=True): {exc}. "
+                         "It may be corrupted or tampered with; only load checkpoints written by lowrank-ctr") from None
+
+
+def load_model(path: str | Path, schema: Schema | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the (possibly compressed) model stored in a checkpoint; refuse a checkpoint of another schema."""
+    ckpt = load_checkpoint(path)
+    hp = ckpt.get("hyper_parameters") or {}
+    if "model_name" not in hp or "schema" not in hp:
+        raise ValueError(f"checkpoint {path} was not written by lowrank-ctr (no model_name/schema hyperparameters)")
+    ckpt_schema = Schema.from_dict(hp["schema"])
+    if schema is not None and ckpt_schema.signature() != schema.signature():
+        raise ValueError(f"checkpoint {path} was trained on a dataset with a different schema "
+                         f"({ckpt_schema.name}: {len(ckpt_schema.fields)} fields) than the one given "
+                         f"({schema.name}: {len(schema.fields)} fields); use the same data config it was trained on")
+    model = build_model(hp["model_name"], ckpt_schema, **dict(hp.get("model_kwargs") or {}))
+    if hp.get("compression_spec"):
+        from lowrank_ctr.compression.spec import apply_spec
+
+        apply_spec(model, dict(hp["compression_spec"]))
+    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    model.load_state_dict(state)
+    model.eval()
+    return model, hp
+

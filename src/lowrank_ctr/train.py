@@ -1,0 +1,199 @@
+"""``lowrank-ctr-train``: prepare data (cached), train, test the best checkpoint, optionally compress + fine-tune,
+and write ``results.json`` into the run directory. Thin: the pieces live in data/, models/, lightning/, compression/.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lowrank_ctr.config import CONF_DIR, UserError, user_errors
+from lowrank_ctr.data.datamodule import CTRDataModule
+from lowrank_ctr.lightning.callbacks import TrainThroughput
+from lowrank_ctr.lightning.module import CTRModule, load_checkpoint
+from lowrank_ctr.data.schema import Schema
+
+log = logging.getLogger(__name__)
+RESULTS_FILE = "results.json"
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    """The Hydra job's output directory (one per job in a multirun); ``run_dir`` overrides it."""
+    if cfg.get("run_dir"):
+        return Path(cfg.run_dir)
+    try:
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:
+        return Path(cfg.paths.output_dir) / "runs" / time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def model_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    kw = OmegaConf.to_container(cfg.model, resolve=True)
+    kw.pop("name", None)
+    return kw
+
+
+def wandb_offline(setting: bool | None) -> bool:
+    """W&B goes online only with a configured key (env or ``wandb login``); tests and CI never touch the network."""
+    if setting is not None:
+        return bool(setting)
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+        return True
+    if os.environ.get("WANDB_API_KEY"):
+        return False
+    netrc = Path.home() / ".netrc"
+    return not (netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore"))
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
+    loggers = []
+    for name, lcfg in (cfg.get("logger") or {}).items():
+        if lcfg is None or "_target_" not in lcfg:
+            continue
+        if "WandbLogger" in lcfg._target_:
+            offline = wandb_offline(lcfg.get("offline"))
+            lcfg = OmegaConf.merge(lcfg, {"offline": offline})
+            os.environ.setdefault("WANDB_SILENT", "true")
+            loggers.append(instantiate(lcfg, save_dir=str(run_dir), config=OmegaConf.to_container(cfg, resolve=True)))
+        else:
+            loggers.append(instantiate(lcfg, save_dir=str(run_dir)))
+    return loggers
+
+
+def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
+    if not ckpt_path:
+        return None
+    if ckpt_path == "last":
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if not last.exists():
+            raise UserError(f"ckpt_path=last but {last} does not exist: pass hydra.run.dir=<the run to resume>")
+        return str(last)
+    p = Path(ckpt_path)
+    if p.is_dir():
+        p = p / "checkpoints" / "last.ckpt"
+    if not p.exists():
+        raise UserError(f"ckpt_path={ckpt_path}: no such checkpoint")
+    return str(p)
+
+
+def check_checkpoint_schema(path: str, schema: Schema, model_name: str) -> None:
+    hp = load_checkpoint(path).get("hyper_parameters") or {}
+    theirs = hp.get("schema")
+    if theirs is None or Schema.from_dict(theirs).signature() != schema.signature():
+        raise UserError(f"checkpoint {path} was trained on another dataset schema than data={schema.name}: "
+                        "resume with the data config it was trained with")
+    if hp.get("model_name") != model_name:
+        raise UserError(f"checkpoint {path} holds model {hp.get('model_name')!r}, not model={model_name}")
+
+
+def write_results(run_dir: Path, results: dict[str, Any]) -> Path:
+    """Atomic write: a results.json that exists is complete."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / (RESULTS_FILE + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2, default=float))
+    tmp.replace(run_dir / RESULTS_FILE)
+    return run_dir / RESULTS_FILE
+
+
+def model_size_of(model: torch.nn.Module) -> tuple[int, int]:
+    from lowrank_ctr.compression.size import model_size
+
+    total = model_size(model)["total"]
+    return total["params"], total["bytes"]
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Everything ``lowrank-ctr-train`` does; returns the results dict (also written to results.json)."""
+    run_dir = run_dir_of(cfg)
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+
+    dm = CTRDataModule(cfg.data, seed=int(cfg.seed), progress=bool(cfg.progress_bar))
+    dm.prepare_data()
+    dm.setup("fit")
+    schema = dm.schema
+    module = CTRModule(cfg.model.name, model_kwargs(cfg), schema.to_dict(),
+                       optimizer=instantiate(cfg.optimizer) if cfg.get("optimizer") else None,
+                       scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+                       embedding_l2=float(cfg.get("embedding_l2") or 0.0))
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
+    if ckpt_path:
+        check_checkpoint_schema(ckpt_path, schema, cfg.model.name)
+
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/auc",
+                                              mode="max", save_top_k=1, save_last=True)
+    throughput = TrainThroughput()
+    callbacks: list[pl.Callback] = [checkpoint, throughput]
+    if cfg.get("early_stopping_patience") is not None:
+        callbacks.append(pl.callbacks.EarlyStopping(monitor="val/auc", mode="max",
+                                                    patience=int(cfg.early_stopping_patience)))
+    if cfg.progress_bar:
+        callbacks.append(pl.callbacks.RichProgressBar(leave=False))
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg, run_dir) or False,
+                                      default_root_dir=str(run_dir), enable_progress_bar=bool(cfg.progress_bar))
+
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    train_seconds = time.perf_counter() - t0
+    best = checkpoint.best_model_path or None
+    test = trainer.test(module, datamodule=dm, ckpt_path=best if best else None, verbose=False)[0]
+
+    params, nbytes = model_size_of(module.model)
+    results: dict[str, Any] = {
+        "status": "ok",
+        "data": str(cfg.data.name),
+        "model": str(cfg.model.name),
+        "seed": int(cfg.seed),
+        "params": params,
+        "bytes": nbytes,
+        "test/auc": float(test["test/auc"]),
+        "test/logloss": float(test["test/logloss"]),
+        "val/auc": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None,
+        "train/samples_per_s": throughput.samples_per_s,
+        "train/seconds": train_seconds,
+        "train/epochs": int(trainer.current_epoch),
+        "train/rows": int(dm.datasets["train"].rows),
+        "checkpoint": best,
+        "run_dir": str(run_dir),
+    }
+    results["config"] = OmegaConf.to_container(cfg, resolve=True)
+    if trainer.is_global_zero:
+        write_results(run_dir, results)
+    return results
+
+
+def print_summary(results: dict[str, Any]) -> None:
+    keys = [k for k in results if k != "config" and not isinstance(results[k], (list, dict))]
+    width = max(len(k) for k in keys)
+    print("\n".join(f"{k:<{width}}  {results[k]:.5g}" if isinstance(results[k], float) else f"{k:<{width}}  {results[k]}"
+                    for k in keys))
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def _main(cfg: DictConfig) -> float | None:
+    with user_errors():
+        results = run(cfg)
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        print_summary(results)
+    metric = cfg.get("optimized_metric")
+    return results.get(metric) if metric else None
+
+
+def main() -> None:
+    _main()
+
+
+if __name__ == "__main__":
+    main()
