@@ -1,0 +1,515 @@
+"""Numerical tests of the compression library on small toy models (the model zoo is not imported)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from lowrank_ctr.compression import (
+    Int8FieldEmbedding,
+    Int8Linear,
+    LowRankFieldEmbedding,
+    LowRankLinear,
+    TTEmbedding,
+    TTFieldEmbedding,
+    apply_spec,
+    collect_output_stats,
+    compress,
+    find_targets,
+    model_size,
+    module_groups,
+)
+from lowrank_ctr.compression.methods import (
+    afm_embedding,
+    afm_linear,
+    int8_embedding,
+    int8_linear,
+    svd_embedding,
+    svd_linear,
+    tt_embedding,
+)
+from lowrank_ctr.compression.ranks import linear_break_even
+from lowrank_ctr.compression.stats import OutputStats
+from lowrank_ctr.data.batch import random_batch
+from lowrank_ctr.data.schema import PAD_ID, FieldSpec, Schema
+from lowrank_ctr.models.layers import MLP, FieldEmbedding
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Toy models
+# ----------------------------------------------------------------------------------------------------------------
+def toy_schema(multihot: bool = True, vocab: tuple[int, ...] = (40, 25, 60, 5)) -> Schema:
+    fields = [FieldSpec(f"c{i}", "categorical", v) for i, v in enumerate(vocab)]
+    fields += [FieldSpec("n0", "numeric"), FieldSpec("n1", "numeric")]
+    if multihot:
+        fields.append(FieldSpec("m0", "multihot", 30, max_len=4))
+    return Schema("toy", fields)
+
+
+class FeatureEmbedding(nn.Module):
+    def __init__(self, vocab_sizes, dim):
+        super().__init__()
+        self.table = FieldEmbedding(vocab_sizes, dim, init_std=0.5)
+
+
+class Toy(nn.Module):
+    """Embedding (categorical + multi-hot, sum-pooled with a padding mask) -> cross-like Linear -> MLP."""
+
+    def __init__(self, schema: Schema, dim: int = 8, hidden=(32, 16), seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        vocab = schema.sparse_vocab_sizes
+        self.multi = bool(schema.multihot)
+        self.embedding = FeatureEmbedding(vocab, dim)
+        self.linear = FeatureEmbedding(vocab, 1)
+        nf = len(vocab)
+        self.cross = nn.Linear(nf * dim, nf * dim)
+        self.mlp = MLP(nf * dim + len(schema.numeric), hidden, batch_norm=True, out_dim=1)
+
+    def ids(self, batch):
+        if not self.multi:
+            return batch["cat"]
+        cat = batch["cat"].unsqueeze(-1)
+        length = batch["multi"].shape[-1]
+        cat = torch.cat([cat, torch.zeros(*cat.shape[:2], length - 1, dtype=cat.dtype)], dim=-1)
+        return torch.cat([cat, batch["multi"]], dim=1)
+
+    def forward(self, batch):
+        ids = self.ids(batch)
+        e = self.embedding.table(ids)
+        lin = self.linear.table(ids)
+        if self.multi:
+            mask = (ids != PAD_ID).unsqueeze(-1).to(e.dtype)
+            e, lin = (e * mask).sum(2), (lin * mask).sum(2)
+        x = e.flatten(1)
+        h = x + 0.1 * torch.tanh(self.cross(x))
+        return self.mlp(torch.cat([h, batch["num"]], dim=1)).squeeze(-1) + lin.sum((1, 2))
+
+
+def batches(schema: Schema, n: int = 3, size: int = 64, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return [random_batch(schema, size, g) for _ in range(n)]
+
+
+def trained_like(model: nn.Module, schema: Schema) -> nn.Module:
+    """Run a few batches in train mode so BatchNorm statistics are not the identity."""
+    model.train()
+    with torch.no_grad():
+        for b in batches(schema, 2, 64, seed=7):
+            model(b)
+    return model.eval()
+
+
+def predict(model, data):
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([model(b) for b in data])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SVD
+# ----------------------------------------------------------------------------------------------------------------
+def test_svd_linear_full_rank_exact_and_rank_k_frobenius():
+    torch.manual_seed(0)
+    lin = nn.Linear(12, 9).double()
+    x = torch.randn(50, 12, dtype=torch.float64)
+    full, info = svd_linear(lin, 9)
+    assert isinstance(full, LowRankLinear) and info["retained_energy"] == pytest.approx(1.0)
+    torch.testing.assert_close(full(x), lin(x), atol=1e-10, rtol=0)
+    low, info = svd_linear(lin, 4)
+    s = torch.linalg.svdvals(lin.weight.detach())
+    err = ((low.effective_weight() - lin.weight) ** 2).sum().detach()
+    assert float(err) == pytest.approx(float((s[4:] ** 2).sum()), rel=1e-8)
+    torch.testing.assert_close(low.up.bias, lin.bias)
+    assert info["retained_energy"] == pytest.approx(float((s[:4] ** 2).sum() / (s**2).sum()))
+    assert info["params_after"] == 4 * (12 + 9) + 9
+
+
+def test_svd_embedding_full_rank_exact_and_rank_k_error():
+    torch.manual_seed(0)
+    emb = FieldEmbedding([30, 4, 50], 8, init_std=1.0).double()
+    full, _ = svd_embedding(emb, 8)
+    assert full.ranks == [8, 4, 8]  # capped at min(V_i, d)
+    ids = torch.stack([torch.randint(0, v, (20,)) for v in emb.vocab_sizes], 1)
+    torch.testing.assert_close(full(ids), emb(ids), atol=1e-10, rtol=0)
+    low, info = svd_embedding(emb, 3)
+    for i in range(emb.num_fields):
+        e = emb.field_table(i).detach()
+        s = torch.linalg.svdvals(e)
+        err = ((low.field_table(i) - e) ** 2).sum().detach()
+        assert float(err) == pytest.approx(float((s[3:] ** 2).sum()), rel=1e-6, abs=1e-10)
+    assert info["field_ranks"] == [3, 3, 3]
+    assert torch.count_nonzero(low.bias) == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# AFM
+# ----------------------------------------------------------------------------------------------------------------
+def _linear_stats(lin: nn.Linear, xs: list[torch.Tensor]) -> OutputStats:
+    stats, n = collect_output_stats(lin, {"": lin}, xs)
+    assert n == len(xs)
+    return stats[""]
+
+
+def test_afm_linear_full_rank_exact_and_rank_k_mse_equals_discarded_eigenvalues():
+    torch.manual_seed(0)
+    lin = nn.Linear(10, 6).double()
+    # correlated inputs with a non-zero mean, so the output mean matters
+    xs = [torch.randn(200, 10, dtype=torch.float64) @ torch.randn(10, 10, dtype=torch.float64) + 2.0
+          for _ in range(3)]
+    stats = _linear_stats(lin, xs)
+    x = torch.cat(xs)
+    y = lin(x).detach()
+    full, info = afm_linear(lin, 6, stats)
+    torch.testing.assert_close(full(x), y, atol=1e-5, rtol=0)
+    assert info["retained_energy"] == pytest.approx(1.0)
+
+    k = 2
+    low, info = afm_linear(lin, k, stats)
+    evals, evecs = stats.spectrum()
+    mse = ((low(x) - y) ** 2).sum(1).mean().detach()
+    assert float(mse) == pytest.approx(float(evals[0, k:].sum()), rel=1e-4)
+    # the exact formula y_hat = mu + U U^T (y - mu)
+    mu, u = stats.mean()[0], evecs[0][:, :k]
+    torch.testing.assert_close(low(x), mu + (y - mu) @ u @ u.T, atol=1e-8, rtol=0)
+    assert info["retained_energy"] == pytest.approx(float(evals[0, :k].sum() / evals[0].sum()))
+
+
+def test_afm_linear_float32_full_rank():
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8)
+    xs = [torch.randn(100, 16) for _ in range(2)]
+    new, _ = afm_linear(lin, 8, _linear_stats(lin, xs))
+    assert new.down.weight.dtype == torch.float32
+    torch.testing.assert_close(new(xs[0]), lin(xs[0]), atol=1e-5, rtol=0)
+
+
+def multihot_ids(vocab, n, length, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randint(1, v, (n, length), generator=g) for v in vocab], 1)
+    lengths = torch.randint(1, length + 1, (n, len(vocab), 1), generator=g)
+    return torch.where(torch.arange(length) < lengths, ids, torch.full_like(ids, PAD_ID))
+
+
+def test_stats_per_field_ignore_padding():
+    torch.manual_seed(0)
+    emb = FieldEmbedding([12, 7], 4, init_std=1.0).double()
+    ids = multihot_ids(emb.vocab_sizes, 30, 5)
+    assert (ids == PAD_ID).any()
+    stats, _ = collect_output_stats(emb, {"t": emb}, [ids[:10], ids[10:]])
+    s = stats["t"]
+    out = emb(ids).detach()
+    for i in range(2):
+        keep = ids[:, i] != PAD_ID
+        y = out[:, i][keep]  # (N_i, d)
+        assert float(s.count[i]) == keep.sum()
+        torch.testing.assert_close(s.mean()[i], y.mean(0))
+        torch.testing.assert_close(s.covariance()[i], torch.cov(y.T, correction=0))
+    # (B, F) ids: every position counts
+    stats, _ = collect_output_stats(emb, {"t": emb}, [ids[:, :, 0]])
+    assert stats["t"].count.tolist() == [30.0, 30.0]
+
+
+def test_afm_embedding_full_rank_exact_and_rank_k_mse_per_field():
+    torch.manual_seed(0)
+    emb = FieldEmbedding([40, 3, 25], 6, init_std=1.0).double()
+    with torch.no_grad():  # low-rank-ish structure plus an offset, like trained tables
+        emb.weight.mul_(torch.tensor([3.0, 2.0, 1.0, 0.5, 0.2, 0.1], dtype=torch.float64)).add_(1.0)
+    ids = multihot_ids(emb.vocab_sizes, 120, 4, seed=1)
+    data = [ids[:60], ids[60:]]
+    stats = collect_output_stats(emb, {"t": emb}, data)[0]["t"]
+    full, _ = afm_embedding(emb, 6, stats)
+    assert isinstance(full, LowRankFieldEmbedding) and full.ranks == [6, 3, 6]
+    torch.testing.assert_close(full(ids), emb(ids), atol=1e-5, rtol=0)
+    torch.testing.assert_close(full(ids[:, :, 0]), emb(ids[:, :, 0]), atol=1e-5, rtol=0)
+
+    low, info = afm_embedding(emb, [2, 1, 3], stats)
+    evals, _ = stats.spectrum()
+    err = ((low(ids) - emb(ids)) ** 2).sum(-1).detach()  # (B, F, L)
+    for i, k in enumerate([2, 1, 3]):
+        keep = ids[:, i] != PAD_ID
+        mse = err[:, i][keep].mean()
+        assert float(mse) == pytest.approx(float(evals[i, k:].sum()), rel=1e-4)
+    kept = sum(float(evals[i, :k].sum()) for i, k in enumerate([2, 1, 3]))
+    assert info["retained_energy"] == pytest.approx(kept / float(evals[:, :].sum()))
+
+
+def test_lowrank_embedding_shapes_and_saving():
+    m = LowRankFieldEmbedding([100, 5, 50], 16, [4, 5, 2])
+    assert m.num_fields == 3 and m.vocab_sizes == [100, 5, 50] and m.dim == 16
+    assert sum(p.numel() for p in m.parameters()) == LowRankFieldEmbedding.num_params([100, 5, 50], 16, [4, 5, 2])
+    assert m(torch.zeros(2, 3, dtype=torch.long)).shape == (2, 3, 16)
+    assert m(torch.zeros(2, 3, 7, dtype=torch.long)).shape == (2, 3, 7, 16)
+    with pytest.raises(ValueError, match="field 1"):
+        LowRankFieldEmbedding([100, 5], 16, [4, 6])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# TT and int8
+# ----------------------------------------------------------------------------------------------------------------
+def test_tt_full_rank_reproduces_table_and_low_rank_is_smaller():
+    torch.manual_seed(0)
+    table = torch.randn(500, 16)
+    full = TTEmbedding.from_table(table, [10**6, 10**6])
+    assert full.vocab_factors[0] * full.vocab_factors[1] * full.vocab_factors[2] >= 500
+    torch.testing.assert_close(full.table(), table, atol=1e-4, rtol=0)
+    idx = torch.randint(0, 500, (3, 7))
+    torch.testing.assert_close(full(idx), table[idx], atol=1e-4, rtol=0)
+    odd = TTEmbedding.from_table(table, [10**6, 10**6], vocab_factors=[5, 10, 12], dim_factors=[2, 8, 1])
+    torch.testing.assert_close(odd(idx), table[idx], atol=1e-4, rtol=0)
+    low = TTEmbedding.from_table(table, [4, 4])
+    assert sum(p.numel() for p in low.parameters()) < table.numel() / 4
+
+    emb = FieldEmbedding([500, 6, 300], 16, init_std=1.0)
+    new, info = tt_embedding(emb, 4)
+    assert isinstance(new, TTFieldEmbedding) and info["tt_fields"] == [True, False, True]  # tiny field stays dense
+    assert info["bytes_after"] < info["bytes_before"] / 4
+    torch.testing.assert_close(new.field_table(1), emb.field_table(1))
+    ids = multihot_ids(emb.vocab_sizes, 5, 3)
+    out = new(ids)
+    assert out.shape == (5, 3, 3, 16)
+    torch.testing.assert_close(out[:, 0], new.field_table(0)[ids[:, 0]])
+    exact, info = tt_embedding(emb, 10**6)
+    torch.testing.assert_close(exact(ids), emb(ids), atol=1e-4, rtol=0)
+    assert info["retained_energy"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_int8_embedding_and_linear_close_to_float():
+    torch.manual_seed(0)
+    emb = FieldEmbedding([200, 30], 16, init_std=0.01)
+    new, info = int8_embedding(emb)
+    assert isinstance(new, Int8FieldEmbedding) and new.qweight.dtype == torch.int8
+    ids = multihot_ids(emb.vocab_sizes, 50, 3)
+    ref = emb(ids).detach()
+    assert float((new(ids) - ref).norm() / ref.norm()) < 1e-2
+    assert info["bytes_after"] == 230 * (16 + 2)  # int8 rows + fp16 scale
+
+    lin = nn.Linear(32, 24)
+    q, info = int8_linear(lin)
+    assert isinstance(q, Int8Linear)
+    x = torch.randn(40, 32)
+    ref = lin(x).detach()
+    assert float((q(x).detach() - ref).norm() / ref.norm()) < 1e-2
+    assert info["bytes_after"] == 32 * 24 + 24 * 2 + 24 * 4
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Targets and size
+# ----------------------------------------------------------------------------------------------------------------
+def test_targets_groups_include_exclude():
+    model = Toy(toy_schema())
+    names = {t.name: t.group for t in find_targets(model, ("embedding", "mlp", "other"))}
+    assert names == {"embedding.table": "embedding", "cross": "other", "mlp.net.0": "mlp", "mlp.net.3": "mlp",
+                     "mlp.net.6": "mlp"}  # linear.table (dim 1) skipped
+    assert [t.name for t in find_targets(model, ("mlp",), include=["mlp.net.[03]"], exclude=["*.3"])] == ["mlp.net.0"]
+    with pytest.raises(ValueError, match="nope"):
+        find_targets(model, ("mlp",), include=["nope*"])
+    with pytest.raises(ValueError, match="unknown target group"):
+        find_targets(model, ("mlpp",))
+
+
+def test_size_accounting_per_group():
+    model = Toy(toy_schema())
+    size = model_size(model)
+    rows = sum(toy_schema().sparse_vocab_sizes)
+    assert size["embedding"]["params"] == rows * 8 + rows
+    assert size["other"]["params"] == 40 * 40 + 40
+    assert size["total"]["params"] == sum(p.numel() for p in model.parameters()) + sum(
+        b.numel() for n, b in model.named_buffers() if "running" in n or "num_batches" in n)
+    assert size["total"]["bytes"] == sum(size[g]["bytes"] for g in ("embedding", "mlp", "other", "rest"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# compress(): every method, policies, errors, spec round trip
+# ----------------------------------------------------------------------------------------------------------------
+METHOD_KW = {
+    "svd": dict(embedding_rank=3, mlp_rank=4, other_rank=0.25, targets=("embedding", "mlp", "other")),
+    "afm": dict(embedding_rank=3, mlp_rank=4, other_rank=0.25, targets=("embedding", "mlp", "other")),
+    "tt": dict(embedding_rank=2),
+    "int8": dict(targets=("embedding", "mlp", "other")),
+}
+
+
+@pytest.mark.parametrize("multihot", [True, False])
+@pytest.mark.parametrize("method", ["svd", "afm", "tt", "int8"])
+def test_every_method_and_spec_round_trip(tmp_path, method, multihot):
+    schema = toy_schema(multihot, vocab=(400, 25, 300, 5))
+    model = trained_like(Toy(schema), schema)
+    data = batches(schema)
+    before = predict(model, data)
+    report = compress(model, method, data, **METHOD_KW[method])
+    after = predict(model, data)
+    assert report.ratio > 1.0 and report.compressed["total"]["bytes"] < report.base["total"]["bytes"]
+    assert report.compressed["total"]["bytes"] == model_size(model)["total"]["bytes"]
+    assert torch.isfinite(after).all()
+    if method == "int8":
+        assert float((after - before).abs().max()) < 0.05 * float(before.abs().max())
+    spec = json.loads(json.dumps(report.spec))  # JSON-serialisable
+    assert spec["modules"] and {m["name"] for m in spec["modules"]} == {
+        l["name"] for l in report.layers if l["replaced"]}
+    json.dumps(report.to_dict())
+
+    path = tmp_path / "compressed.pt"
+    torch.save(model.state_dict(), path)
+    fresh = Toy(schema, seed=123)
+    apply_spec(fresh, spec)
+    fresh.load_state_dict(torch.load(path, weights_only=True))
+    torch.testing.assert_close(predict(fresh, data), after, atol=0, rtol=0)
+    assert module_groups(fresh) == module_groups(model)
+
+
+def test_output_linear_skipped_and_no_saving_kept_dense():
+    schema = toy_schema()
+    model = Toy(schema)
+    report = compress(model, "svd", embedding_rank=8, mlp_rank=16)
+    by_name = {l["name"]: l for l in report.layers}
+    assert by_name["mlp.net.6"]["note"].startswith("skipped") and not by_name["mlp.net.6"]["replaced"]
+    # embedding at rank = dim saves nothing, Linear(16, 1)... and Linear(32, 16) at rank 16 >= break-even 10
+    assert not by_name["embedding.table"]["replaced"] and "kept dense" in by_name["embedding.table"]["note"]
+    assert by_name["embedding.table"]["requested_rank"] == 8 and by_name["embedding.table"]["rank"] is None
+    assert not by_name["mlp.net.3"]["replaced"] and linear_break_even(32, 16) == 10
+    assert by_name["mlp.net.0"]["replaced"]  # Linear(42, 32) at rank 16 < 18
+    assert isinstance(model.mlp.net[0], LowRankLinear) and isinstance(model.mlp.net[3], nn.Linear)
+
+
+def test_rank_policies_ratio_and_energy():
+    schema = toy_schema(vocab=(400, 25, 300, 5))
+    model = Toy(schema)
+    report = compress(model, "svd", mlp_rank=0.5, embedding_rank=0.25, targets=("embedding", "mlp"))
+    by_name = {l["name"]: l for l in report.layers}
+    assert by_name["mlp.net.0"]["rank"] == 16  # round(0.5 * min(42, 32))
+    assert by_name["embedding.table"]["field_ranks"] == [2, 2, 2, 2, 2]
+
+    model = trained_like(Toy(schema), schema)
+    data = batches(schema)
+    e = 0.9
+    report = compress(model, "afm", data, energy=e, targets=("embedding", "mlp", "other"))
+    stats_model = trained_like(Toy(schema), schema)
+    stats, _ = collect_output_stats(stats_model, {"mlp.net.0": stats_model.mlp.net[0]}, data)
+    spec = stats["mlp.net.0"].spectrum()[0][0]
+    share = torch.cumsum(spec, 0) / spec.sum()
+    replaced = [l for l in report.layers if l["replaced"]]
+    assert {l["name"] for l in replaced} == {"embedding.table", "cross", "mlp.net.0", "mlp.net.3"}
+    for l in replaced:
+        assert l["retained_energy"] >= e - 1e-9, l
+        if "field_retained_energy" in l:
+            assert all(r >= e - 1e-9 for r in l["field_retained_energy"])
+    k = next(l["rank"] for l in report.layers if l["name"] == "mlp.net.0")
+    assert float(share[k - 1]) >= e and (k == 1 or float(share[k - 2]) < e)  # minimal
+
+
+@pytest.mark.parametrize("method", ["svd", "afm"])
+def test_budget_hits_target_ratio(method):
+    schema = toy_schema(vocab=(400, 150, 300, 5))
+    model = trained_like(Toy(schema, hidden=(64, 32)), schema)
+    data = batches(schema)
+    report = compress(model, method, data, target_ratio=3.0, targets=("embedding", "mlp", "other"))
+    assert 3.0 <= report.ratio <= 3.0 * 1.05
+    assert report.policy["predicted_bytes"] == report.compressed["total"]["bytes"]
+    assert torch.isfinite(predict(model, data)).all()
+
+
+def test_errors_name_the_layer():
+    schema = toy_schema()
+    with pytest.raises(ValueError, match=r"mlp\.net\.0.*rank 0.*1\.\.32"):
+        compress(Toy(schema), "svd", mlp_rank=0, targets=("mlp",))
+    with pytest.raises(ValueError, match=r"'cross'.*other_rank"):
+        compress(Toy(schema), "svd", mlp_rank=2, targets=("mlp", "other"))
+    with pytest.raises(ValueError, match=r"mlp\.net\.0.*rank 99.*1\.\.32"):
+        compress(Toy(schema), "svd", mlp_rank=99, targets=("mlp",))
+    with pytest.raises(ValueError, match=r"embedding\.table.*rank 9.*1\.\.8"):
+        compress(Toy(schema), "svd", embedding_rank=9, targets=("embedding",))
+    with pytest.raises(ValueError, match=r"unreachable.*'embedding\.table'"):
+        compress(Toy(schema), "svd", target_ratio=1000.0, targets=("embedding",))
+    with pytest.raises(ValueError, match=r"ratio 1\.5 is outside"):
+        compress(Toy(schema), "svd", mlp_rank=1.5, targets=("mlp",))
+    with pytest.raises(ValueError, match="known methods.*afm"):
+        compress(Toy(schema), "pca")
+    with pytest.raises(ValueError, match="calibration_batches"):
+        compress(Toy(schema), "afm", [], embedding_rank=2, mlp_rank=2)
+    with pytest.raises(ValueError, match="embedding tables only"):
+        compress(Toy(schema), "tt", embedding_rank=2, targets=("embedding", "mlp"))
+
+
+def test_none_method_reports_sizes():
+    model = Toy(toy_schema())
+    report = compress(model, "none")
+    assert report.ratio == 1.0 and report.spec["modules"] == [] and report.layers == []
+
+
+def test_afm_linear_full_rank_exact_beyond_calibration_span():
+    """Fewer calibration samples than inputs: the uncalibrated directions come from W, so full rank stays exact."""
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 12).double()
+    stats = _linear_stats(lin, [torch.randn(3, 8, dtype=torch.float64)])
+    new, _ = afm_linear(lin, 8, stats)
+    x = torch.randn(20, 8, dtype=torch.float64)
+    torch.testing.assert_close(new(x), lin(x), atol=1e-8, rtol=0)
+
+
+def test_stats_all_reduce_single_process_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        s = OutputStats(3, 2)
+        s.update(torch.randn(10, 2, 3))
+        before = s.state_dict()
+        s.all_reduce()
+        for k, v in s.state_dict().items():
+            torch.testing.assert_close(v, before[k])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fold_projection_into_following_linear():
+    from lowrank_ctr.compression.fold import fold_into_linear
+
+    torch.manual_seed(0)
+    emb = FieldEmbedding([50, 4, 30], 6, init_std=1.0)
+    low, _ = svd_embedding(emb, [2, 4, 3])
+    with torch.no_grad():
+        low.bias.normal_()
+    lin = nn.Linear(2 + 3 * 6 + 1, 5)
+    fold = fold_into_linear(low, lin, start_column=2)
+    assert fold.in_features == 2 + 3 * 4 + 1
+    ids = torch.stack([torch.randint(0, v, (16,)) for v in emb.vocab_sizes], 1)
+    left, right = torch.randn(16, 2), torch.randn(16, 1)
+    ref = lin(torch.cat([left, low(ids).flatten(1), right], 1))
+    out = fold(torch.cat([left, low.lookup_codes(ids).flatten(1), right], 1))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["svd", "tt", "int8"])
+def test_embedding_replacements_export_to_onnx(method):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    import io
+    import warnings
+
+    torch.manual_seed(0)
+    emb = FieldEmbedding([500, 6, 300], 16, init_std=1.0)
+    fn = {"svd": svd_embedding, "tt": tt_embedding, "int8": int8_embedding}[method]
+    new, _ = fn(emb, 4)
+    new.eval()
+    ids = multihot_ids(emb.vocab_sizes, 4, 3)
+    f = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(new, (ids,), f, input_names=["ids"], output_names=["out"], dynamo=False,
+                          dynamic_axes={"ids": {0: "batch"}, "out": {0: "batch"}}, opset_version=17)
+    other = multihot_ids(emb.vocab_sizes, 9, 3, seed=5)  # other batch size, other ids: nothing frozen in
+    out = ort.InferenceSession(f.getvalue()).run(None, {"ids": other.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(out), new(other).detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_shared_module_replaced_under_every_name():
+    schema = toy_schema(multihot=False, vocab=(400, 25, 300, 5))
+    model = Toy(schema)
+    model.alias = model.embedding.table  # e.g. a second branch holding the same table
+    report = compress(model, "svd", embedding_rank=2, targets="embedding")
+    assert isinstance(model.alias, LowRankFieldEmbedding) and model.alias is model.embedding.table
+    assert report.compressed["embedding"]["bytes"] < report.base["embedding"]["bytes"]
