@@ -4,6 +4,7 @@ and write ``results.json`` into the run directory. Thin: the pieces live in data
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -18,9 +19,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from lowrank_ctr import bench
+from lowrank_ctr.bench import DEFAULT_BATCH_SIZES
 from lowrank_ctr.config import CONF_DIR, UserError, user_errors
 from lowrank_ctr.data.datamodule import CTRDataModule
 from lowrank_ctr.lightning.callbacks import TrainThroughput
+from lowrank_ctr.lightning.compression_callback import CompressionCallback
 from lowrank_ctr.lightning.module import CTRModule, load_checkpoint
 from lowrank_ctr.data.schema import Schema
 
@@ -113,25 +117,37 @@ def model_size_of(model: torch.nn.Module) -> tuple[int, int]:
     return total["params"], total["bytes"]
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Everything ``lowrank-ctr-train`` does; returns the results dict (also written to results.json)."""
-    run_dir = run_dir_of(cfg)
-    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
+def make_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[pl.Callback], loggers: list | bool,
+                 **overrides: Any) -> pl.Trainer:
+    callbacks = list(callbacks)
+    if cfg.progress_bar:
+        callbacks.append(pl.callbacks.RichProgressBar(leave=False))
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir),
+                       enable_progress_bar=bool(cfg.progress_bar), **overrides)
 
+
+def make_datamodule(cfg: DictConfig) -> CTRDataModule:
     dm = CTRDataModule(cfg.data, seed=int(cfg.seed), progress=bool(cfg.progress_bar))
     dm.prepare_data()
     dm.setup("fit")
+    return dm
+
+
+def make_module(cfg: DictConfig, schema: Schema, **overrides: Any) -> CTRModule:
+    kwargs = dict(optimizer=instantiate(cfg.optimizer) if cfg.get("optimizer") else None,
+                  scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+                  embedding_l2=float(cfg.get("embedding_l2") or 0.0))
+    kwargs.update(overrides)
+    return CTRModule(cfg.model.name, model_kwargs(cfg), schema.to_dict(), **kwargs)
+
+
+def train_base(cfg: DictConfig, dm: CTRDataModule, run_dir: Path, loggers: list) -> tuple[CTRModule, dict[str, Any]]:
+    """Train the uncompressed model, test its best checkpoint."""
     schema = dm.schema
-    module = CTRModule(cfg.model.name, model_kwargs(cfg), schema.to_dict(),
-                       optimizer=instantiate(cfg.optimizer) if cfg.get("optimizer") else None,
-                       scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-                       embedding_l2=float(cfg.get("embedding_l2") or 0.0))
+    module = make_module(cfg, schema)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
     if ckpt_path:
         check_checkpoint_schema(ckpt_path, schema, cfg.model.name)
-
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/auc",
                                               mode="max", save_top_k=1, save_last=True)
     throughput = TrainThroughput()
@@ -139,23 +155,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("early_stopping_patience") is not None:
         callbacks.append(pl.callbacks.EarlyStopping(monitor="val/auc", mode="max",
                                                     patience=int(cfg.early_stopping_patience)))
-    if cfg.progress_bar:
-        callbacks.append(pl.callbacks.RichProgressBar(leave=False))
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg, run_dir) or False,
-                                      default_root_dir=str(run_dir), enable_progress_bar=bool(cfg.progress_bar))
-
+    trainer = make_trainer(cfg, run_dir, callbacks, loggers)
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     train_seconds = time.perf_counter() - t0
     best = checkpoint.best_model_path or None
-    test = trainer.test(module, datamodule=dm, ckpt_path=best if best else None, verbose=False)[0]
-
+    test = trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)[0]
     params, nbytes = model_size_of(module.model)
-    results: dict[str, Any] = {
-        "status": "ok",
-        "data": str(cfg.data.name),
-        "model": str(cfg.model.name),
-        "seed": int(cfg.seed),
+    return module, {
         "params": params,
         "bytes": nbytes,
         "test/auc": float(test["test/auc"]),
@@ -166,12 +173,103 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "train/epochs": int(trainer.current_epoch),
         "train/rows": int(dm.datasets["train"].rows),
         "checkpoint": best,
-        "run_dir": str(run_dir),
+        "_global_zero": trainer.is_global_zero,
     }
+
+
+def compress_and_finetune(cfg: DictConfig, dm: CTRDataModule, module: CTRModule, run_dir: Path, loggers: list,
+                          base: dict[str, Any]) -> dict[str, Any]:
+    """Compress the trained ``module`` (CompressionCallback), fine-tune, test; benchmark base vs compressed."""
+    comp = cfg.compression
+    out: dict[str, Any] = {f"base/{k}": base[k] for k in ("test/auc", "test/logloss", "params", "bytes")}
+    base_model = copy.deepcopy(module.model).eval()
+    compressed_model = None
+    if comp.method != "none":
+        epochs = int(comp.get("finetune_epochs", 1))
+        if epochs < 0:
+            raise UserError(f"compression.finetune_epochs must be >= 0, got {epochs}")
+        module.optimizer_factory = instantiate(cfg.optimizer, lr=float(comp.finetune_lr))
+        callback = CompressionCallback.from_config(comp)
+        checkpoint = pl.callbacks.ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="compressed-best",
+                                                  monitor="val/auc", mode="max", save_top_k=1)
+        trainer = make_trainer(cfg, run_dir, [callback, checkpoint], loggers, max_epochs=max(epochs, 1),
+                               min_epochs=None)
+        t0 = time.perf_counter()
+        if epochs > 0:
+            trainer.fit(module, datamodule=dm)
+            best = checkpoint.best_model_path or None
+        else:
+            callback.apply(module, dm)
+            callback.evaluate(module, dm)
+            best = None
+        out["compress/finetune_seconds"] = time.perf_counter() - t0 - callback.seconds
+        out["compress/finetune_epochs"] = epochs
+        test = trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)[0]
+        out.update(callback.results())
+        out["compress/checkpoint"] = best
+        out["test/auc"], out["test/logloss"] = float(test["test/auc"]), float(test["test/logloss"])
+        out["params"], out["bytes"] = model_size_of(module.model)
+        out["compress/test/auc_delta"] = out["test/auc"] - base["test/auc"]
+        compressed_model = module.model
+        if comp.get("control") and epochs > 0:
+            out.update(finetune_control(cfg, dm, base_model, run_dir, epochs, float(comp.finetune_lr)))
+            out["control/test/auc_delta"] = out["test/auc"] - out["control/test/auc"]
+    if cfg.get("bench", True):
+        sizes = [int(s) for s in cfg.get("bench_batch_sizes", DEFAULT_BATCH_SIZES)]
+        batches = bench.make_batches(dm.datasets["test"], sizes)
+        out.update(bench.compare(base_model, compressed_model, batches, threads=cfg.get("threads")))
+    return out
+
+
+def finetune_control(cfg: DictConfig, dm: CTRDataModule, base_model: torch.nn.Module, run_dir: Path, epochs: int,
+                     lr: float) -> dict[str, Any]:
+    """The honest comparison: the UNcompressed base fine-tuned for the same extra epochs at the same rate."""
+    control = make_module(cfg, dm.schema, optimizer=instantiate(cfg.optimizer, lr=lr))
+    control.model.load_state_dict(base_model.state_dict())
+    trainer = make_trainer(cfg, run_dir / "control", [], False, max_epochs=epochs, min_epochs=None,
+                           enable_checkpointing=False)
+    trainer.fit(control, datamodule=dm)
+    test = trainer.test(control, datamodule=dm, verbose=False)[0]
+    return {"control/test/auc": float(test["test/auc"]), "control/test/logloss": float(test["test/logloss"])}
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Everything ``lowrank-ctr-train`` does; returns the results dict (also written to results.json)."""
+    run_dir = run_dir_of(cfg)
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    dm = make_datamodule(cfg)
+    loggers = build_loggers(cfg, run_dir)
+    module, base = train_base(cfg, dm, run_dir, loggers)
+    global_zero = base.pop("_global_zero")
+    results: dict[str, Any] = {"status": "ok", "data": str(cfg.data.name), "model": str(cfg.model.name),
+                               "seed": int(cfg.seed), **base}
+    results.update(compress_and_finetune(cfg, dm, module, run_dir, loggers, base))
+    results["run_dir"] = str(run_dir)
     results["config"] = OmegaConf.to_container(cfg, resolve=True)
-    if trainer.is_global_zero:
+    if global_zero:
         write_results(run_dir, results)
+        log_summary(loggers, results)
     return results
+
+
+def log_summary(loggers: list, results: dict[str, Any]) -> None:
+    """Final numbers as logger summary metrics (W&B run summary, CSV/TensorBoard last step)."""
+    flat = {k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for lg in loggers:
+        lg.log_metrics({f"final/{k}": float(v) for k, v in flat.items()})
+        if type(lg).__name__ == "WandbLogger":
+            lg.experiment.summary.update(flat)
+            layers = results.get("compress/layers")
+            if layers:
+                import wandb
+
+                cols = ["name", "group", "method", "rank", "full_rank", "retained_energy", "params_before",
+                        "params_after"]
+                lg.experiment.log({"compress/layers": wandb.Table(
+                    columns=cols, data=[[str(l.get(c)) for c in cols] for l in layers])})
+        lg.finalize("success")
 
 
 def print_summary(results: dict[str, Any]) -> None:
