@@ -134,7 +134,8 @@ def make_datamodule(cfg: DictConfig) -> CTRDataModule:
 
 
 def make_module(cfg: DictConfig, schema: Schema, **overrides: Any) -> CTRModule:
-    kwargs = dict(optimizer=instantiate(cfg.optimizer) if cfg.get("optimizer") else None,
+    kwargs = dict(data_config=OmegaConf.to_container(cfg.data, resolve=True),
+                  optimizer=instantiate(cfg.optimizer) if cfg.get("optimizer") else None,
                   scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
                   embedding_l2=float(cfg.get("embedding_l2") or 0.0))
     kwargs.update(overrides)
@@ -195,18 +196,27 @@ def compress_and_finetune(cfg: DictConfig, dm: CTRDataModule, module: CTRModule,
         trainer = make_trainer(cfg, run_dir, [callback, checkpoint], loggers, max_epochs=max(epochs, 1),
                                min_epochs=None)
         t0 = time.perf_counter()
+        kept = False
         if epochs > 0:
             trainer.fit(module, datamodule=dm)
             best = checkpoint.best_model_path or None
+            score = checkpoint.best_model_score
+            kept = score is not None and float(score) > callback.before_val["auc"]
+            if not kept:  # fine-tuning did not help on validation: keep the compressed weights from before it
+                module.model.load_state_dict(callback.pre_finetune_state)
+                best = None
         else:
             callback.apply(module, dm)
             callback.evaluate(module, dm)
             best = None
         out["compress/finetune_seconds"] = time.perf_counter() - t0 - callback.seconds
         out["compress/finetune_epochs"] = epochs
+        out["compress/finetune_kept"] = kept
         test = trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)[0]
         out.update(callback.results())
-        out["compress/checkpoint"] = best
+        final = run_dir / "checkpoints" / "compressed.ckpt"  # the model tested above, spec included
+        trainer.save_checkpoint(final)
+        out["compress/checkpoint"] = str(final)
         out["test/auc"], out["test/logloss"] = float(test["test/auc"]), float(test["test/logloss"])
         out["params"], out["bytes"] = model_size_of(module.model)
         out["compress/test/auc_delta"] = out["test/auc"] - base["test/auc"]

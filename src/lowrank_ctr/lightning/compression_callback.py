@@ -3,8 +3,9 @@
 Attach it to the Trainer that fine-tunes. In ``setup("fit")`` (every DDP rank, before optimizers exist) it runs
 the calibration batches from the train loader (statistics are summed over ranks), replaces the targeted modules
 and records the compression spec on the LightningModule so every checkpoint rebuilds the compressed structure.
-In ``on_fit_start`` (model on its device) it evaluates the compressed model on the test split before any
-fine-tuning. The fine-tuning itself is the fit the callback is attached to; the runner tests afterwards.
+In ``on_fit_start`` (model on its device) it evaluates the compressed model on the test and validation splits
+before any fine-tuning, and keeps those weights: when fine-tuning does not improve the validation AUC, the runner
+restores them (model selection on validation, never on test). The fine-tuning itself is the fit the callback is attached to; the runner tests afterwards.
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ class CompressionCallback(pl.Callback):
         self.evaluate_before_finetune = evaluate_before_finetune
         self.report: CompressionReport | None = None
         self.before: dict[str, float] | None = None
+        self.before_val: dict[str, float] | None = None
+        self.pre_finetune_state: dict[str, torch.Tensor] | None = None
         self.seconds = 0.0
 
     @classmethod
@@ -93,7 +96,10 @@ class CompressionCallback(pl.Callback):
         log.info("%s", self.report.summary())
 
     def evaluate(self, pl_module: pl.LightningModule, datamodule: Any) -> dict[str, float]:
+        """Test metrics before fine-tuning; also keeps the weights and val AUC as the fine-tune's fallback."""
         self.before = evaluate(pl_module.model, datamodule.test_dataloader(), pl_module.device)
+        self.before_val = evaluate(pl_module.model, datamodule.val_dataloader(), pl_module.device)
+        self.pre_finetune_state = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
         log.info("compressed, before fine-tuning: test/auc=%.5f test/logloss=%.5f", self.before["auc"],
                  self.before["logloss"])
         return self.before
@@ -132,6 +138,8 @@ class CompressionCallback(pl.Callback):
         for group, ratio in r.group_ratios.items():
             if group != "total":
                 out[f"compress/ratio/{group}"] = ratio
+        if self.before_val is not None:
+            out["compress/val/auc_before_finetune"] = self.before_val["auc"]
         if self.before is not None:
             out["compress/test/auc_before_finetune"] = self.before["auc"]
             out["compress/test/logloss_before_finetune"] = self.before["logloss"]

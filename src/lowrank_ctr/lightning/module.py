@@ -1,7 +1,7 @@
 """The LightningModule around any CTR model: BCE loss, optional in-batch embedding L2, AUC / logloss metrics.
 
 The module stores what is needed to rebuild its model without the Hydra config (model name and arguments,
-the dataset schema, and a compression spec once compressed) in ``hparams``; ``load_model`` rebuilds a model
+the dataset schema, the data config it was trained on, and a compression spec once compressed) in ``hparams``; ``load_model`` rebuilds a model
 from a checkpoint with ``torch.load(weights_only=True)``.
 """
 
@@ -24,7 +24,8 @@ OptimizerFactory = Callable[..., torch.optim.Optimizer]
 class CTRModule(pl.LightningModule):
     def __init__(self, model_name: str, model_kwargs: Mapping[str, Any], schema: Mapping[str, Any],
                  optimizer: OptimizerFactory | None = None, scheduler: Callable | None = None,
-                 embedding_l2: float = 0.0, compression_spec: Mapping[str, Any] | None = None) -> None:
+                 embedding_l2: float = 0.0, compression_spec: Mapping[str, Any] | None = None,
+                 data_config: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.schema = Schema.from_dict(dict(schema))

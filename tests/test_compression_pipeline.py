@@ -1,0 +1,108 @@
+"""Compression through the zoo and the entry points: every model x method, results keys, checkpoints, errors."""
+
+import pytest
+import torch
+
+from helpers import TINY, compose_cfg, read_results, run_cli, tiny_model_overrides
+from lowrank_ctr.compression import compress
+from lowrank_ctr.compression.spec import apply_spec
+from lowrank_ctr.data.batch import random_batch
+from lowrank_ctr.data.schema import FieldSpec, Schema
+from lowrank_ctr.lightning.module import load_model
+from lowrank_ctr.models import build_model, list_models
+from lowrank_ctr.train import run
+
+SCHEMA = Schema("toy", [FieldSpec(f"c{i}", "categorical", 50 + 10 * i) for i in range(5)]
+                + [FieldSpec("tags", "multihot", 30, 3), FieldSpec("n0", "numeric"), FieldSpec("n1", "numeric")])
+SMALL = {"mlp": [32, 32], "cin_layers": [8, 8], "cross_layers": 2, "mlp1": [32], "mlp2": [32], "fs_hidden": [16],
+         "num_heads": 2, "attention_dim": 8, "attention_layers": 1}
+RANKS = {"svd": dict(embedding_rank=2, mlp_rank=4), "afm": dict(embedding_rank=2, mlp_rank=4),
+         "tt": dict(embedding_rank=2), "int8": {}}
+
+
+@pytest.mark.parametrize("method", ["svd", "afm", "tt", "int8"])
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_compresses_with_every_method(name, method):
+    from lowrank_ctr.models import model_arguments
+
+    torch.manual_seed(0)
+    args = model_arguments(name)
+    model = build_model(name, SCHEMA, embedding_dim=8, **{k: v for k, v in SMALL.items() if k in args}).eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [random_batch(SCHEMA, 64, g) for _ in range(4)]
+    before = model(batches[0])
+    targets = ["embedding"] if name in ("lr", "fm") or method == "tt" else ["embedding", "mlp"]
+    if name == "lr":
+        pytest.skip("lr has only dim-1 tables: nothing low-rank to compress")
+    report = compress(model, method, calibration_batches=batches, targets=targets, **RANKS[method])
+    after = model(batches[0])
+    assert after.shape == before.shape and torch.isfinite(after).all()
+    assert report.ratio > 1.0 and any(l["replaced"] for l in report.layers)
+    # the spec rebuilds the compressed structure on a fresh model: identical predictions
+    fresh = build_model(name, SCHEMA, embedding_dim=8, **{k: v for k, v in SMALL.items() if k in args}).eval()
+    apply_spec(fresh, report.spec)
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(fresh(batches[1]), model(batches[1]))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+INTERFACE_KEYS = ["base/test/auc", "base/test/logloss", "base/params", "base/bytes", "compress/method",
+                  "compress/ratio", "compress/params", "compress/bytes", "compress/test/auc_before_finetune",
+                  "compress/seconds", "compress/layers", "test/auc", "test/logloss"] + [
+    f"bench/{k}@{b}" for k in ("base_ms", "compressed_ms", "speedup") for b in (1, 256, 4096)]
+
+
+def test_train_with_afm_writes_every_result_key_and_checkpoint_round_trips(tmp_path, data_dir):
+    cfg = compose_cfg("train", TINY + ["model.mlp=[32,32]", "compression=afm", "compression.mlp_rank=4",
+                                       "compression.calibration_batches=4", "bench_batch_sizes=[1,256,4096]"],
+                      tmp_path, data_dir)
+    res = run(cfg)
+    on_disk = read_results(tmp_path)
+    for key in INTERFACE_KEYS:
+        assert key in on_disk, key
+    assert on_disk["compress/method"] == "afm"
+    assert on_disk["compress/ratio"] == pytest.approx(on_disk["base/bytes"] / on_disk["compress/bytes"])
+    assert on_disk["bytes"] == on_disk["compress/bytes"] < on_disk["base/bytes"]
+    ranks = {l["name"]: l for l in on_disk["compress/layers"]}
+    assert ranks["mlp.net.0"]["rank"] == 4 and ranks["mlp.net.0"]["replaced"]
+    assert 0 < ranks["mlp.net.0"]["retained_energy"] <= 1
+    # the compressed checkpoint rebuilds its own structure and predicts exactly what the run tested
+    model, hp = load_model(res["compress/checkpoint"])
+    assert hp["compression_spec"]["method"] == "afm"
+    again, _ = load_model(res["compress/checkpoint"])
+    batch = random_batch(model_schema(hp), 32)
+    assert torch.equal(model(batch), again(batch))
+    assert type(model.mlp.net[0]).__name__ == "LowRankLinear"
+
+
+def model_schema(hp):
+    return Schema.from_dict(hp["schema"])
+
+
+def test_compress_entry_point_on_a_checkpoint(tmp_path, data_dir):
+    base = run(compose_cfg("train", TINY + ["model.mlp=[32,32]", "bench=false"], tmp_path / "base", data_dir))
+    r = run_cli(["lowrank-ctr-compress", f"ckpt_path={base['checkpoint']}", "compression=svd",
+                 "compression.finetune_epochs=0", "bench=false", "progress_bar=false", "logger=none",
+                 f"hydra.run.dir={tmp_path / 'c'}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = read_results(tmp_path / "c")
+    assert res["compress/method"] == "svd" and res["model"] == "deepfm"
+    assert res["base/test/auc"] == pytest.approx(base["test/auc"], abs=1e-6)  # same model, same test split
+    assert res["compress/ratio"] > 2
+
+
+def test_impossible_rank_is_one_clear_error(tmp_path):
+    r = run_cli(["lowrank-ctr-train", *TINY, "model.mlp=[32,32]", "compression=svd", "compression.mlp_rank=500",
+                 f"paths.data_dir={tmp_path / 'c'}", f"hydra.run.dir={tmp_path / 'r'}"])
+    assert r.returncode == 2
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "mlp.net.0" in last and "500" in last, last
+
+
+def test_unknown_compression_method(tmp_path):
+    r = run_cli(["lowrank-ctr-train", *TINY, "compression=pca", f"hydra.run.dir={tmp_path}"])
+    assert r.returncode != 0 and "compression/pca" in r.stderr and "afm" in r.stderr
