@@ -1,0 +1,598 @@
+"""``lowrank-ctr-report DIR... [--out OUT]``: aggregate the ``results.json`` of many runs into tables and plots.
+
+Every ``results.json`` below the given directories is one row (a run of ``lowrank-ctr-train`` or one job of a
+Hydra multirun); a Hydra job directory (``.hydra/config.yaml``) without one is a failed row too, so a crashed job
+never silently disappears from a comparison. Writes ``OUT/results.csv`` (one row per run, raw numbers),
+``OUT/grouped.csv`` (seeds aggregated), ``OUT/results.md``, a self-contained ``OUT/report.html`` and PNG plots.
+
+The loading functions (:func:`load_results`) are what the dashboard notebook uses too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import pandas as pd
+
+RESULTS_FILE = "results.json"
+HYDRA_CONFIG = Path(".hydra") / "config.yaml"
+BATCH_SIZES: tuple[int, ...] = (1, 256, 4096)
+#: directories never searched for runs (they hold logger files, not jobs)
+SKIP_DIRS = frozenset({".hydra", "wandb", "checkpoints", "lightning_logs", "__pycache__", ".git"})
+METHOD_ORDER: tuple[str, ...] = ("none", "svd", "afm", "tt", "int8")
+
+#: columns of results.csv, in order (one row per run; failed runs included)
+RUN_COLUMNS: list[str] = [
+    "run_dir", "status", "error", "data", "model", "method", "targets", "ranks", "setting", "seed",
+    "params", "bytes", "base_params", "base_bytes", "ratio", "ratio_embedding", "ratio_mlp",
+    "base_auc", "base_logloss", "before_ft_auc", "before_ft_logloss", "auc", "logloss",
+    "delta_auc", "delta_auc_before_ft", "delta_logloss", "control_auc", "control_logloss", "delta_auc_vs_control",
+    *[f"speedup@{b}" for b in BATCH_SIZES], "base_ms@4096", "latency_ms@4096",
+    "val_auc", "train_seconds", "compress_seconds", "train_samples_per_s",
+]
+#: what identifies one experimental setting; seeds of a setting are aggregated
+GROUP_KEYS: list[str] = ["data", "model", "method", "targets", "setting"]
+#: aggregated as mean and sample standard deviation (ddof=1) over the ok seeds of a group
+STAT_COLUMNS: list[str] = ["auc", "base_auc", "before_ft_auc", "control_auc", "delta_auc", "delta_auc_before_ft",
+                           "delta_auc_vs_control", "logloss"]
+#: aggregated as mean only
+MEAN_COLUMNS: list[str] = ["ratio", "params", "bytes", "speedup@4096", "latency_ms@4096", "train_seconds"]
+#: per-layer rows (from ``compress/layers``) used by the retained-energy plot
+LAYER_COLUMNS: list[str] = ["run_dir", "data", "model", "method", "setting", "seed", "name", "group",
+                            "layer_method", "rank", "full_rank", "retained_energy", "params_before", "params_after",
+                            "replaced", "note"]
+
+
+class ReportError(ValueError):
+    """A mistake the user can fix (bad directory, nothing to report); the message names the fix."""
+
+
+# ----------------------------------------------------------------------------------------------- discovery
+
+def _natural_key(path: Path) -> list[Any]:
+    """Sort ``run/2`` before ``run/10`` (Hydra numbers jobs without padding)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
+
+
+def _is_train_job(config_yaml: Path) -> bool:
+    """A Hydra job of ``lowrank-ctr-train`` (``lowrank-ctr-prepare`` jobs have no model and are not runs)."""
+    try:
+        import yaml
+
+        cfg = yaml.safe_load(config_yaml.read_text())
+    except Exception:  # unreadable: still a job that did not finish, report it
+        return True
+    return isinstance(cfg, dict) and "model" in cfg
+
+
+def find_run_dirs(roots: Sequence[str | Path]) -> list[Path]:
+    """Directories below ``roots`` holding a ``results.json``, or a Hydra train job without one (a failed job).
+
+    Overlapping roots are deduplicated; the order is natural path order (``0, 1, ..., 10``).
+    """
+    found: dict[Path, Path] = {}
+    for root in map(Path, roots):
+        for dirpath, dirnames, filenames in os.walk(root):
+            here = Path(dirpath)
+            is_run = RESULTS_FILE in filenames
+            if not is_run and ".hydra" in dirnames and (here / HYDRA_CONFIG).is_file():
+                is_run = _is_train_job(here / HYDRA_CONFIG)
+            if is_run:
+                found.setdefault(here.resolve(), here)
+            dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
+    return sorted(found.values(), key=_natural_key)
+
+
+def find_wandb_offline_runs(roots: Sequence[str | Path]) -> list[Path]:
+    """W&B offline run directories (``**/wandb/offline-run-*``), to upload later with ``wandb sync``."""
+    runs: set[Path] = set()
+    for root in map(Path, roots):
+        if root.is_dir():
+            runs.update(p for p in root.glob("**/wandb/offline-run-*") if p.is_dir())
+    return sorted(runs, key=_natural_key)
+
+
+def _hydra_job_record(run_dir: Path, error: str) -> dict[str, Any]:
+    """What a job directory without results tells: its data, model, method and seed from ``.hydra/config.yaml``."""
+    rec: dict[str, Any] = {"status": "failed", "error": error}
+    cfg_path = run_dir / HYDRA_CONFIG
+    if not cfg_path.is_file():
+        return rec
+    try:
+        from omegaconf import OmegaConf
+
+        import lowrank_ctr.config  # noqa: F401  (registers the project's resolvers used in the configs)
+
+        cfg = OmegaConf.load(cfg_path)
+
+        def pick(key: str) -> Any:
+            value = OmegaConf.select(cfg, key, throw_on_resolution_failure=False)
+            if value is None:  # an interpolation we cannot resolve here (e.g. hydra's ${now:}): keep it raw
+                raw = OmegaConf.to_container(cfg, resolve=False)
+                for part in key.split("."):
+                    raw = raw.get(part) if isinstance(raw, dict) else None
+                value = raw
+            return value
+
+        for key, path in (("data", "data.name"), ("model", "model.name"), ("seed", "seed")):
+            value = pick(path)
+            if value is not None:
+                rec[key] = value
+        if "compression" in cfg:
+            rec["config"] = {"compression": OmegaConf.to_container(cfg.compression, resolve=False)}
+    except Exception as exc:  # noqa: BLE001 - a broken config must not stop the report
+        rec["error"] = f"{error}; .hydra/config.yaml unreadable ({type(exc).__name__}: {exc})"
+    return rec
+
+
+def load_record(run_dir: Path) -> dict[str, Any]:
+    """The run's ``results.json`` as a dict (a failed record when missing or unreadable), plus ``run_dir``."""
+    path = run_dir / RESULTS_FILE
+    if not path.is_file():
+        rec = _hydra_job_record(run_dir, "no results.json")
+    else:
+        try:
+            rec = json.loads(path.read_text())
+            if not isinstance(rec, dict):
+                raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
+        except (OSError, ValueError) as exc:
+            rec = _hydra_job_record(run_dir, f"unreadable results.json ({exc})")
+    rec["run_dir"] = str(run_dir)
+    return rec
+
+
+# ----------------------------------------------------------------------------------------------- tables
+
+def _num(value: Any) -> float:
+    """A float, NaN for anything missing or non-numeric (a failed run leaves holes, not crashes)."""
+    if isinstance(value, bool) or value is None:
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _compression_config(rec: Mapping[str, Any]) -> dict[str, Any]:
+    """The run's compression settings: ``config.compression`` overlaid with the policy compress() reported."""
+    cfg = rec.get("config")
+    comp = cfg.get("compression") if isinstance(cfg, Mapping) else None
+    out = dict(comp) if isinstance(comp, Mapping) else {}
+    policy = rec.get("compress/policy")
+    if isinstance(policy, Mapping):
+        out.update(policy)
+    return out
+
+
+def _find_key(tree: Any, key: str) -> Any:
+    """First value of ``key`` anywhere in a nested config dict (configs may nest the rank policy)."""
+    if isinstance(tree, Mapping):
+        if key in tree:
+            return tree[key]
+        for value in tree.values():
+            found = _find_key(value, key)
+            if found is not None:
+                return found
+    return None
+
+
+def _fmt_rank_values(values: Sequence[Any]) -> str:
+    """``8`` when all equal, else ``min-max``; non-integer ranks (ratios of full rank) as written."""
+    nums = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if not nums:
+        return "/".join(str(v) for v in values)
+    lo, hi = min(nums), max(nums)
+    return f"{lo:g}" if lo == hi else f"{lo:g}-{hi:g}"
+
+
+def compact_ranks(rec: Mapping[str, Any]) -> str:
+    """The chosen ranks in a few characters: per layer group from ``compress/layers`` (``embedding=8 mlp=4-16``),
+    else per layer from ``compress/ranks``; ``""`` when the run chose no ranks (uncompressed, int8)."""
+    layers = rec.get("compress/layers")
+    if isinstance(layers, list) and layers:
+        by_group: dict[str, list[Any]] = {}
+        for layer in layers:
+            if not isinstance(layer, Mapping) or not layer.get("replaced") or layer.get("rank") is None:
+                continue
+            ranks = layer.get("field_ranks") or [layer["rank"]]
+            by_group.setdefault(str(layer.get("group", "?")), []).extend(ranks)
+        if by_group:
+            return " ".join(f"{g}={_fmt_rank_values(v)}" for g, v in by_group.items())
+    ranks = rec.get("compress/ranks")
+    if isinstance(ranks, Mapping) and ranks:
+        return " ".join(f"{name}={_fmt_rank_values(r if isinstance(r, list) else [r])}"
+                        for name, r in ranks.items() if r is not None)
+    return ""
+
+
+def _policy_setting(rec: Mapping[str, Any], method: str, ranks: str) -> str:
+    """What the user asked for (so seeds group together even when a budget or energy policy picks other ranks):
+    ``target_ratio=4``, ``energy=0.99 mlp_rank=8``, else the chosen ranks."""
+    comp = _compression_config(rec)
+    target_ratio = rec.get("compress/target_ratio", _find_key(comp, "target_ratio"))
+    if method in ("svd", "afm") and target_ratio is not None:
+        return f"target_ratio={_num(target_ratio):g}"
+    energy = _find_key(comp, "energy")
+    if method in ("svd", "afm") and energy is not None:
+        fixed = [f"{g}_rank={_find_key(comp, f'{g}_rank')}" for g in ("embedding", "mlp", "other")
+                 if _find_key(comp, f"{g}_rank") is not None]
+        return " ".join([f"energy={_num(energy):g}", *fixed])
+    if ranks:
+        return ranks
+    if method not in ("none", "", "int8"):  # a failed job: the requested ranks from its config
+        asked = [f"{g}_rank={_find_key(comp, f'{g}_rank')}" for g in ("embedding", "mlp", "other")
+                 if _find_key(comp, f"{g}_rank") is not None]
+        return " ".join(asked)
+    return ""
+
+
+def run_row(rec: Mapping[str, Any]) -> dict[str, Any]:
+    """One results.csv row from one run record (the formulas for ratio and the deltas live here)."""
+    status = str(rec.get("status") or ("ok" if "test/auc" in rec else "failed"))
+    comp = _compression_config(rec)
+    method = str(rec.get("compress/method") or comp.get("method") or "none")
+    targets = rec.get("compress/targets", comp.get("targets"))
+    if method == "none":
+        targets = []
+    targets_str = "+".join(map(str, targets)) if isinstance(targets, (list, tuple)) else str(targets or "")
+    ranks = compact_ranks(rec)
+
+    auc, logloss = _num(rec.get("test/auc")), _num(rec.get("test/logloss"))
+    params = _num(rec.get("compress/params", rec.get("params")))
+    nbytes = _num(rec.get("compress/bytes", rec.get("bytes")))
+    # an uncompressed run is its own base (ratio 1, deltas 0): the reference point of every plot
+    own = method == "none"
+    base_auc = _num(rec.get("base/test/auc", auc if own else None))
+    base_logloss = _num(rec.get("base/test/logloss", logloss if own else None))
+    base_params = _num(rec.get("base/params", params if own else None))
+    base_bytes = _num(rec.get("base/bytes", nbytes if own else None))
+    ratio = _num(rec.get("compress/ratio"))
+    if math.isnan(ratio) and status == "ok" and base_bytes > 0 and nbytes > 0:
+        ratio = base_bytes / nbytes
+    before_auc = _num(rec.get("compress/test/auc_before_finetune"))
+    before_logloss = _num(rec.get("compress/test/logloss_before_finetune"))
+    control_auc = _num(rec.get("control/test/auc"))
+
+    row: dict[str, Any] = {
+        "run_dir": rec.get("run_dir", ""), "status": status, "error": str(rec.get("error") or ""),
+        "data": str(rec.get("data") or ""), "model": str(rec.get("model") or ""), "method": method,
+        "targets": targets_str, "ranks": ranks, "setting": _policy_setting(rec, method, ranks),
+        "seed": rec.get("seed"), "params": params, "bytes": nbytes, "base_params": base_params,
+        "base_bytes": base_bytes, "ratio": ratio,
+        "ratio_embedding": _num(rec.get("compress/ratio/embedding")), "ratio_mlp": _num(rec.get("compress/ratio/mlp")),
+        "base_auc": base_auc, "base_logloss": base_logloss, "before_ft_auc": before_auc,
+        "before_ft_logloss": before_logloss, "auc": auc, "logloss": logloss,
+        "delta_auc": auc - base_auc, "delta_auc_before_ft": before_auc - base_auc,
+        "delta_logloss": logloss - base_logloss, "control_auc": control_auc,
+        "control_logloss": _num(rec.get("control/test/logloss")),
+        "delta_auc_vs_control": auc - control_auc,
+        "base_ms@4096": _num(rec.get("bench/base_ms@4096")),
+        "latency_ms@4096": _num(rec.get("bench/compressed_ms@4096", rec.get("bench/base_ms@4096"))),
+        "val_auc": _num(rec.get("val/auc")), "train_seconds": _num(rec.get("train/seconds")),
+        "compress_seconds": _num(rec.get("compress/seconds")),
+        "train_samples_per_s": _num(rec.get("train/samples_per_s")),
+    }
+    for b in BATCH_SIZES:
+        row[f"speedup@{b}"] = _num(rec.get(f"bench/speedup@{b}"))
+    return row
+
+
+def runs_table(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    """One row per run with :data:`RUN_COLUMNS` (missing numbers are NaN)."""
+    df = pd.DataFrame([run_row(r) for r in records], columns=RUN_COLUMNS)
+    df["seed"] = pd.to_numeric(df["seed"], errors="coerce").astype("Int64")
+    return df
+
+
+def layers_table(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    """One row per (ok run, compressed layer) from ``compress/layers``: rank, full rank, retained energy."""
+    rows = []
+    for rec in records:
+        layers = rec.get("compress/layers")
+        if not isinstance(layers, list) or rec.get("status", "ok") != "ok":
+            continue
+        base = run_row(rec)
+        for layer in layers:
+            if not isinstance(layer, Mapping):
+                continue
+            rows.append({**{k: base[k] for k in ("run_dir", "data", "model", "method", "setting", "seed")},
+                         "name": layer.get("name"), "group": layer.get("group"),
+                         "layer_method": layer.get("method"), "rank": _num(layer.get("rank")),
+                         "full_rank": _num(layer.get("full_rank")),
+                         "retained_energy": _num(layer.get("retained_energy")),
+                         "params_before": _num(layer.get("params_before")),
+                         "params_after": _num(layer.get("params_after")),
+                         "replaced": bool(layer.get("replaced")), "note": layer.get("note") or ""})
+    return pd.DataFrame(rows, columns=LAYER_COLUMNS)
+
+
+def _method_rank(method: str) -> int:
+    return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+
+
+def grouped_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Seeds aggregated per :data:`GROUP_KEYS`: ``n`` ok seeds, ``n_failed``, mean and std (ddof=1, NaN for one
+    seed) of :data:`STAT_COLUMNS`, mean of :data:`MEAN_COLUMNS`. Failed runs count in ``n_failed`` only."""
+    columns = [*GROUP_KEYS, "n", "n_failed", "seeds",
+               *[f"{c}_{s}" for c in STAT_COLUMNS for s in ("mean", "std")], *[f"{c}_mean" for c in MEAN_COLUMNS]]
+    if runs.empty:
+        return pd.DataFrame(columns=columns)
+    keyed = runs.assign(**{k: runs[k].fillna("").astype(str) for k in GROUP_KEYS})
+    out = []
+    for key, g in keyed.groupby(GROUP_KEYS, sort=False, dropna=False):
+        ok = g[g["status"] == "ok"]
+        row: dict[str, Any] = dict(zip(GROUP_KEYS, key))
+        row["n"] = len(ok)
+        row["n_failed"] = len(g) - len(ok)
+        row["seeds"] = " ".join(str(s) for s in sorted(ok["seed"].dropna().unique()))
+        for c in STAT_COLUMNS:
+            values = ok[c].astype(float)
+            row[f"{c}_mean"] = values.mean()
+            row[f"{c}_std"] = values.std(ddof=1)
+        for c in MEAN_COLUMNS:
+            row[f"{c}_mean"] = ok[c].astype(float).mean()
+        out.append(row)
+    df = pd.DataFrame(out, columns=columns)
+    order = df["method"].map(_method_rank)
+    return (df.assign(_m=order).sort_values(["data", "model", "_m", "targets", "ratio_mean", "setting"],
+                                            na_position="last", kind="stable")
+            .drop(columns="_m").reset_index(drop=True))
+
+
+@dataclass
+class Results:
+    """Everything the report and the dashboard show, loaded once."""
+
+    roots: list[Path]
+    records: list[dict[str, Any]]
+    runs: pd.DataFrame
+    layers: pd.DataFrame
+    grouped: pd.DataFrame = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.grouped = grouped_table(self.runs)
+
+    @property
+    def n_ok(self) -> int:
+        return int((self.runs["status"] == "ok").sum())
+
+    @property
+    def n_failed(self) -> int:
+        return len(self.runs) - self.n_ok
+
+
+def check_dirs(dirs: Sequence[str | Path]) -> list[Path]:
+    """The directories as paths; a missing one or a file is a :class:`ReportError` naming it."""
+    paths = []
+    for d in dirs:
+        p = Path(d).expanduser()
+        if not p.exists():
+            raise ReportError(f"results directory {str(d)!r} does not exist: pass the directory of a run or a "
+                              "multirun (e.g. outputs/multiruns/<time>) that holds results.json files")
+        if not p.is_dir():
+            raise ReportError(f"{str(d)!r} is not a directory: pass the directory that holds results.json "
+                              "(or a parent of many)")
+        paths.append(p)
+    return paths
+
+
+def load_results(dirs: Sequence[str | Path]) -> Results:
+    """Load every run below ``dirs`` (see :func:`find_run_dirs`); an empty result is fine here, the CLI refuses it."""
+    roots = check_dirs(dirs)
+    records = [load_record(d) for d in find_run_dirs(roots)]
+    return Results(roots=roots, records=records, runs=runs_table(records), layers=layers_table(records))
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+def _formatter(col: str) -> Callable[[Any], str]:
+    """How a column's values read in results.md / report.html (the CSV keeps full precision)."""
+    if col.startswith("delta_"):
+        spec = "+.5f"
+    elif "auc" in col or "logloss" in col:
+        spec = ".5f"
+    elif col.startswith(("ratio", "speedup")):
+        spec = ".2f"
+    elif col.startswith(("params", "bytes", "base_params", "base_bytes")):
+        spec = ",.0f"
+    elif "seconds" in col or "ms@" in col or "samples_per_s" in col:
+        spec = ".3g"
+    else:
+        spec = ""
+
+    def fmt(v: Any) -> str:
+        if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
+            return ""
+        if isinstance(v, str) or not spec:
+            return str(v)
+        return format(v, spec)
+
+    return fmt
+
+
+def display_table(df: pd.DataFrame, drop: Sequence[str] = ()) -> pd.DataFrame:
+    """Strings for people: rounded numbers, empty columns (e.g. no control runs) and ``drop`` left out."""
+    keep = [c for c in df.columns if c not in drop and not (df[c].isna() | (df[c].astype(str) == "")).all()]
+    return pd.DataFrame({c: [_formatter(c)(v) for v in df[c]] for c in keep}, index=df.index)
+
+
+def display_grouped(grouped: pd.DataFrame) -> pd.DataFrame:
+    """The grouped table for people: ``mean ± std`` in one cell per statistic, empty statistics left out."""
+    out = pd.DataFrame(index=grouped.index)
+    for c in GROUP_KEYS:
+        out[c] = grouped[c]
+    out["n"] = [f"{n}" + (f" (+{f} failed)" if f else "") for n, f in zip(grouped["n"], grouped["n_failed"])]
+    out["seeds"] = grouped["seeds"]
+    out["ratio"] = grouped["ratio_mean"].map(_formatter("ratio"))
+    for c in STAT_COLUMNS:
+        fmt = _formatter(c)
+        out[c] = [fmt(m) + (f" ± {s:.5f}" if pd.notna(s) else "") for m, s in
+                  zip(grouped[f"{c}_mean"], grouped[f"{c}_std"])]
+    for c in ("speedup@4096", "latency_ms@4096", "bytes"):
+        out[c] = grouped[f"{c}_mean"].map(_formatter(c))
+    return display_table(out)
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    """A GitHub-flavoured markdown table (no tabulate dependency)."""
+    if df.empty:
+        return "_(none)_\n"
+    esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    lines = ["| " + " | ".join(esc(c) for c in df.columns) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(esc(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+_HTML_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
+table { border-collapse: collapse; font-size: 12px; margin-bottom: 1.5em; }
+th, td { border: 1px solid #ccc; padding: 2px 6px; text-align: right; white-space: nowrap; }
+th { background: #f0f0f0; position: sticky; top: 0; }
+tr:nth-child(even) td { background: #fafafa; }
+tr.failed td { background: #fde8e8; }
+img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
+.note { color: #666; font-size: 13px; }
+"""
+
+
+def _html_table(df: pd.DataFrame, failed_mask: Sequence[bool] | None = None) -> str:
+    if df.empty:
+        return "<p class='note'>(none)</p>"
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
+    body = []
+    for i, row in enumerate(df.itertuples(index=False)):
+        cls = " class='failed'" if failed_mask is not None and failed_mask[i] else ""
+        body.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def render_html(res: Results, plots: Mapping[str, Path], skipped: Mapping[str, str]) -> str:
+    """One self-contained page: grouped table, plots as base64 PNG, per-run table, failures."""
+    roots = ", ".join(html.escape(str(r)) for r in res.roots)
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>lowrank-ctr report</title>"
+             f"<style>{_HTML_STYLE}</style></head><body>",
+             "<h1>lowrank-ctr report</h1>",
+             f"<p>{len(res.runs)} runs ({res.n_ok} ok, {res.n_failed} failed) below {roots}. "
+             "AUC deltas are final minus base model; std is over seeds (ddof=1). "
+             "Compression ratio = base bytes / compressed bytes.</p>",
+             "<h2>Grouped by setting (seeds aggregated)</h2>",
+             _html_table(display_grouped(res.grouped)),
+             "<h2>Plots</h2>"]
+    for name, path in plots.items():
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        parts.append(f'<h3>{html.escape(name)}</h3>'
+                     f'<img src="data:image/png;base64,{data}" alt="{html.escape(name)}">')
+    for name, why in skipped.items():
+        parts.append(f"<p class='note'>{html.escape(name)}: skipped ({html.escape(why)})</p>")
+    parts += ["<h2>All runs</h2>",
+              _html_table(display_table(res.runs, drop=("error",)), list(res.runs["status"] != "ok"))]
+    failed = res.runs[res.runs["status"] != "ok"]
+    if len(failed):
+        parts += ["<h2>Failed runs</h2>", _html_table(display_table(failed[["run_dir", "data", "model", "method",
+                                                                            "seed", "error"]]))]
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def render_markdown(res: Results, plots: Mapping[str, Path], skipped: Mapping[str, str]) -> str:
+    lines = ["# lowrank-ctr report", "",
+             f"{len(res.runs)} runs ({res.n_ok} ok, {res.n_failed} failed) below "
+             f"{', '.join(str(r) for r in res.roots)}. AUC deltas are final minus base; std over seeds (ddof=1).", "",
+             "## Grouped by setting (seeds aggregated)", "", markdown_table(display_grouped(res.grouped)),
+             "## Plots", ""]
+    lines += [f"![{name}]({path.name})" for name, path in plots.items()]
+    lines += [f"- {name}: skipped ({why})" for name, why in skipped.items()]
+    lines += ["", "## All runs", "", markdown_table(display_table(res.runs))]
+    return "\n".join(lines)
+
+
+def write_report(res: Results, out: Path) -> dict[str, Path]:
+    """Write results.csv, grouped.csv, the PNG plots, results.md and report.html into ``out``; return the paths."""
+    from lowrank_ctr import plots as P
+
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    written["results.csv"] = out / "results.csv"
+    res.runs.to_csv(written["results.csv"], index=False)
+    written["grouped.csv"] = out / "grouped.csv"
+    res.grouped.to_csv(written["grouped.csv"], index=False)
+
+    plots: dict[str, Path] = {}
+    skipped: dict[str, str] = {}
+    for title, filename, make in (
+        ("AUC vs compression ratio", "auc_vs_ratio.png", lambda: P.auc_vs_ratio(res.runs)),
+        ("AUC vs latency at batch 4096", "auc_vs_latency.png", lambda: P.auc_vs_latency(res.runs)),
+        ("Retained energy vs rank per layer", "retained_energy.png", lambda: P.retained_energy(res.layers)),
+    ):
+        fig = make()
+        if fig is None:
+            skipped[title] = P.why_skipped(filename)
+            stale = out / filename
+            if stale.exists():  # an old plot would contradict this report
+                stale.unlink()
+            continue
+        plots[title] = out / filename
+        P.save_png(fig, plots[title])
+        written[filename] = plots[title]
+
+    written["results.md"] = out / "results.md"
+    written["results.md"].write_text(render_markdown(res, plots, skipped))
+    written["report.html"] = out / "report.html"
+    written["report.html"].write_text(render_html(res, plots, skipped))
+    return written
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lowrank-ctr-report",
+        description="Aggregate the results.json of runs / multiruns below DIR... into results.csv, results.md, "
+                    "report.html and PNG plots (failed jobs included as rows with status=failed).")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="run or multirun directories (searched recursively)")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default: DIR/report of the first DIR)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``lowrank-ctr-report``; user mistakes end in one ``error:`` line and exit code 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        res = load_results(args.dirs)
+        if res.runs.empty:
+            raise ReportError(f"no runs found below {', '.join(map(str, args.dirs))}: no results.json and no Hydra "
+                              "job directory (.hydra/config.yaml). Point at the directory lowrank-ctr-train wrote "
+                              "(hydra.run.dir or hydra.sweep.dir, e.g. outputs/multiruns/<time>)")
+        import matplotlib
+
+        matplotlib.use("Agg")
+        out = args.out if args.out is not None else Path(args.dirs[0]) / "report"
+        if out.exists() and not out.is_dir():
+            raise ReportError(f"--out {out} is a file: pass a directory for the report")
+        written = write_report(res, out)
+    except ReportError as exc:
+        if os.environ.get("LOWRANK_CTR_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print(f"{len(res.runs)} runs ({res.n_ok} ok, {res.n_failed} failed), {len(res.grouped)} settings -> {out}")
+    for name in written:
+        print(f"  {name}")
+    if res.n_failed:
+        for row in res.runs[res.runs["status"] != "ok"].itertuples():
+            print(f"  failed: {row.run_dir}: {row.error}")
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""lowrank-ctr-report and the dashboard notebook on a fake results tree (no training: fast)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import statistics
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from helpers import run_cli
+from lowrank_ctr.plots import pareto_front
+from lowrank_ctr.report import compact_ranks, find_run_dirs, find_wandb_offline_runs, load_results
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+DATA = "synthetic-4000-1"
+
+
+def fake_results(method: str, rank: int, seed: int, auc: float, base_auc: float, before: float, ratio: float,
+                 control: float | None = None, model: str = "deepfm") -> dict[str, Any]:
+    """A results.json as lowrank-ctr-train writes it for a compressed run (flat slash keys + nested config)."""
+    energy = lambda r, full: round(1.0 - 0.4 * (1 - r / full) ** 2, 6)  # noqa: E731 - grows with rank
+    layers = [
+        {"name": "embedding.table", "group": "embedding", "method": method, "rank": rank, "full_rank": 16,
+         "retained_energy": energy(rank, 16), "params_before": 4800, "params_after": 300 * rank + 3 * rank * 16,
+         "replaced": True, "note": "", "field_ranks": [rank, rank, rank - 1]},
+        {"name": "mlp.net.0", "group": "mlp", "method": method, "rank": rank, "full_rank": 32,
+         "retained_energy": energy(rank, 32), "params_before": 1568, "params_after": rank * (48 + 32) + 32,
+         "replaced": True, "note": ""},
+        {"name": "mlp.net.3", "group": "mlp", "method": "none", "rank": None, "full_rank": None,
+         "retained_energy": None, "params_before": 33, "params_after": 33, "replaced": False,
+         "note": "skipped: no rank shrinks Linear(32, 1)"},
+    ]
+    base_bytes = 26000
+    rec: dict[str, Any] = {
+        "status": "ok", "data": DATA, "model": model, "seed": seed,
+        "params": int(base_bytes / ratio / 4), "bytes": int(base_bytes / ratio),
+        "test/auc": auc, "test/logloss": 0.5 - (auc - 0.7) / 3, "val/auc": auc + 0.001,
+        "train/samples_per_s": 12345.6, "train/seconds": 3.25 + seed,
+        "base/test/auc": base_auc, "base/test/logloss": 0.5 - (base_auc - 0.7) / 3,
+        "base/params": base_bytes // 4, "base/bytes": base_bytes,
+        "compress/method": method, "compress/targets": ["embedding", "mlp"], "compress/ratio": ratio,
+        "compress/ratio/embedding": ratio * 1.2, "compress/ratio/mlp": ratio * 0.8,
+        "compress/params": int(base_bytes / ratio / 4), "compress/bytes": int(base_bytes / ratio),
+        "compress/test/auc_before_finetune": before, "compress/test/logloss_before_finetune": 0.51,
+        "compress/seconds": 0.4, "compress/layers": layers,
+        "compress/ranks": {"embedding.table": [rank, rank, rank - 1], "mlp.net.0": rank},
+        "config": {"seed": seed, "data": {"name": DATA}, "model": {"name": model},
+                   "compression": {"method": method, "targets": ["embedding", "mlp"], "embedding_rank": rank,
+                                   "mlp_rank": rank, "other_rank": None, "energy": None, "target_ratio": None}},
+    }
+    for b, base_ms in ((1, 0.2), (256, 1.5), (4096, 20.0)):
+        comp_ms = base_ms / (1.0 + rank / 8)
+        rec.update({f"bench/base_ms@{b}": base_ms, f"bench/compressed_ms@{b}": comp_ms,
+                    f"bench/speedup@{b}": base_ms / comp_ms})
+    if control is not None:
+        rec["control/test/auc"] = control
+    return rec
+
+
+def write_json(run_dir: Path, rec: dict[str, Any]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / ".hydra").mkdir(exist_ok=True)
+    (run_dir / ".hydra" / "config.yaml").write_text("seed: 1\n")
+    (run_dir / "results.json").write_text(json.dumps(rec, indent=2))
+
+
+#: the 4 ok runs of the main tree: (method, rank, seed, auc, base_auc, before, ratio, control)
+OK_RUNS = [("svd", 4, 1, 0.7712, 0.7750, 0.7401, 4.1, 0.7755),
+           ("svd", 8, 1, 0.7744, 0.7750, 0.7602, 2.3, None),
+           ("afm", 4, 1, 0.7761, 0.7750, 0.7683, 4.0, 0.7755),
+           ("afm", 8, 1, 0.7758, 0.7750, 0.7741, 2.2, None)]
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    """multirun/0..3 ok, multirun/4 failed results.json, multirun/5 a Hydra job that died before writing one."""
+    root = tmp_path_factory.mktemp("results") / "multirun"
+    for i, args in enumerate(OK_RUNS):
+        write_json(root / str(i), fake_results(*args))
+    write_json(root / "4", {"status": "failed", "error": "RuntimeError: rank 64 exceeds full rank 16",
+                            "data": DATA, "model": "deepfm", "seed": 2,
+                            "config": {"compression": {"method": "tt", "targets": ["embedding"]}}})
+    job = root / "5" / ".hydra"
+    job.mkdir(parents=True)
+    (job / "config.yaml").write_text(
+        "seed: 3\ndata:\n  rows: 4000\n  seed: 1\n  name: synthetic-${data.rows}-${data.seed}\n"
+        "model:\n  name: dcnv2\ncompression:\n  method: afm\n  targets: [mlp]\n  mlp_rank: 4\n"
+        "paths:\n  output_dir: ${now:%Y}\n")
+    (root / "0" / "wandb" / "offline-run-20260101_000000-abc123").mkdir(parents=True)
+    # a lowrank-ctr-prepare job directory is not a run
+    (root.parent / "prepare" / ".hydra").mkdir(parents=True)
+    (root.parent / "prepare" / ".hydra" / "config.yaml").write_text("data:\n  name: x\nforce: false\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def report(tree: Path) -> tuple[Path, Any]:
+    out = tree.parent / "out"
+    r = run_cli(["lowrank-ctr-report", str(tree.parent), "--out", str(out)], timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, r
+
+
+def test_report_writes_every_file(report):
+    out, r = report
+    for name in ("results.csv", "grouped.csv", "results.md", "report.html", "auc_vs_ratio.png",
+                 "auc_vs_latency.png", "retained_energy.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert "6 runs (4 ok, 2 failed)" in r.stdout
+
+
+def test_csv_has_one_row_per_run_with_the_runs_numbers(report, tree):
+    out, _ = report
+    df = pd.read_csv(out / "results.csv")
+    assert len(df) == 6
+    for c in ("run_dir", "status", "data", "model", "method", "targets", "ranks", "seed", "params", "bytes", "ratio",
+              "base_auc", "before_ft_auc", "auc", "base_logloss", "before_ft_logloss", "logloss", "delta_auc",
+              "delta_auc_before_ft", "control_auc", "delta_auc_vs_control", "speedup@1", "speedup@256",
+              "speedup@4096", "train_seconds"):
+        assert c in df.columns, c
+    ok = df[df["status"] == "ok"]
+    assert len(ok) == 4
+    for i, (method, rank, seed, auc, base, before, ratio, control) in enumerate(OK_RUNS):
+        row = df[df["run_dir"] == str(tree / str(i))].iloc[0]
+        rec = json.loads((tree / str(i) / "results.json").read_text())
+        assert (row["method"], row["seed"], row["data"], row["model"]) == (method, seed, DATA, "deepfm")
+        assert row["targets"] == "embedding+mlp"
+        assert row["ranks"] == f"embedding={rank - 1}-{rank} mlp={rank}"
+        assert row["auc"] == auc and row["base_auc"] == base and row["before_ft_auc"] == before
+        assert row["ratio"] == ratio and row["bytes"] == rec["compress/bytes"]
+        assert row["logloss"] == rec["test/logloss"] and row["base_logloss"] == rec["base/test/logloss"]
+        assert row["delta_auc"] == pytest.approx(auc - base, abs=1e-12)
+        assert row["delta_auc_before_ft"] == pytest.approx(before - base, abs=1e-12)
+        if control is None:
+            assert pd.isna(row["control_auc"]) and pd.isna(row["delta_auc_vs_control"])
+        else:
+            assert row["delta_auc_vs_control"] == pytest.approx(auc - control, abs=1e-12)
+        for b in (1, 256, 4096):
+            assert row[f"speedup@{b}"] == rec[f"bench/speedup@{b}"]
+        assert row["train_seconds"] == rec["train/seconds"]
+
+
+def test_failed_runs_are_rows(report, tree):
+    out, r = report
+    df = pd.read_csv(out / "results.csv", keep_default_na=False)
+    failed = df[df["status"] == "failed"].set_index("run_dir")
+    assert sorted(failed.index) == [str(tree / "4"), str(tree / "5")]
+    crashed = failed.loc[str(tree / "4")]
+    assert "rank 64 exceeds" in crashed["error"] and crashed["method"] == "tt" and crashed["auc"] == ""
+    no_json = failed.loc[str(tree / "5")]
+    assert no_json["error"] == "no results.json"
+    assert (no_json["data"], no_json["model"], no_json["method"], str(no_json["seed"])) == (DATA, "dcnv2", "afm", "3")
+    assert "prepare" not in " ".join(df["run_dir"])
+    assert "failed: " in r.stdout
+
+
+def test_html_is_self_contained_with_valid_pngs(report):
+    out, _ = report
+    page = (out / "report.html").read_text()
+    assert page.count('<img src="data:image/png;base64,') == 3
+    for b64 in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page):
+        assert base64.b64decode(b64).startswith(PNG_MAGIC)
+    assert page.index("Grouped by setting") < page.index("All runs")
+    md = (out / "results.md").read_text()
+    assert md.index("Grouped by setting") < md.index("All runs") and "| data |" in md
+    import matplotlib.image
+
+    for name in ("auc_vs_ratio.png", "auc_vs_latency.png", "retained_energy.png"):
+        assert (out / name).read_bytes().startswith(PNG_MAGIC)
+        img = matplotlib.image.imread(out / name)
+        assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+
+
+def test_grouped_stats_over_seeds_and_default_out(tmp_path):
+    """Two seeds of afm rank 4 + one svd run: mean and sample std (ddof=1) per setting; OUT defaults to DIR/report."""
+    seeds = {1: (0.7761, 0.7750, 0.7683, 4.0), 2: (0.7790, 0.7760, 0.7700, 4.2)}
+    for s, (auc, base, before, ratio) in seeds.items():
+        write_json(tmp_path / f"afm{s}", fake_results("afm", 4, s, auc, base, before, ratio, control=base + 0.001))
+    write_json(tmp_path / "svd1", fake_results("svd", 4, 1, 0.7700, 0.7750, 0.7400, 4.1))
+    r = run_cli(["lowrank-ctr-report", str(tmp_path)], timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "report" / "results.csv").is_file() and (tmp_path / "report" / "report.html").is_file()
+    g = pd.read_csv(tmp_path / "report" / "grouped.csv")
+    assert len(g) == 2
+    afm = g[g["method"] == "afm"].iloc[0]
+    aucs = [v[0] for v in seeds.values()]
+    deltas = [v[0] - v[1] for v in seeds.values()]
+    before_deltas = [v[2] - v[1] for v in seeds.values()]
+    assert afm["n"] == 2 and afm["seeds"] == "1 2"
+    assert afm["auc_mean"] == pytest.approx(statistics.mean(aucs), abs=1e-12)
+    assert afm["auc_std"] == pytest.approx(statistics.stdev(aucs), abs=1e-12)
+    assert afm["delta_auc_mean"] == pytest.approx(statistics.mean(deltas), abs=1e-12)
+    assert afm["delta_auc_std"] == pytest.approx(statistics.stdev(deltas), abs=1e-12)
+    assert afm["delta_auc_before_ft_mean"] == pytest.approx(statistics.mean(before_deltas), abs=1e-12)
+    assert afm["delta_auc_vs_control_mean"] == pytest.approx(-0.001 + statistics.mean(deltas), abs=1e-12)
+    assert afm["ratio_mean"] == pytest.approx(4.1, abs=1e-12)
+    svd = g[g["method"] == "svd"].iloc[0]
+    assert svd["n"] == 1 and pd.isna(svd["auc_std"]) and svd["auc_mean"] == 0.77
+    md = (tmp_path / "report" / "results.md").read_text()
+    assert f"{statistics.mean(aucs):.5f}" in md
+
+
+def test_nonexistent_dir_is_a_clear_error(tmp_path):
+    r = run_cli(["lowrank-ctr-report", str(tmp_path / "nope")], timeout=60)
+    assert r.returncode != 0
+    assert "error:" in r.stderr and "nope" in r.stderr and "does not exist" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_dir_without_runs_is_a_clear_error(tmp_path):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    r = run_cli(["lowrank-ctr-report", str(tmp_path / "empty")], timeout=60)
+    assert r.returncode != 0
+    assert "no runs found" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "empty" / "report").exists()
+
+
+def test_loading_api(tree):
+    res = load_results([tree, tree / "0"])  # overlapping roots count a run once
+    assert len(res.runs) == 6 and res.n_ok == 4 and res.n_failed == 2
+    assert len(find_run_dirs([tree])) == 6
+    assert [p.name for p in find_wandb_offline_runs([tree])] == ["offline-run-20260101_000000-abc123"]
+    layers = res.layers
+    assert set(layers["name"]) == {"embedding.table", "mlp.net.0", "mlp.net.3"} and len(layers) == 12
+    assert compact_ranks({"compress/ranks": {"a": 3, "b": [2, 4]}}) == "a=3 b=2-4"
+    assert compact_ranks({}) == ""
+
+
+def test_pareto_front():
+    # ratio: higher better; (3, .785) dominates (3, .78); (4, .70) is alone at the highest ratio
+    assert pareto_front([1, 2, 3, 3, 4], [0.80, 0.79, 0.78, 0.785, 0.70]) == [0, 1, 3, 4]
+    # latency: lower better; (5 ms, .80) is dominated by (4 ms, .81)
+    assert pareto_front([5, 3, 4], [0.80, 0.79, 0.81], x_higher_better=False) == [1, 2]
+    assert pareto_front([1.0, float("nan")], [0.7, 0.9]) == [0]
+
+
+def test_dashboard_notebook_executes(tree, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    nb = nbformat.read(REPO / "notebooks" / "dashboard.ipynb", as_version=4)
+    params = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(params) == 1 and "RESULTS_DIR" in params[0].source
+    monkeypatch.setenv("LOWRANK_CTR_RESULTS_DIR", str(tree))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
+                            resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+    text = "\n".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", "")) + str(
+        o.get("data", {}).get("text/html", "")) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "6 runs (4 ok, 2 failed)" in text
+    assert "offline-run-20260101_000000-abc123" in text
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 3
