@@ -26,6 +26,14 @@ from pathlib import Path
 CRITEO_ROWS = 45_840_617
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM; unlike ru_maxrss it is not inherited across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _child(fn, args, queue):  # runs in a fresh process
     import torch
 
@@ -33,7 +41,7 @@ def _child(fn, args, queue):  # runs in a fresh process
     t0 = time.perf_counter()
     extra = fn(*args)
     seconds = time.perf_counter() - t0
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = _peak_rss_mb()
     queue.put({"seconds": seconds, "peak_mb": peak_mb, **(extra or {})})
 
 

@@ -135,21 +135,24 @@ class ShardedBatches(IterableDataset):
             yield self._arrays(table)
 
     def _arrays(self, table) -> dict[str, np.ndarray]:
+        """One row group as the batch arrays, already in the batch dtypes (one copy per column)."""
         n = table.num_rows
         s = self.schema
-        col = lambda name: table.column(name).to_numpy()  # noqa: E731
-        cat = (np.column_stack([col(f.name) for f in s.categorical]) if s.categorical
-               else np.zeros((n, 0), np.int32))
-        num = (np.column_stack([col(f.name) for f in s.numeric]).astype(np.float32, copy=False) if s.numeric
-               else np.zeros((n, 0), np.float32))
-        multi = np.zeros((n, len(s.multihot), s.multihot_max_len), np.int32)
+        cat = np.empty((n, len(s.categorical)), np.int64)
+        for j, f in enumerate(s.categorical):
+            cat[:, j] = table.column(f.name).to_numpy()
+        num = np.empty((n, len(s.numeric)), np.float32)
+        for j, f in enumerate(s.numeric):
+            num[:, j] = table.column(f.name).to_numpy()
+        multi = np.zeros((n, len(s.multihot), s.multihot_max_len), np.int64)
         for j, f in enumerate(s.multihot):
             multi[:, j, : f.max_len] = table.column(f.name).combine_chunks().values.to_numpy().reshape(n, f.max_len)
-        return {"cat": cat, "num": num, "multi": multi, "label": col("label").astype(np.float32),
-                "row_id": col("row_id")}
+        return {"cat": cat, "num": num, "multi": multi, "label": table.column("label").to_numpy().astype(np.float32),
+                "row_id": table.column("row_id").to_numpy().astype(np.int64)}
 
     def _batches(self, parts: Iterator[dict[str, np.ndarray]], sizes: list[int],
                  rng: np.random.Generator) -> Iterator[dict[str, torch.Tensor]]:
+        """Cut ``sizes`` batches from the row stream; shuffled batches gather random rows of a buffer."""
         buffer: list[dict[str, np.ndarray]] = []
         buffered = 0
         i = 0
@@ -163,26 +166,22 @@ class ShardedBatches(IterableDataset):
                 buffer.append(part)
                 buffered += len(part["label"])
             data = {k: np.concatenate([p[k] for p in buffer]) for k in buffer[0]} if len(buffer) > 1 else buffer[0]
-            if self.shuffle:
-                perm = rng.permutation(buffered)
-                data = {k: v[perm] for k, v in data.items()}
+            order = rng.permutation(buffered) if self.shuffle else None
             # Emit as many batches as the buffer holds while keeping it at least half full for mixing.
             offset = 0
             keep = self.shuffle_buffer // 2 if (self.shuffle and not exhausted) else 0
             while i < len(sizes) and buffered - offset - sizes[i] >= keep and offset + sizes[i] <= buffered:
-                sl = slice(offset, offset + sizes[i])
-                yield {k: _tensor(k, v[sl]) for k, v in data.items()}
+                rows = slice(offset, offset + sizes[i]) if order is None else order[offset: offset + sizes[i]]
+                yield {k: torch.from_numpy(v[rows]) for k, v in data.items()}
                 offset += sizes[i]
                 i += 1
-            rest = {k: v[offset:] for k, v in data.items()}
-            buffer, buffered = ([rest], buffered - offset) if buffered - offset else ([], 0)
+            if buffered - offset:
+                rest = slice(offset, None) if order is None else order[offset:]
+                buffer, buffered = [{k: v[rest] for k, v in data.items()}], buffered - offset
+            else:
+                buffer, buffered = [], 0
             if exhausted and offset == 0 and i < len(sizes):
                 raise RuntimeError(f"internal: {len(sizes) - i} batches planned but no rows left")
-
-
-def _tensor(key: str, a: np.ndarray) -> torch.Tensor:
-    t = torch.from_numpy(np.require(a, requirements=["C", "W"]))
-    return t.long() if key in ("cat", "multi") else t
 
 
 def _cfg(cfg: Mapping[str, Any] | Any) -> dict:
