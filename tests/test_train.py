@@ -119,3 +119,19 @@ def test_tampered_checkpoint_is_refused_not_executed(tmp_path):
     with pytest.raises(ValueError, match="cannot be loaded safely"):
         load_model(bad)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_failed_sweep_job_is_recorded_and_rerun_skips_finished_jobs(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["lowrank-ctr-train", "-m", *TINY, "model.mlp=[16,16]", "bench=false", "model.embedding_dim=4,0",
+            f"paths.data_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}"]
+    r = run_cli(args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ok, failed = read_results(sweep / "0"), read_results(sweep / "1")
+    assert ok["status"] == "ok" and failed["status"] == "failed"
+    assert "embedding_dim must be >= 1" in failed["error"]
+    mtime = (sweep / "0" / "results.json").stat().st_mtime_ns
+    again = run_cli(args)
+    assert again.returncode == 0
+    assert (sweep / "0" / "results.json").stat().st_mtime_ns == mtime  # finished job skipped
+    assert read_results(sweep / "1")["status"] == "failed"  # failed job was retried (and fails again)

@@ -10,11 +10,12 @@ import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lowrank_ctr.config import CONF_DIR, UserError, user_errors
+from lowrank_ctr.config import CONF_DIR, UserError
+from lowrank_ctr.jobs import config_hash, run_job, write_results
 from lowrank_ctr.lightning.module import load_checkpoint
 from lowrank_ctr.data.schema import Schema
 from lowrank_ctr.train import (build_loggers, compress_and_finetune, log_summary, make_datamodule, make_module,
-                               model_size_of, print_summary, run_dir_of, write_results)
+                               model_size_of, print_summary, run_dir_of)
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.get("ckpt_path"):
         raise UserError("ckpt_path is required: lowrank-ctr-compress ckpt_path=RUN/checkpoints/best.ckpt ...")
+    key = config_hash(cfg)  # of the config as given, before the checkpoint fills in data and model
     ckpt = load_checkpoint(cfg.ckpt_path)
     hp = ckpt.get("hyper_parameters") or {}
     if "model_name" not in hp or "schema" not in hp:
@@ -56,6 +58,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                "seed": int(cfg.seed), "base_checkpoint": str(cfg.ckpt_path), **base}
     results.update(compress_and_finetune(cfg, dm, module, run_dir, loggers, base))
     results["run_dir"] = str(run_dir)
+    results["config_hash"] = key
     results["config"] = OmegaConf.to_container(cfg, resolve=True)
     if tester.is_global_zero:
         write_results(run_dir, results)
@@ -65,8 +68,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="compress")
 def _main(cfg: DictConfig) -> float | None:
-    with user_errors():
-        results = run(cfg)
+    results = run_job(cfg, run, run_dir_of(cfg))
+    if results is None:
+        return None
     print_summary(results)
     return results.get("test/auc")
 

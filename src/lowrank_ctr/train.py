@@ -21,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from lowrank_ctr import bench
 from lowrank_ctr.bench import DEFAULT_BATCH_SIZES
-from lowrank_ctr.config import CONF_DIR, UserError, user_errors
+from lowrank_ctr.config import CONF_DIR, UserError
+from lowrank_ctr.jobs import config_hash, run_job, write_results
 from lowrank_ctr.data.datamodule import CTRDataModule
 from lowrank_ctr.lightning.callbacks import TrainThroughput
 from lowrank_ctr.lightning.compression_callback import CompressionCallback
@@ -29,7 +30,6 @@ from lowrank_ctr.lightning.module import CTRModule, load_checkpoint
 from lowrank_ctr.data.schema import Schema
 
 log = logging.getLogger(__name__)
-RESULTS_FILE = "results.json"
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -69,7 +69,9 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
             offline = wandb_offline(lcfg.get("offline"))
             lcfg = OmegaConf.merge(lcfg, {"offline": offline})
             os.environ.setdefault("WANDB_SILENT", "true")
-            loggers.append(instantiate(lcfg, save_dir=str(run_dir), config=OmegaConf.to_container(cfg, resolve=True)))
+            logger = instantiate(lcfg, save_dir=str(run_dir))
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # the run's config in W&B
+            loggers.append(logger)
         else:
             loggers.append(instantiate(lcfg, save_dir=str(run_dir)))
     return loggers
@@ -99,15 +101,6 @@ def check_checkpoint_schema(path: str, schema: Schema, model_name: str) -> None:
                         "resume with the data config it was trained with")
     if hp.get("model_name") != model_name:
         raise UserError(f"checkpoint {path} holds model {hp.get('model_name')!r}, not model={model_name}")
-
-
-def write_results(run_dir: Path, results: dict[str, Any]) -> Path:
-    """Atomic write: a results.json that exists is complete."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / (RESULTS_FILE + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2, default=float))
-    tmp.replace(run_dir / RESULTS_FILE)
-    return run_dir / RESULTS_FILE
 
 
 def model_size_of(model: torch.nn.Module) -> tuple[int, int]:
@@ -257,6 +250,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                "seed": int(cfg.seed), **base}
     results.update(compress_and_finetune(cfg, dm, module, run_dir, loggers, base))
     results["run_dir"] = str(run_dir)
+    results["config_hash"] = config_hash(cfg)
     results["config"] = OmegaConf.to_container(cfg, resolve=True)
     if global_zero:
         write_results(run_dir, results)
@@ -280,6 +274,8 @@ def log_summary(loggers: list, results: dict[str, Any]) -> None:
                 lg.experiment.log({"compress/layers": wandb.Table(
                     columns=cols, data=[[str(l.get(c)) for c in cols] for l in layers])})
         lg.finalize("success")
+        if type(lg).__name__ == "WandbLogger":
+            lg.experiment.finish()  # writes the run summary; the next job of a multirun starts a new run
 
 
 def print_summary(results: dict[str, Any]) -> None:
@@ -291,8 +287,9 @@ def print_summary(results: dict[str, Any]) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def _main(cfg: DictConfig) -> float | None:
-    with user_errors():
-        results = run(cfg)
+    results = run_job(cfg, run, run_dir_of(cfg))
+    if results is None:
+        return None
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         print_summary(results)
     metric = cfg.get("optimized_metric")

@@ -1,0 +1,55 @@
+"""Experiments: a tiny method x rank multirun, its report, W&B offline runs, experiment configs."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers import TINY, compose_cfg, read_results, run_cli
+
+
+def test_tiny_sweep_and_report_numbers_match_the_runs(tmp_path):
+    sweep = tmp_path / "sweep"
+    r = run_cli(["lowrank-ctr-train", "-m", *TINY, "model.mlp=[16,16]", "bench=false", "compression=svd,afm",
+                 "compression.embedding_rank=2,3", "compression.mlp_rank=4", "compression.calibration_batches=2",
+                 f"paths.data_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = [read_results(p.parent) for p in sorted(sweep.glob("*/results.json"))]
+    assert len(runs) == 4 and {x["compress/method"] for x in runs} == {"svd", "afm"}
+    rep = run_cli(["lowrank-ctr-report", str(sweep), "--out", str(tmp_path / "rep")])
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    rows = list(csv.DictReader(open(tmp_path / "rep" / "results.csv")))
+    assert len(rows) == 4
+    by_dir = {Path(row["run_dir"]).name: row for row in rows}
+    for p in sorted(sweep.glob("*/results.json")):
+        res, row = json.loads(p.read_text()), by_dir[p.parent.name]
+        assert float(row["auc"]) == pytest.approx(res["test/auc"], abs=1e-9)
+        assert float(row["ratio"]) == pytest.approx(res["compress/ratio"], rel=1e-9)
+        assert float(row["delta_auc"]) == pytest.approx(res["test/auc"] - res["base/test/auc"], abs=1e-9)
+    assert (tmp_path / "rep" / "report.html").exists()
+
+
+def test_wandb_offline_run_holds_the_summary(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    r = run_cli(["lowrank-ctr-train", *TINY, "model.mlp=[16,16]", "bench=false", "logger=wandb",
+                 f"paths.data_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"],
+                env={"WANDB_MODE": "", "HOME": str(tmp_path)})  # no key, no login: must go offline by itself
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    # wandb-core keeps an offline run's records (config, history, summary) in its .wandb log until `wandb sync`
+    log = next(runs[0].glob("*.wandb")).read_bytes()
+    res = read_results(tmp_path / "run")
+    assert b"test/auc" in log and repr(res["test/auc"]).encode() in log
+    assert b"train/samples_per_s" in log
+
+
+@pytest.mark.parametrize("name", [p.stem for p in sorted((Path(__file__).parents[1] / "conf" / "experiment")
+                                                         .glob("*.yaml"))])
+def test_experiment_configs_compose_with_paper_settings(name, tmp_path):
+    cfg = compose_cfg("train", [f"experiment={name}"], tmp_path, tmp_path)
+    data = name.split("_")[0]
+    assert cfg.data.format == data and cfg.model.name == name.split("_", 1)[1]
+    assert cfg.model.embedding_dim == (16 if data == "criteo" else 50)
+    assert cfg.compression.method == "afm" and cfg.compression.exclude == ["mlp.net.0"]
