@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Method x rank x model table (small mode, runs here in ~20 min on 2 CPU cores):
-#   base DeepFM and DCNv2 on the synthetic default and on MovieLens-100K, then AFM / SVD at matched target
-#   ratios, TT at two TT-ranks and int8, each fine-tuned with the "base + same fine-tune" control; then the report.
+# Method x rank x model table (small mode, ~40 min on 2 CPU cores):
+#   base DeepFM and DCNv2 on the synthetic default and on MovieLens-100K; then AFM and SVD at matched whole-model
+#   size budgets (target_ratio 3 and 5) and at fixed ranks (embedding 4, MLP 25%); TT at TT-ranks 2 and 4; int8.
+#   Every compressed model is fine-tuned one epoch next to the "base + same fine-tune" control; then the report.
 # Full data: DATASETS="criteo" EXTRA="data.train_path=/data/criteo/train.txt trainer=gpu" bash experiments/compression_table.sh
+# Re-running continues a crashed table: finished runs are skipped (results.json + config hash).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/compression_table}
@@ -12,6 +14,7 @@ RATIOS=${RATIOS:-"3,5"}
 SEEDS=${SEEDS:-"42"}
 EXTRA=${EXTRA:-}
 COMMON="progress_bar=false logger=csv compression.control=true compression.finetune_lr=0.0001 $EXTRA"
+LOWRANK="compression=afm,svd compression.targets=[embedding,mlp,other]"
 
 for data in $DATASETS; do
   for model in $MODELS; do
@@ -23,8 +26,10 @@ for data in $DATASETS; do
       fi
       ckpt="$base/checkpoints/best.ckpt"
       sweep="$OUT/compress/$data/$model/seed$seed"
-      lowrank-ctr-compress -m ckpt_path="$ckpt" seed="$seed" compression=afm,svd compression.target_ratio="$RATIOS" \
-        $COMMON hydra.sweep.dir="$sweep/lowrank"
+      lowrank-ctr-compress -m ckpt_path="$ckpt" seed="$seed" $LOWRANK compression.target_ratio="$RATIOS" \
+        $COMMON hydra.sweep.dir="$sweep/budget"
+      lowrank-ctr-compress -m ckpt_path="$ckpt" seed="$seed" $LOWRANK compression.embedding_rank=4 \
+        compression.mlp_rank=0.25 compression.other_rank=0.25 $COMMON hydra.sweep.dir="$sweep/fixed"
       lowrank-ctr-compress -m ckpt_path="$ckpt" seed="$seed" compression=tt compression.embedding_rank=2,4 \
         $COMMON hydra.sweep.dir="$sweep/tt"
       lowrank-ctr-compress -m ckpt_path="$ckpt" seed="$seed" compression=int8 $COMMON hydra.sweep.dir="$sweep/int8"

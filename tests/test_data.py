@@ -313,3 +313,18 @@ def test_datamodule_prepares_and_serves(tmp_path):
     assert dm.schema.num_fields == 39
     assert sum(len(b["label"]) for b in dm.train_dataloader()) == dm.prepared.summary["rows"]["train"]
     assert sum(len(b["label"]) for b in dm.test_dataloader()) == dm.prepared.summary["rows"]["test"]
+
+
+def test_prepare_cli_writes_schema_and_summary(tmp_path):
+    from helpers import run_cli
+
+    out = tmp_path / "prepared"
+    r = run_cli(["lowrank-ctr-prepare", "data=synthetic", "data.rows=3000", "data.max_vocab=100",
+                 f"data.out_dir={out}", f"hydra.run.dir={tmp_path / 'log'}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert sum(summary["rows"].values()) == 3000 and summary["bad_rows_skipped"] == 0
+    assert Schema.load(out).num_fields == 39
+    bad = run_cli(["lowrank-ctr-prepare", "data=criteo", "data.train_path=/no/such/file", f"data.out_dir={out}2",
+                   f"hydra.run.dir={tmp_path / 'log2'}"])
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: data file /no/such/file")

@@ -53,3 +53,21 @@ def test_experiment_configs_compose_with_paper_settings(name, tmp_path):
     assert cfg.data.format == data and cfg.model.name == name.split("_", 1)[1]
     assert cfg.model.embedding_dim == (16 if data == "criteo" else 50)
     assert cfg.compression.method == "afm" and cfg.compression.exclude == ["mlp.net.0"]
+
+
+def test_optuna_rank_search_under_a_size_budget(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    base = tmp_path / "base"
+    r = run_cli(["lowrank-ctr-train", *TINY, "model.mlp=[32,32]", "bench=false",
+                 f"paths.data_dir={tmp_path / 'cache'}", f"hydra.run.dir={base}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    sweep = tmp_path / "optuna"
+    r = run_cli(["lowrank-ctr-compress", "-m", "hparams_search=optuna_ranks", f"ckpt_path={base}/checkpoints/best.ckpt",
+                 "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.n_startup_trials=2", "compression.finetune_epochs=0",
+                 "compression.calibration_batches=2", "min_ratio=2", "progress_bar=false", "logger=none",
+                 f"hydra.sweep.dir={sweep}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = [read_results(p.parent) for p in sweep.glob("*/results.json")]
+    assert len(runs) == 3 and all(x["compress/method"] == "afm" for x in runs)
+    best = (sweep / "optimization_results.yaml").read_text()
+    assert "best_params" in best and "compression.embedding_rank" in best

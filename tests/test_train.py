@@ -66,8 +66,8 @@ def test_movielens_deepfm_beats_logistic_regression(tmp_path, data_dir):
 @pytest.mark.slow
 def test_default_run_reaches_good_auc(tmp_path, data_dir):
     """The no-argument default (synthetic data, DeepFM) learns the teacher well above chance."""
-    res = run(compose_cfg("train", ["progress_bar=false", "logger=none"], tmp_path, data_dir))
-    assert res["test/auc"] > 0.70, res["test/auc"]
+    res = run(compose_cfg("train", ["progress_bar=false", "logger=none", "bench=false"], tmp_path, data_dir))
+    assert res["test/auc"] > 0.68, res["test/auc"]  # measured 0.707 (teacher's own AUC ~0.80, chance 0.5)
 
 
 @pytest.mark.slow
@@ -135,3 +135,19 @@ def test_failed_sweep_job_is_recorded_and_rerun_skips_finished_jobs(tmp_path):
     assert again.returncode == 0
     assert (sweep / "0" / "results.json").stat().st_mtime_ns == mtime  # finished job skipped
     assert read_results(sweep / "1")["status"] == "failed"  # failed job was retried (and fails again)
+
+
+def test_embedding_l2_shrinks_the_looked_up_rows(tmp_path, data_dir):
+    common = TINY + ["model.mlp=[16,16]", "bench=false", "trainer.max_epochs=2"]
+    plain = run(compose_cfg("train", common, tmp_path / "a", data_dir))
+    reg = run(compose_cfg("train", common + ["embedding_l2=0.1"], tmp_path / "b", data_dir))
+    norm = lambda r: load_model(r["checkpoint"])[0].embedding.table.weight.norm().item()  # noqa: E731
+    assert norm(reg) < 0.9 * norm(plain)
+
+
+def test_scheduler_from_config(tmp_path, data_dir):
+    sched = ["scheduler={_target_:torch.optim.lr_scheduler.StepLR,_partial_:true,step_size:1,gamma:0.5}"]
+    res = run(compose_cfg("train", TINY + ["model.mlp=[16,16]", "bench=false", "trainer.max_epochs=2"] + sched,
+                          tmp_path, data_dir))
+    ckpt = torch.load(res["checkpoint"], map_location="cpu", weights_only=True)
+    assert ckpt["lr_schedulers"][0]["_last_lr"][0] < 1e-3  # the rate was stepped down

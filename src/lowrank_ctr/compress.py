@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lowrank_ctr.config import CONF_DIR, UserError
-from lowrank_ctr.jobs import config_hash, run_job, write_results
+from lowrank_ctr.jobs import config_hash, objective, run_job, write_results
 from lowrank_ctr.lightning.module import load_checkpoint
 from lowrank_ctr.data.schema import Schema
 from lowrank_ctr.train import (build_loggers, compress_and_finetune, log_summary, make_datamodule, make_module,
@@ -69,10 +69,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="compress")
 def _main(cfg: DictConfig) -> float | None:
     results = run_job(cfg, run, run_dir_of(cfg))
-    if results is None:
-        return None
-    print_summary(results)
-    return results.get("test/auc")
+    if results is not None:
+        print_summary(results)
+    return objective(cfg, results)
 
 
 def main() -> None:

@@ -73,3 +73,16 @@ def run_job(cfg: DictConfig, fn: Callable[[DictConfig], dict[str, Any]], run_dir
             "seed": cfg.get("seed"), "compress/method": OmegaConf.select(cfg, "compression.method"),
             "config_hash": key, "config": OmegaConf.to_container(cfg, resolve=False)})
         return None
+
+
+def objective(cfg: DictConfig, results: dict[str, Any] | None) -> float | None:
+    """What a job returns to a sweeper: ``optimized_metric``, -1 when the model misses ``min_ratio``, NaN if failed."""
+    metric = cfg.get("optimized_metric")
+    if not metric:
+        return None
+    if results is None or results.get(metric) is None:
+        return float("nan")
+    min_ratio = cfg.get("min_ratio")
+    if min_ratio and float(results.get("compress/ratio", 1.0)) < float(min_ratio):
+        return -1.0
+    return float(results[metric])

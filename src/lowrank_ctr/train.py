@@ -22,10 +22,10 @@ from omegaconf import DictConfig, OmegaConf
 from lowrank_ctr import bench
 from lowrank_ctr.bench import DEFAULT_BATCH_SIZES
 from lowrank_ctr.config import CONF_DIR, UserError
-from lowrank_ctr.jobs import config_hash, run_job, write_results
+from lowrank_ctr.jobs import config_hash, objective, run_job, write_results
 from lowrank_ctr.data.datamodule import CTRDataModule
 from lowrank_ctr.lightning.callbacks import TrainThroughput
-from lowrank_ctr.lightning.compression_callback import CompressionCallback
+from lowrank_ctr.lightning.compression_callback import CompressionCallback, evaluate
 from lowrank_ctr.lightning.module import CTRModule, load_checkpoint
 from lowrank_ctr.data.schema import Schema
 
@@ -195,12 +195,14 @@ def compress_and_finetune(cfg: DictConfig, dm: CTRDataModule, module: CTRModule,
             best = checkpoint.best_model_path or None
             score = checkpoint.best_model_score
             kept = score is not None and float(score) > callback.before_val["auc"]
+            out["compress/val/auc"] = float(score) if kept else callback.before_val["auc"]
             if not kept:  # fine-tuning did not help on validation: keep the compressed weights from before it
                 module.model.load_state_dict(callback.pre_finetune_state)
                 best = None
         else:
             callback.apply(module, dm)
             callback.evaluate(module, dm)
+            out["compress/val/auc"] = callback.before_val["auc"]
             best = None
         out["compress/finetune_seconds"] = time.perf_counter() - t0 - callback.seconds
         out["compress/finetune_epochs"] = epochs
@@ -226,14 +228,22 @@ def compress_and_finetune(cfg: DictConfig, dm: CTRDataModule, module: CTRModule,
 
 def finetune_control(cfg: DictConfig, dm: CTRDataModule, base_model: torch.nn.Module, run_dir: Path, epochs: int,
                      lr: float) -> dict[str, Any]:
-    """The honest comparison: the UNcompressed base fine-tuned for the same extra epochs at the same rate."""
+    """The honest comparison: the UNcompressed base fine-tuned for the same extra epochs at the same rate, with the
+    same selection rule as the compressed model (fine-tuned weights kept only if validation AUC improves)."""
     control = make_module(cfg, dm.schema, optimizer=instantiate(cfg.optimizer, lr=lr))
     control.model.load_state_dict(base_model.state_dict())
-    trainer = make_trainer(cfg, run_dir / "control", [], False, max_epochs=epochs, min_epochs=None,
-                           enable_checkpointing=False)
+    before_val = evaluate(control.model, dm.val_dataloader())["auc"]
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=run_dir / "control", filename="best", monitor="val/auc",
+                                              mode="max", save_top_k=1)
+    trainer = make_trainer(cfg, run_dir / "control", [checkpoint], False, max_epochs=epochs, min_epochs=None)
     trainer.fit(control, datamodule=dm)
-    test = trainer.test(control, datamodule=dm, verbose=False)[0]
-    return {"control/test/auc": float(test["test/auc"]), "control/test/logloss": float(test["test/logloss"])}
+    kept = checkpoint.best_model_score is not None and float(checkpoint.best_model_score) > before_val
+    if not kept:
+        control.model.load_state_dict(base_model.state_dict())
+    test = trainer.test(control, datamodule=dm, ckpt_path=checkpoint.best_model_path if kept else None,
+                        verbose=False)[0]
+    return {"control/test/auc": float(test["test/auc"]), "control/test/logloss": float(test["test/logloss"]),
+            "control/finetune_kept": kept}
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -288,12 +298,9 @@ def print_summary(results: dict[str, Any]) -> None:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def _main(cfg: DictConfig) -> float | None:
     results = run_job(cfg, run, run_dir_of(cfg))
-    if results is None:
-        return None
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+    if results is not None and int(os.environ.get("LOCAL_RANK", 0)) == 0:
         print_summary(results)
-    metric = cfg.get("optimized_metric")
-    return results.get(metric) if metric else None
+    return objective(cfg, results)
 
 
 def main() -> None:
