@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Method x rank x model table (small mode, ~40 min on 2 CPU cores):
+# Method x rank x model table (small mode, ~45 min on 2 CPU cores):
 #   base DeepFM and DCNv2 on the synthetic default and on MovieLens-100K; then AFM and SVD at matched whole-model
 #   size budgets (target_ratio 3 and 5) and at fixed ranks (embedding 4, MLP 25%); TT at TT-ranks 2 and 4; int8.
 #   Every compressed model is fine-tuned one epoch next to the "base + same fine-tune" control; then the report.
