@@ -404,8 +404,10 @@ def _prepare_into(out: Path, cfg: Mapping[str, Any], key: str, progress: bool) -
 
     rows = {s: w.rows for s, w in zip(SPLITS, writers)}
     if rows["train"] == 0:
-        raise DataError(f"no training rows were read for data={cfg.get('name')} "
-                        f"({bad.skipped} bad rows skipped): check the file and data.split")
+        source = ", ".join(_as_list(cfg.get("train_path"))) or f"the {cfg['format']} generator"
+        raise DataError(f"no training rows were read from {source} for data={cfg.get('name')} "
+                        f"({bad.skipped} bad rows skipped): the file holds no usable data rows, or data.split "
+                        "gives train no share")
     fields = ([FieldSpec(n, "categorical", vocabs[n].num_rows + FIRST_VALUE_ID) for n in layout.categorical]
               + [FieldSpec(n, "multihot", vocabs[n].num_rows + FIRST_VALUE_ID, max_len[n]) for n in layout.multihot]
               + [FieldSpec(n, "numeric") for n in layout.numeric])
