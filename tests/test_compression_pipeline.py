@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers import TINY, compose_cfg, read_results, run_cli, tiny_model_overrides
+from helpers import TINY, compose_cfg, read_results, run_cli
 from lowrank_ctr.compression import compress
 from lowrank_ctr.compression.spec import apply_spec
 from lowrank_ctr.data.batch import random_batch

@@ -131,14 +131,14 @@ def test_tabular_csv_and_parquet(tmp_path):
 def test_synthetic_deterministic_and_shaped(tmp_path):
     cfg = dict(name="s", format="synthetic", rows=30_000, seed=3, max_vocab=5000, min_count=1)
     a = prepare({**cfg, "out_dir": str(tmp_path / "a")}, progress=False)
-    b = prepare({**cfg, "out_dir": str(tmp_path / "b")}, progress=False)
+    prepare({**cfg, "out_dir": str(tmp_path / "b")}, progress=False)
     assert sum(a.summary["rows"].values()) == 30_000
     ta, tb = read_split(tmp_path / "a", "train"), read_split(tmp_path / "b", "train")
     assert ta.equals(tb)
     assert len(a.schema.categorical) == 26 and len(a.schema.numeric) == 13
     assert 0.2 < a.summary["positive_rate"]["train"] < 0.3
     assert 0.7 < a.summary["teacher_auc"] < 0.9
-    c = prepare({**cfg, "seed": 4, "out_dir": str(tmp_path / "c")}, progress=False)
+    prepare({**cfg, "seed": 4, "out_dir": str(tmp_path / "c")}, progress=False)
     assert not read_split(tmp_path / "c", "train").equals(ta)
 
 

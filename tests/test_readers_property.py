@@ -4,7 +4,6 @@ import math
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -1,6 +1,5 @@
 """Training: every model through lowrank-ctr-train, quality bounds, reproducibility, DDP, bad input."""
 
-import json
 
 import pytest
 import torch

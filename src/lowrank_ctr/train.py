@@ -5,7 +5,6 @@ and write ``results.json`` into the run directory. Thin: the pieces live in data
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import time

@@ -333,7 +333,7 @@ class TTEmbedding(nn.Module):
         return m.to(device=table.device, dtype=table.dtype)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        (_, v2, v3), (d1, d2, d3), (_, r2) = self.vocab_factors, self.dim_factors, self.ranks
+        (_, v2, v3), (d1, d2, _), (_, r2) = self.vocab_factors, self.dim_factors, self.ranks
         flat = idx.reshape(-1)
         i3 = torch.remainder(flat, v3)
         rest = torch.div(flat, v3, rounding_mode="floor")

@@ -12,7 +12,6 @@ file and line number, or are skipped and counted (``on_bad_rows: skip``).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -199,7 +198,6 @@ def criteo_reader(path: str | Path, bad_rows: BadRows, block_size: int = 16 << 2
 AVAZU_CATEGORICAL = ["C1", "banner_pos", "site_id", "site_domain", "site_category", "app_id", "app_domain",
                      "app_category", "device_id", "device_ip", "device_model", "device_type", "device_conn_type",
                      "C14", "C15", "C16", "C17", "C18", "C19", "C20", "C21"]
-_HOUR_RE = re.compile(r"^\d{8}$")
 
 
 def _avazu_derive(table: pa.Table) -> tuple[pa.Table, np.ndarray, str]:
