@@ -106,3 +106,44 @@ def test_impossible_rank_is_one_clear_error(tmp_path):
 def test_unknown_compression_method(tmp_path):
     r = run_cli(["lowrank-ctr-train", *TINY, "compression=pca", f"hydra.run.dir={tmp_path}"])
     assert r.returncode != 0 and "compression/pca" in r.stderr and "afm" in r.stderr
+
+
+@pytest.mark.parametrize("method", ["afm", "svd"])
+@pytest.mark.parametrize("targets", [["embedding"], ["embedding", "mlp"]])
+def test_folding_changes_no_prediction_and_removes_the_projection(method, targets):
+    import copy
+
+    torch.manual_seed(0)
+    base = build_model("dnn", SCHEMA, embedding_dim=8, mlp=[32, 32]).eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [random_batch(SCHEMA, 64, g) for _ in range(4)]
+    plain, folded = copy.deepcopy(base), copy.deepcopy(base)
+    r_plain = compress(plain, method, calibration_batches=batches, targets=targets, embedding_rank=3, mlp_rank=6)
+    r_fold = compress(folded, method, calibration_batches=batches, targets=targets, embedding_rank=3, mlp_rank=6,
+                      fold=True)
+    test = random_batch(SCHEMA, 128, torch.Generator().manual_seed(2))
+    torch.testing.assert_close(folded(test), plain(test), atol=1e-5, rtol=1e-5)
+    assert type(folded.embedding.table).__name__ == "FoldedCodeEmbedding"
+    assert r_fold.compressed["total"]["bytes"] < r_plain.compressed["total"]["bytes"]
+    fresh = build_model("dnn", SCHEMA, embedding_dim=8, mlp=[32, 32]).eval()
+    apply_spec(fresh, r_fold.spec)
+    fresh.load_state_dict(folded.state_dict())
+    assert torch.equal(fresh(test), folded(test))
+
+
+def test_folding_is_refused_where_embeddings_feed_more_than_the_mlp():
+    model = build_model("deepfm", SCHEMA, embedding_dim=8, mlp=[32]).eval()
+    batches = [random_batch(SCHEMA, 64)]
+    with pytest.raises(ValueError, match="e.g. dnn"):
+        compress(model, "afm", calibration_batches=batches, targets=["embedding"], embedding_rank=2, fold=True)
+
+
+def test_train_dnn_with_folded_afm(tmp_path, data_dir):
+    res = run(compose_cfg("train", TINY + ["model=dnn", "model.mlp=[32,32]", "compression=afm", "bench=false",
+                                           "compression.fold=true", "compression.calibration_batches=2"],
+                          tmp_path, data_dir))
+    assert res["compress/policy"]["fold"] is True
+    model, hp = load_model(res["compress/checkpoint"])
+    assert type(model.embedding.table).__name__ == "FoldedCodeEmbedding"
+    batch = random_batch(model_schema(hp), 16)
+    assert torch.isfinite(model(batch)).all()

@@ -24,6 +24,7 @@ from lowrank_ctr.compression.methods import (
     linear_full_rank,
     linear_spectrum,
 )
+from lowrank_ctr.compression.fold import fold_model
 from lowrank_ctr.compression.ranks import (
     BudgetLayer,
     RankArg,
@@ -115,6 +116,7 @@ def compress(
     exclude: Sequence[str] = (),
     forward_fn: Callable[[nn.Module, Any], Any] | None = None,
     max_calibration_batches: int | None = None,
+    fold: bool = False,
 ) -> CompressionReport:
     """Compress ``model`` in place and report what was done.
 
@@ -126,6 +128,8 @@ def compress(
     tt: ``embedding_rank`` is the TT-rank (int). int8 / none ignore ranks.
     calibration_batches: needed by afm (and then also run through ``forward_fn(model, batch)``, default
     ``model(batch)``, under no_grad in eval mode, at most ``max_calibration_batches``).
+    fold: move the embedding projection into the Linear that reads the flattened embeddings (models that declare
+    ``embedding_sink``, e.g. dnn): same predictions, one batched matmul fewer per batch.
     """
     if method not in KNOWN_METHODS:
         raise ValueError(f"unknown compression method {method!r}; known methods: {list(KNOWN_METHODS)}")
@@ -199,6 +203,11 @@ def compress(
 
     for name, new in replaced.items():
         set_module(model, name, new)
+    if fold:  # the embedding projection moves into the Linear that reads the flattened embeddings
+        if method not in ("svd", "afm"):
+            raise ValueError(f"compression.fold=true needs method 'svd' or 'afm', not {method!r}")
+        replaced.update(fold_model(model))
+        policy["fold"] = True
     order = {t.name: i for i, t in enumerate(found)}
     layers.sort(key=lambda l: order[l["name"]])
     after = model_size(model, group_map)

@@ -201,6 +201,25 @@ class LowRankFieldEmbedding(nn.Module):
         return f"fields={self.num_fields}, rows={sum(self.vocab_sizes)}, dim={self.dim}, max_rank={self.max_rank}"
 
 
+class FoldedCodeEmbedding(LowRankFieldEmbedding):
+    """A LowRankFieldEmbedding whose projection and bias were folded into the Linear that consumes its output.
+
+    ``forward`` returns the codes zero-padded to ``dim`` (B, F, [L,] d): the following Linear's weights for field
+    i are ``[W_i P_i^T, 0]`` and its bias absorbed ``W_i b_i`` (compression/fold.py), so the per-field projection
+    matmul disappears from inference. Only valid where nothing else reads the reconstructed embeddings.
+    """
+
+    def __init__(self, vocab_sizes: Sequence[int], dim: int, ranks: int | Sequence[int]) -> None:
+        super().__init__(vocab_sizes, dim, ranks)
+        del self.projection, self.bias
+
+    def field_table(self, i: int) -> torch.Tensor:  # pragma: no cover - there is no table once folded
+        raise RuntimeError("a folded embedding has no reconstructed table; its projection lives in the next Linear")
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.pad(self.lookup_codes(ids), (0, self.dim - self.max_rank))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Int8 field embedding
 # ---------------------------------------------------------------------------------------------------------------
@@ -419,7 +438,8 @@ class TTFieldEmbedding(nn.Module):
 #: Compressed module classes by name (what a spec's "class" refers to).
 MODULE_TYPES: dict[str, type[nn.Module]] = {
     cls.__name__: cls
-    for cls in (LowRankLinear, Int8Linear, LowRankFieldEmbedding, Int8FieldEmbedding, TTFieldEmbedding)
+    for cls in (LowRankLinear, Int8Linear, LowRankFieldEmbedding, FoldedCodeEmbedding, Int8FieldEmbedding,
+                TTFieldEmbedding)
 }
-EMBEDDING_TYPES = (LowRankFieldEmbedding, Int8FieldEmbedding, TTFieldEmbedding)
+EMBEDDING_TYPES = (LowRankFieldEmbedding, Int8FieldEmbedding, TTFieldEmbedding)  # FoldedCode is a LowRank
 LINEAR_TYPES = (LowRankLinear, Int8Linear)

@@ -57,14 +57,14 @@ class CompressionCallback(pl.Callback):
     def __init__(self, method: str, targets: Sequence[str] | None = None, embedding_rank: Any = None,
                  mlp_rank: Any = None, other_rank: Any = None, energy: float | None = None,
                  target_ratio: float | None = None, include: Sequence[str] = (), exclude: Sequence[str] = (),
-                 calibration_batches: int = 32, evaluate_before_finetune: bool = True) -> None:
+                 calibration_batches: int = 32, evaluate_before_finetune: bool = True, fold: bool = False) -> None:
         super().__init__()
         if int(calibration_batches) < 1:
             raise ValueError(f"compression.calibration_batches must be >= 1, got {calibration_batches}")
         self.kwargs = dict(method=method, targets=list(targets) if targets is not None else None,
                            embedding_rank=_rank_arg(embedding_rank), mlp_rank=_rank_arg(mlp_rank),
                            other_rank=_rank_arg(other_rank), energy=energy, target_ratio=target_ratio,
-                           include=list(include or ()), exclude=list(exclude or ()))
+                           include=list(include or ()), exclude=list(exclude or ()), fold=bool(fold))
         self.calibration_batches = int(calibration_batches)
         self.evaluate_before_finetune = evaluate_before_finetune
         self.report: CompressionReport | None = None
@@ -76,7 +76,7 @@ class CompressionCallback(pl.Callback):
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "CompressionCallback":
         keys = ("method", "targets", "embedding_rank", "mlp_rank", "other_rank", "energy", "target_ratio",
-                "include", "exclude", "calibration_batches")
+                "include", "exclude", "calibration_batches", "fold")
         return cls(**{k: cfg[k] for k in keys if k in cfg})
 
     # The work --------------------------------------------------------------------------------------------
