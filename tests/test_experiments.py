@@ -43,6 +43,7 @@ def test_wandb_offline_run_holds_the_summary(tmp_path, monkeypatch):
     res = read_results(tmp_path / "run")
     assert b"test/auc" in log and repr(res["test/auc"]).encode() in log
     assert b"train/samples_per_s" in log
+    assert b"train-runs" in log  # the W&B group of a single run (a multirun gets its sweep directory's name)
 
 
 @pytest.mark.parametrize("name", [p.stem for p in sorted((Path(__file__).parents[1] / "conf" / "experiment")

@@ -32,9 +32,23 @@ def project_root() -> Path:
     return Path.cwd()
 
 
+def sweep_group() -> str:
+    """A W&B group per Hydra multirun (its sweep directory's name); single runs share the group ``runs``."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        return Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else "runs"
+    except (ValueError, ImportError):
+        return "runs"
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("project_root"):
         OmegaConf.register_new_resolver("project_root", lambda: str(project_root()))
+    if not OmegaConf.has_resolver("sweep_group"):
+        OmegaConf.register_new_resolver("sweep_group", sweep_group)
 
 
 register_resolvers()

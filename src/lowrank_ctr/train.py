@@ -150,10 +150,10 @@ def train_base(cfg: DictConfig, dm: CTRDataModule, run_dir: Path, loggers: list)
                                                     patience=int(cfg.early_stopping_patience)))
     trainer = make_trainer(cfg, run_dir, callbacks, loggers)
     t0 = time.perf_counter()
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
     train_seconds = time.perf_counter() - t0
     best = checkpoint.best_model_path or None
-    test = trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)[0]
+    test = trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False, weights_only=True)[0]
     params, nbytes = model_size_of(module.model)
     return module, {
         "params": params,
@@ -206,7 +206,7 @@ def compress_and_finetune(cfg: DictConfig, dm: CTRDataModule, module: CTRModule,
         out["compress/finetune_seconds"] = time.perf_counter() - t0 - callback.seconds
         out["compress/finetune_epochs"] = epochs
         out["compress/finetune_kept"] = kept
-        test = trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)[0]
+        test = trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False, weights_only=True)[0]
         out.update(callback.results())
         final = run_dir / "checkpoints" / "compressed.ckpt"  # the model tested above, spec included
         trainer.save_checkpoint(final)
@@ -240,7 +240,7 @@ def finetune_control(cfg: DictConfig, dm: CTRDataModule, base_model: torch.nn.Mo
     if not kept:
         control.model.load_state_dict(base_model.state_dict())
     test = trainer.test(control, datamodule=dm, ckpt_path=checkpoint.best_model_path if kept else None,
-                        verbose=False)[0]
+                        verbose=False, weights_only=True)[0]
     return {"control/test/auc": float(test["test/auc"]), "control/test/logloss": float(test["test/logloss"]),
             "control/finetune_kept": kept}
 
