@@ -129,7 +129,8 @@ def pooled_lookup(table: nn.Module, cat: torch.Tensor, multi: torch.Tensor, n_ca
         is_cat_slot[:n_cat, 0] = True
         is_cat_field = torch.zeros(n_cat + n_multi, 1, dtype=torch.bool, device=ids.device)
         is_cat_field[:n_cat] = True
-        mask = torch.where(is_cat_field, is_cat_slot, ids != PAD_ID)
+        # Boolean and/or rather than torch.where: onnxruntime has no CPU kernel for Where on bool tensors.
+        mask = (is_cat_field & is_cat_slot) | (~is_cat_field & (ids != PAD_ID))
     vectors = table(ids)  # (B, F, L, dim)
     weights = mask.unsqueeze(-1).to(vectors.dtype)
     return (vectors * weights).sum(2) / weights.sum(2).clamp_min(1.0)
