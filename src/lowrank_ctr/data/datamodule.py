@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+import lightning.pytorch as pl
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lowrank_ctr.data.errors import DataError
@@ -184,29 +186,12 @@ class ShardedBatches(IterableDataset):
                 raise RuntimeError(f"internal: {len(sizes) - i} batches planned but no rows left")
 
 
-def _cfg(cfg: Mapping[str, Any] | Any) -> dict:
-    try:
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(cfg):
-            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    except ImportError:  # pragma: no cover
-        pass
-    return dict(cfg)
-
-
-try:
-    import lightning.pytorch as pl
-except ImportError:  # pragma: no cover - the data layer works without Lightning
-    pl = None
-
-
-class CTRDataModule(pl.LightningDataModule if pl is not None else object):
+class CTRDataModule(pl.LightningDataModule):
     """Prepares (or reuses) a dataset from its data config and serves streaming train/valid/test loaders."""
 
     def __init__(self, data: Mapping[str, Any], seed: int = 0, progress: bool = True) -> None:
         super().__init__()
-        self.cfg = _cfg(data)
+        self.cfg = OmegaConf.to_container(data, resolve=True) if OmegaConf.is_config(data) else dict(data)
         self.seed = seed
         self.progress = progress
         self.prepared = None
@@ -246,8 +231,7 @@ class CTRDataModule(pl.LightningDataModule if pl is not None else object):
                           persistent_workers=False)
 
     def train_dataloader(self) -> DataLoader:
-        if self.trainer is not None:
-            self.datasets["train"].set_epoch(self.trainer.current_epoch)
+        # The shuffle epoch is advanced by CTRModule.on_train_epoch_start (workers copy the dataset each epoch).
         return self._loader("train")
 
     def val_dataloader(self) -> DataLoader:

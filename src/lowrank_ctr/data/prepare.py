@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from lowrank_ctr.data import readers
 from lowrank_ctr.data.errors import DataError, check_input_file
 from lowrank_ctr.data.schema import FIRST_VALUE_ID, OOV_ID, FieldSpec, Schema
-from lowrank_ctr.data.synthetic import SyntheticCriteo
+from lowrank_ctr.data.synthetic import SyntheticCriteo, _splitmix64
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +160,6 @@ class _Splitter:
         self.next_row = 0
 
     def assign(self, n: int) -> np.ndarray:
-        from lowrank_ctr.data.synthetic import _splitmix64
-
         idx = np.arange(self.next_row, self.next_row + n, dtype=np.uint64)
         self.next_row += n
         u = (_splitmix64(idx ^ (self.seed << np.uint64(40))) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
