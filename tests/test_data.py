@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from conftest import sample
 from lowrank_ctr.data import prepare as prep_mod
 from lowrank_ctr.data.datamodule import CTRDataModule, ShardedBatches, batch_sizes
+from lowrank_ctr.data.encoding import bucketize
 from lowrank_ctr.data.errors import DataError
 from lowrank_ctr.data.prepare import prepare
 from lowrank_ctr.data.schema import OOV_ID, Schema
@@ -65,7 +66,7 @@ def test_criteo_numeric_modes(tmp_path):
     assert train["I3"].iloc[0] == pytest.approx(np.log1p(5.0), rel=1e-6)
     assert train["I12"].iloc[0] == 0.0
     # bucketize: x > 2 -> floor(log(x)^2), as a category
-    assert prep_mod._bucketize(__import__("pyarrow").array([1382.0, 2.0, -1.0, None])).to_pylist()[:3] == [
+    assert bucketize(__import__("pyarrow").array([1382.0, 2.0, -1.0, None])).to_pylist()[:3] == [
         int(np.floor(np.log(1382.0) ** 2)), 2, -1]
 
 
@@ -182,7 +183,7 @@ def test_interrupted_preparation_leaves_no_finished_cache(tmp_path, monkeypatch)
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prep_mod, "_encode_table", boom)
+    monkeypatch.setattr(prep_mod, "encode_table", boom)
     with pytest.raises(KeyboardInterrupt):
         prepare(cfg, progress=False)
     assert not (tmp_path / "o").exists()

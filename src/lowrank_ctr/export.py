@@ -1,7 +1,7 @@
 """``lowrank-ctr-export``: a base or compressed checkpoint to ONNX or TorchScript, checked against PyTorch.
 
-Writes ``OUT/model.onnx`` (or ``model.pt``), ``OUT/schema.json`` and the vocabularies (``OUT/vocab/``, copied from
-the prepared dataset) so the model can be served without this package's training code, and prints the max abs
+Writes ``OUT/model.onnx`` (or ``model.pt``), ``OUT/schema.json``, the vocabularies (``OUT/vocab/``, copied from
+the prepared dataset) and the data config (``OUT/data_config.json``: how raw rows are read) so the model can be served without this package's training code, and prints the max abs
 difference between the exported model and PyTorch on real test rows.
 """
 
@@ -65,7 +65,9 @@ def export(ckpt_path: str, fmt: str, out: Path, batch_size: int = 64) -> dict:
             got = torch.jit.load(str(path))(*(check[k] for k in INPUTS)).numpy()
     max_diff = float(abs(got - expected).max())
     schema.save(out)
-    data_dir = Path((hp.get("data_config") or {}).get("out_dir", ""))
+    data_config = dict(hp.get("data_config") or {})  # how raw rows are read, for lowrank-ctr-predict
+    (out / "data_config.json").write_text(json.dumps(data_config, indent=2, default=str))
+    data_dir = Path(data_config.get("out_dir", ""))
     if (data_dir / "vocab").is_dir():
         shutil.copytree(data_dir / "vocab", out / "vocab", dirs_exist_ok=True)
     inputs = declared if fmt == "onnx" else list(INPUTS)

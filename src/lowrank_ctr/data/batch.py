@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pyarrow as pa
 import torch
 
 from lowrank_ctr.data.schema import FIRST_VALUE_ID, PAD_ID, Schema
@@ -32,3 +34,27 @@ def random_batch(schema: Schema, batch_size: int, generator: torch.Generator | N
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def batch_arrays(schema: Schema, table: pa.Table) -> dict[str, np.ndarray]:
+    """Prepared columns (a row group, or rows encoded for prediction) as the batch arrays, in the batch dtypes.
+
+    An unknown (null) label, or the null-typed label of a file without labels, becomes NaN; a missing or null
+    row_id column numbers the rows from 0.
+    """
+    n = table.num_rows
+    cat = np.empty((n, len(schema.categorical)), np.int64)
+    for j, f in enumerate(schema.categorical):
+        cat[:, j] = table.column(f.name).to_numpy()
+    num = np.empty((n, len(schema.numeric)), np.float32)
+    for j, f in enumerate(schema.numeric):
+        num[:, j] = table.column(f.name).to_numpy()
+    multi = np.zeros((n, len(schema.multihot), schema.multihot_max_len), np.int64)
+    for j, f in enumerate(schema.multihot):
+        multi[:, j, : f.max_len] = table.column(f.name).combine_chunks().values.to_numpy().reshape(n, f.max_len)
+    label = table.column("label")
+    label = (np.full(n, np.nan, np.float32) if label.type == pa.null()
+             else label.to_numpy(zero_copy_only=False).astype(np.float32))
+    row_id = table.column("row_id") if "row_id" in table.column_names else None
+    row_id = (np.arange(n) if row_id is None or row_id.null_count else row_id.to_numpy()).astype(np.int64)
+    return {"cat": cat, "num": num, "multi": multi, "label": label, "row_id": row_id}

@@ -24,6 +24,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from lowrank_ctr.data.batch import batch_arrays
 from lowrank_ctr.data.errors import DataError
 from lowrank_ctr.data.schema import Schema
 
@@ -137,20 +138,7 @@ class ShardedBatches(IterableDataset):
             yield self._arrays(table)
 
     def _arrays(self, table) -> dict[str, np.ndarray]:
-        """One row group as the batch arrays, already in the batch dtypes (one copy per column)."""
-        n = table.num_rows
-        s = self.schema
-        cat = np.empty((n, len(s.categorical)), np.int64)
-        for j, f in enumerate(s.categorical):
-            cat[:, j] = table.column(f.name).to_numpy()
-        num = np.empty((n, len(s.numeric)), np.float32)
-        for j, f in enumerate(s.numeric):
-            num[:, j] = table.column(f.name).to_numpy()
-        multi = np.zeros((n, len(s.multihot), s.multihot_max_len), np.int64)
-        for j, f in enumerate(s.multihot):
-            multi[:, j, : f.max_len] = table.column(f.name).combine_chunks().values.to_numpy().reshape(n, f.max_len)
-        return {"cat": cat, "num": num, "multi": multi, "label": table.column("label").to_numpy().astype(np.float32),
-                "row_id": table.column("row_id").to_numpy().astype(np.int64)}
+        return batch_arrays(self.schema, table)
 
     def _batches(self, parts: Iterator[dict[str, np.ndarray]], sizes: list[int],
                  rng: np.random.Generator) -> Iterator[dict[str, torch.Tensor]]:

@@ -10,12 +10,13 @@ class DataError(ValueError):
 
 
 class BadRowError(DataError):
-    def __init__(self, path: str | Path, line: int | None, problem: str) -> None:
+    def __init__(self, path: str | Path, line: int | None, problem: str, repairable: bool = True) -> None:
         where = f"{path}:{line}" if line is not None else str(path)
-        super().__init__(
-            f"{where}: {problem}. Fix the row, or set data.on_bad_rows=skip to skip such rows "
-            "(their count is reported in summary.json as bad_rows_skipped)."
-        )
+        fix = ("set data.on_bad_rows=skip to skip such rows in training (their count is reported in summary.json "
+               "as bad_rows_skipped)")
+        if repairable:
+            fix += ", or on_bad_rows=missing in lowrank-ctr-predict to read the unparseable value as missing"
+        super().__init__(f"{where}: {problem}. Fix the row, or {fix}.")
         self.path, self.line = str(path), line
 
 

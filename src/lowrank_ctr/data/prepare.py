@@ -29,16 +29,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lowrank_ctr.data import readers
+from lowrank_ctr.data.encoding import Layout, categorical_values, encode_table
 from lowrank_ctr.data.errors import DataError, check_input_file
-from lowrank_ctr.data.schema import FIRST_VALUE_ID, OOV_ID, FieldSpec, Schema
+from lowrank_ctr.data.schema import FIRST_VALUE_ID, FieldSpec, Schema
 from lowrank_ctr.data.synthetic import SyntheticCriteo, _splitmix64
 
 log = logging.getLogger(__name__)
 
-PREPARE_VERSION = 1
+PREPARE_VERSION = 2  # 2: "NaN"/"NULL" are category values, not missing
 SUMMARY_FILE = "summary.json"
 SPLITS = ("train", "valid", "test")
-MISSING_INT = np.int64(-(2**62))  # stands for "missing" in integer-valued categorical columns
 # Keys of the data config that only affect loading, not the prepared files (excluded from the cache hash).
 LOADER_KEYS = {"batch_size", "eval_batch_size", "num_workers", "shuffle_buffer", "pin_memory", "out_dir",
                "drop_last", "persistent_workers"}
@@ -206,54 +206,6 @@ def _split_streams(cfg: Mapping[str, Any], bad: readers.BadRows
     return raw, stream
 
 
-# Column transforms -------------------------------------------------------------------------------------------
-
-def _categorical_values(col: pa.Array) -> pa.Array:
-    """One value type per field: non-null int64 (missing -> MISSING_INT) or string (missing -> "")."""
-    if pa.types.is_integer(col.type):
-        return pc.fill_null(pc.cast(col, pa.int64()), pa.scalar(MISSING_INT, pa.int64()))
-    if not pa.types.is_string(col.type) and not pa.types.is_large_string(col.type):
-        col = pc.cast(col, pa.string())
-    return pc.fill_null(col, "")
-
-
-def _bucketize(values: pa.Array) -> pa.Array:
-    """Kaggle-winner numeric buckets: floor(log(x)^2) for x > 2, else x itself; missing is its own bucket."""
-    x = values.to_numpy(zero_copy_only=False)  # float64 with NaN for null
-    with np.errstate(invalid="ignore", divide="ignore"):
-        b = np.where(x > 2, np.floor(np.log(np.where(x > 2, x, 3.0)) ** 2), np.floor(x))
-    b = np.where(np.isnan(x), MISSING_INT, np.clip(b, -(2**61), 2**61)).astype(np.int64)
-    return pa.array(b)
-
-
-def _dense(values: pa.Array, transform: str) -> np.ndarray:
-    x = values.to_numpy(zero_copy_only=False).astype(np.float64)
-    x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
-    if transform == "log":
-        x = np.sign(x) * np.log1p(np.abs(x))
-    elif transform != "none":
-        raise DataError(f"data.numeric_transform={transform!r} is not valid: use 'log' or 'none'")
-    return x.astype(np.float32)
-
-
-class _Layout:
-    """Which raw column becomes which schema field, given the numeric mode."""
-
-    def __init__(self, raw: readers.RawColumns, cfg: Mapping[str, Any]) -> None:
-        mode = cfg.get("numeric_mode", "dense")
-        if mode not in ("dense", "bucketize"):
-            raise DataError(f"data.numeric_mode={mode!r} is not valid: use 'dense' or 'bucketize'")
-        self.bucketized = list(raw.numeric) if mode == "bucketize" else []
-        self.categorical = list(raw.categorical) + self.bucketized
-        self.numeric = [] if mode == "bucketize" else list(raw.numeric)
-        self.multihot = list(raw.multihot)
-        self.transform = cfg.get("numeric_transform", "log")
-
-    def categorical_column(self, table: pa.Table, name: str) -> pa.Array:
-        col = table.column(name).combine_chunks()
-        return _bucketize(col) if name in self.bucketized else _categorical_values(col)
-
-
 # Pass 1: vocabularies -----------------------------------------------------------------------------------------
 
 class _Counter:
@@ -280,29 +232,7 @@ class _Counter:
         return t.sort_by([("count", "descending"), ("value", "ascending")])
 
 
-# Pass 2: encoding -----------------------------------------------------------------------------------------------
-
-def _encode_ids(values: pa.Array, vocab: pa.Array) -> np.ndarray:
-    idx = pc.index_in(values, value_set=vocab)
-    return (pc.fill_null(idx, OOV_ID - FIRST_VALUE_ID).to_numpy(zero_copy_only=False).astype(np.int32)
-            + FIRST_VALUE_ID)
-
-
-def _encode_multihot(col: pa.Array, vocab: pa.Array, max_len: int) -> pa.Array:
-    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    col = pc.fill_null(col, pa.scalar([], col.type)) if col.null_count else col
-    n = len(col)
-    offsets = col.offsets.to_numpy() - col.offsets[0].as_py()
-    lengths = np.diff(offsets)
-    flat = _categorical_values(pc.list_flatten(col))
-    ids = _encode_ids(flat, vocab) if len(flat) else np.zeros(0, np.int32)
-    rows = np.repeat(np.arange(n), lengths)
-    pos = np.arange(len(ids)) - np.repeat(offsets[:-1], lengths)
-    keep = pos < max_len
-    out = np.zeros((n, max_len), dtype=np.int32)  # 0 = padding
-    out[rows[keep], pos[keep]] = ids[keep]
-    return pa.FixedSizeListArray.from_arrays(pa.array(out.reshape(-1)), max_len)
-
+# Pass 2: encoding ---------------------------------------------------------------------------------------------
 
 class _ShardWriter:
     def __init__(self, directory: Path, shard_rows: int, compression: str) -> None:
@@ -344,10 +274,13 @@ class _ShardWriter:
 def _prepare_into(out: Path, cfg: Mapping[str, Any], key: str, progress: bool) -> dict:
     t0 = time.perf_counter()
     min_count = int(cfg.get("min_count", 1))
+    if cfg.get("on_bad_rows", "error") == "missing":
+        raise DataError("data.on_bad_rows=missing keeps rows whose label may be unusable, so it is for "
+                        "lowrank-ctr-predict only; preparation takes 'error' or 'skip'")
     if min_count < 1:
         raise DataError(f"data.min_count={min_count} must be >= 1")
     raw, fit_stream = _split_streams(cfg, readers.BadRows(cfg.get("on_bad_rows", "error")))
-    layout = _Layout(raw, cfg)
+    layout = Layout(raw, cfg)
 
     # Pass 1 ------------------------------------------------------------------------------------------------
     counters = {name: _Counter() for name in layout.categorical + layout.multihot}
@@ -363,7 +296,7 @@ def _prepare_into(out: Path, cfg: Mapping[str, Any], key: str, progress: bool) -
                 counters[name].add(layout.categorical_column(table, name))
             for name in layout.multihot:
                 col = table.column(name).combine_chunks()
-                counters[name].add(_categorical_values(pc.list_flatten(col)))
+                counters[name].add(categorical_values(pc.list_flatten(col)))
                 lengths = pc.list_value_length(col).fill_null(0)
                 max_len[name] = max(max_len[name], int(pc.max(lengths).as_py() or 0))
             bar(table.num_rows)
@@ -385,7 +318,7 @@ def _prepare_into(out: Path, cfg: Mapping[str, Any], key: str, progress: bool) -
     try:
         with _progress(progress, "encode") as bar:
             for table, split in enc_stream():
-                encoded = _encode_table(table, layout, vocab_values, max_len)
+                encoded = encode_table(table, layout, vocab_values, max_len)
                 if isinstance(split, int):
                     parts = [(split, encoded)]
                 else:
@@ -431,18 +364,6 @@ def _prepare_into(out: Path, cfg: Mapping[str, Any], key: str, progress: bool) -
                                                                  200_000))
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))  # written last: marks the cache finished
     return summary
-
-
-def _encode_table(table: pa.Table, layout: _Layout, vocabs: dict[str, pa.Array], max_len: dict[str, int]) -> pa.Table:
-    cols: dict[str, pa.Array] = {"row_id": pa.nulls(table.num_rows, pa.int64()),
-                                 "label": table.column("label").combine_chunks()}
-    for name in layout.categorical:
-        cols[name] = pa.array(_encode_ids(layout.categorical_column(table, name), vocabs[name]))
-    for name in layout.multihot:
-        cols[name] = _encode_multihot(table.column(name), vocabs[name], max_len[name])
-    for name in layout.numeric:
-        cols[name] = pa.array(_dense(table.column(name).combine_chunks(), layout.transform))
-    return pa.table(cols)
 
 
 class _progress:

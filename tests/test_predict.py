@@ -1,0 +1,165 @@
+"""lowrank-ctr-predict: raw rows -> one probability per row, in order, through the saved vocabularies."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from helpers import compose_cfg, run_cli
+from lowrank_ctr.config import UserError
+from lowrank_ctr.data import readers
+from lowrank_ctr.data.batch import batch_arrays
+from lowrank_ctr.data.errors import DataError
+from lowrank_ctr.data.encoding import MISSING_INT
+from lowrank_ctr.data.schema import FIRST_VALUE_ID, OOV_ID
+from lowrank_ctr.data.synthetic import SyntheticCriteo
+from lowrank_ctr.export import export
+from lowrank_ctr.predict import INPUTS, load_served_model, predict_file
+from lowrank_ctr.train import run
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A small DeepFM (AFM-compressed) trained on Criteo-format files, its exports, and a raw test file."""
+    tmp = tmp_path_factory.mktemp("predict")
+    lines = SyntheticCriteo(rows=4200, seed=0, max_vocab=200).write_criteo_tsv(tmp / "all.tsv").read_text()
+    lines = lines.splitlines(keepends=True)
+    files = {}
+    for split, (a, b) in {"train": (0, 3000), "valid": (3000, 3500), "test": (3500, 4200)}.items():
+        files[split] = tmp / f"{split}.tsv"
+        files[split].write_text("".join(lines[a:b]))
+    overrides = ["data=criteo", f"data.train_path={files['train']}", f"data.valid_path={files['valid']}",
+                 f"data.test_path={files['test']}", "data.batch_size=256", "model.embedding_dim=4",
+                 "model.mlp=[16,16]", "trainer.max_epochs=1", "progress_bar=false", "logger=none", "bench=false",
+                 "compression=afm", "compression.calibration_batches=2"]
+    results = run(compose_cfg("train", overrides, tmp / "run", tmp / "cache"))
+    onnx_dir, ts_dir = tmp / "onnx", tmp / "ts"
+    export(results["compress/checkpoint"], "onnx", onnx_dir)
+    export(results["compress/checkpoint"], "torchscript", ts_dir)
+    return {"tmp": tmp, "results": results, "test": files["test"], "onnx": onnx_dir, "ts": ts_dir,
+            "data_dir": tmp / "cache"}
+
+
+def _expected(served, model_path):
+    """The model's probabilities on the prepared test split, in file order (row_id)."""
+    import pyarrow.parquet as pq
+
+    model = load_served_model(model_path)
+    data_dirs = [p for p in served["data_dir"].iterdir() if (p / "test").is_dir()]
+    table = pq.read_table(data_dirs[0] / "test").sort_by("row_id")
+    arrays = batch_arrays(model.schema, table)
+    return model.scorer({k: arrays[k] for k in INPUTS}), arrays["label"]
+
+
+@pytest.mark.parametrize("which", ["onnx", "ts", "checkpoint", "run_dir"])
+def test_raw_rows_reproduce_prepared_predictions(served, which, tmp_path):
+    model = {"onnx": served["onnx"], "ts": served["ts"], "checkpoint": served["results"]["compress/checkpoint"],
+             "run_dir": served["results"]["run_dir"]}[which]
+    summary = predict_file(load_served_model(model), served["test"], tmp_path / "p.csv", batch_size=97)
+    out = pd.read_csv(tmp_path / "p.csv")
+    expected, labels = _expected(served, served["results"]["compress/checkpoint"])
+    n_input = len(served["test"].read_text().splitlines())
+    assert summary["rows"] == len(out) == n_input == len(expected)
+    np.testing.assert_allclose(out["probability"].to_numpy(), expected, atol=2e-6)  # same rows, same order
+    np.testing.assert_array_equal(out["label"].to_numpy(), labels)
+    assert summary["auc"] == pytest.approx(served["results"]["test/auc"], abs=1e-4)
+
+
+def test_unlabeled_rows_unseen_categories_and_missing_values(served, tmp_path):
+    lines = served["test"].read_text().splitlines()[:50]
+    fields = [line.split("\t")[1:] for line in lines]  # no label column, as in Kaggle's test.txt
+    for row in fields[:10]:
+        row[0] = ""  # I1 missing
+        row[13] = "never-seen-category"  # C1 unseen
+    raw = served["tmp"] / "unlabeled.tsv"
+    raw.write_text("".join("\t".join(r) + "\n" for r in fields))
+    model = load_served_model(served["onnx"])
+    predict_file(model, raw, tmp_path / "p.csv")
+    out = pd.read_csv(tmp_path / "p.csv")
+    assert list(out.columns) == ["probability"] and len(out) == 50
+    # the same rows encoded by hand: C1 -> OOV id, I1 -> numeric default 0
+    labeled = served["tmp"] / "labeled.tsv"
+    labeled.write_text("".join(line + "\n" for line in lines))
+    predict_file(model, labeled, tmp_path / "q.csv")
+    original = pd.read_csv(tmp_path / "q.csv")["probability"].to_numpy()
+    np.testing.assert_allclose(out["probability"].to_numpy()[10:], original[10:], atol=1e-6)
+    chunk = next(readers.criteo_reader(labeled, readers.BadRows())[1])
+    from lowrank_ctr.data.encoding import Layout, encode_table, load_vocabularies
+    from lowrank_ctr.predict import raw_columns
+
+    layout = Layout(raw_columns(model.schema), {"numeric_mode": "bucketize"})
+    vocabs = load_vocabularies(served["onnx"] / "vocab", layout.categorical)
+    arrays = batch_arrays(model.schema, encode_table(chunk, layout, vocabs, {}))
+    names = [f.name for f in model.schema.categorical]
+    c1, i1 = names.index("C1"), names.index("I1")  # criteo's default numeric_mode=bucketize: I1 is categorical
+    assert (arrays["cat"][:10, c1] != OOV_ID).any()  # the change matters
+    arrays["cat"][:10, c1] = OOV_ID
+    i1_vocab = vocabs["I1"].to_pylist()
+    arrays["cat"][:10, i1] = i1_vocab.index(MISSING_INT) + FIRST_VALUE_ID  # "missing" is a bucket seen in training
+    np.testing.assert_allclose(out["probability"].to_numpy()[:10], model.scorer(arrays)[:10], atol=1e-6)
+
+
+def test_bad_rows_stop_with_the_line_or_read_as_missing(served, tmp_path):
+    lines = served["test"].read_text().splitlines()[:20]
+    cells = lines[6].split("\t")
+    cells[2] = "not-a-number"  # I2 of line 7
+    bad_value = lines[:6] + ["\t".join(cells)] + lines[7:]
+    f = tmp_path / "bad_value.tsv"
+    f.write_text("\n".join(bad_value) + "\n")
+    model = load_served_model(served["onnx"])
+    with pytest.raises(DataError, match=r"bad_value\.tsv:7: column 'I2' is numeric.*on_bad_rows=missing"):
+        predict_file(model, f, tmp_path / "p.csv")
+    assert not (tmp_path / "p.csv").exists() and not list(tmp_path.glob(".p.csv.tmp-*"))
+    summary = predict_file(model, f, tmp_path / "p.csv", on_bad_rows="missing")
+    assert summary["rows"] == 20 and summary["values_read_as_missing_rows"] == 1
+    cells[2] = ""
+    f2 = tmp_path / "blank.tsv"
+    f2.write_text("\n".join(lines[:6] + ["\t".join(cells)] + lines[7:]) + "\n")
+    predict_file(model, f2, tmp_path / "q.csv")
+    np.testing.assert_array_equal(pd.read_csv(tmp_path / "p.csv").to_numpy(), pd.read_csv(tmp_path / "q.csv").to_numpy())
+    # a row that cannot be split into columns is never guessed at, whatever the policy
+    short = tmp_path / "short.tsv"
+    short.write_text("\n".join(lines[:4] + ["1\t2\t3"] + lines[4:]) + "\n")
+    for policy in ("error", "missing"):
+        with pytest.raises(DataError, match=r"short\.tsv:5: expected 40 columns, got 3"):
+            predict_file(model, short, tmp_path / "r.csv", on_bad_rows=policy)
+    with pytest.raises(UserError, match="one probability per input row"):
+        predict_file(model, f, tmp_path / "r.csv", on_bad_rows="skip")
+
+
+def test_rejected_rows_keep_exact_line_numbers_across_blocks(tmp_path):
+    good = "\t".join(["1"] + ["3"] * 13 + ["ab"] * 26)
+    lines = []
+    for i in range(1, 3001):
+        if i in (97, 1200, 2480):
+            lines.append("0\t1\t2")  # wrong column count: rejected by the parser, possibly ahead of its batch
+        elif i == 2500:
+            lines.append("\t".join(["1", "x"] + ["3"] * 12 + ["ab"] * 26))  # bad value: found after parsing
+        else:
+            lines.append(good)
+    f = tmp_path / "c.txt"
+    f.write_text("\n".join(lines) + "\n")
+    bad = readers.BadRows("skip")
+    rows = sum(t.num_rows for t in readers.criteo_reader(f, bad, block_size=1 << 14)[1])
+    assert rows == 3000 - 3 - 1 and bad.skipped == 4
+    assert any(e.startswith(f"{f}:2500: column 'I1'") for e in bad.examples), bad.examples
+    assert f"{f}:97: expected 40 columns, got 3" in bad.examples
+
+
+def test_predict_cli(served, tmp_path):
+    out = tmp_path / "p.csv"
+    r = run_cli(["lowrank-ctr-predict", f"model={served['onnx']}", f"input={served['test']}", f"output={out}",
+                 f"hydra.run.dir={tmp_path / 'log'}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"wrote {len(served['test'].read_text().splitlines())} probabilities" in r.stdout and "AUC" in r.stdout
+    probs = pd.read_csv(out)["probability"].to_numpy()
+    assert ((probs > 0) & (probs < 1)).all()
+    r = run_cli(["lowrank-ctr-predict", f"model={tmp_path / 'nope'}", f"input={served['test']}", f"output={out}",
+                 f"hydra.run.dir={tmp_path / 'log'}"])
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    r = run_cli(["lowrank-ctr-predict", f"model={served['onnx']}", f"output={out}", f"hydra.run.dir={tmp_path / 'log'}"])
+    assert r.returncode == 2 and "input is required" in r.stderr
+    assert json.loads((served["onnx"] / "data_config.json").read_text())["format"] == "criteo"
