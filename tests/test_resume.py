@@ -48,3 +48,64 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, sig):
 def test_resume_without_a_checkpoint_is_one_clear_error(tmp_path):
     r = run_cli(["lowrank-ctr-train", *TINY, "ckpt_path=last", f"hydra.run.dir={tmp_path / 'nothing'}"])
     assert r.returncode == 2 and "ckpt_path=last but" in r.stderr
+
+
+FT_ARGS = [*TINY, "data.rows=20000", "data.batch_size=128", "trainer.max_epochs=2", "early_stopping_patience=null",
+           "model.mlp=[32,32]", "bench=false", "seed=5", "compression=afm", "compression.finetune_epochs=3",
+           "compression.calibration_batches=4", "compression.finetune_lr=0.003"]
+
+
+def _same_outcome(a: dict, b: dict) -> None:
+    for key in ("base/test/auc", "compress/test/auc_before_finetune", "compress/val/auc", "test/auc",
+                "test/logloss", "compress/ratio"):
+        assert b[key] == pytest.approx(a[key], abs=1e-6), key
+    assert b["compress/finetune_kept"] == a["compress/finetune_kept"]
+    assert b["compress/ranks"] == a["compress/ranks"]
+
+
+def test_resume_after_finished_stages_reuses_them(tmp_path):
+    """A run whose stages all finished but which died before results.json: nothing is trained or calibrated again."""
+    cache = f"paths.data_dir={tmp_path / 'cache'}"
+    run = tmp_path / "run"
+    full = run_cli(["lowrank-ctr-train", *FT_ARGS, cache, f"hydra.run.dir={run}"])
+    assert full.returncode == 0, full.stderr[-3000:]
+    a = read_results(run)
+    (run / "results.json").unlink()
+    best = run / "checkpoints" / "best.ckpt"
+    stamp = best.stat().st_mtime_ns
+    resumed = run_cli(["lowrank-ctr-train", *FT_ARGS, cache, "ckpt_path=last", f"hydra.run.dir={run}"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = (run / "train.log").read_text()
+    assert "resuming after the finished base stage" in log and "calibration is not repeated" in log
+    assert best.stat().st_mtime_ns == stamp  # the base model was not trained again
+    _same_outcome(a, read_results(run))
+    other = run_cli(["lowrank-ctr-train", *FT_ARGS, cache, "ckpt_path=last", "compression.mlp_rank=2",
+                     f"hydra.run.dir={run}"])
+    assert other.returncode == 2 and "holds a run of another configuration" in other.stderr
+
+
+@pytest.mark.slow
+def test_run_killed_during_finetune_resumes_to_the_same_metrics(tmp_path):
+    cache = f"paths.data_dir={tmp_path / 'cache'}"
+    full = run_cli(["lowrank-ctr-train", *FT_ARGS, cache, f"hydra.run.dir={tmp_path / 'full'}"])
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    run = tmp_path / "killed"
+    exe = str(Path(sys.executable).parent / "lowrank-ctr-train")
+    proc = subprocess.Popen([exe, *FT_ARGS, cache, f"hydra.run.dir={run}"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "WANDB_MODE": "offline"})
+    last = run / "checkpoints" / "compressed-last.ckpt"  # the fine-tune has finished an epoch
+    deadline = time.time() + 300
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # part-way into the next fine-tune epoch
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    if (run / "results.json").exists():
+        pytest.skip("the run finished before it could be killed (machine too fast for this timing)")
+    assert last.exists()
+
+    resumed = run_cli(["lowrank-ctr-train", *FT_ARGS, cache, "ckpt_path=last", f"hydra.run.dir={run}"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "calibration is not repeated" in (run / "train.log").read_text()
+    _same_outcome(read_results(tmp_path / "full"), read_results(run))

@@ -25,10 +25,10 @@ RESULTS_FILE = "results.json"
 _VOLATILE = ("run_dir", "progress_bar")
 
 
-def config_hash(cfg: DictConfig) -> str:
-    """Hash of the resolved job config (without settings that do not change results)."""
+def config_hash(cfg: DictConfig, ignore: tuple[str, ...] = ()) -> str:
+    """Hash of the resolved job config (without settings that do not change results, nor ``ignore``)."""
     d = OmegaConf.to_container(cfg, resolve=True)
-    for key in _VOLATILE:
+    for key in _VOLATILE + tuple(ignore):
         d.pop(key, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -13,12 +13,13 @@ from typing import Any
 
 import hydra
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_only
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lowrank_ctr import bench
+from lowrank_ctr import bench, stages
 from lowrank_ctr.bench import DEFAULT_BATCH_SIZES
 from lowrank_ctr.config import CONF_DIR, UserError
 from lowrank_ctr.jobs import config_hash, objective, run_job, write_results
@@ -27,8 +28,11 @@ from lowrank_ctr.lightning.callbacks import TrainThroughput
 from lowrank_ctr.lightning.compression_callback import CompressionCallback, evaluate
 from lowrank_ctr.lightning.module import CTRModule, load_checkpoint
 from lowrank_ctr.data.schema import Schema
+from lowrank_ctr.stages import read_stage, write_stage
 
 log = logging.getLogger(__name__)
+FINETUNE_LAST = "compressed-last"  # the fine-tune's last-epoch checkpoint, resumed by ckpt_path=last
+PRE_FINETUNE_WEIGHTS = "compressed-init.pt"  # compressed weights before fine-tuning (state dict, weights only)
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -166,13 +170,49 @@ def train_base(cfg: DictConfig, dm: CTRDataModule, run_dir: Path, loggers: list)
         "train/epochs": int(trainer.current_epoch),
         "train/rows": int(dm.datasets["train"].rows),
         "checkpoint": best,
-        "_global_zero": trainer.is_global_zero,
     }
 
 
+def restore_base(cfg: DictConfig, dm: CTRDataModule, base: dict[str, Any]) -> CTRModule:
+    """The module a finished base stage ended with: its best checkpoint's weights (what it was tested with)."""
+    module = make_module(cfg, dm.schema)
+    module.load_state_dict(load_checkpoint(base["checkpoint"])["state_dict"])
+    log.info("resuming after the finished base stage (best checkpoint %s)", base["checkpoint"])
+    return module
+
+
+def restore_compression(run_dir: Path, cfg: DictConfig, module: CTRModule, callback: CompressionCallback) -> bool:
+    """Rebuild the compressed model of an interrupted run's finished compression stage; False if there is none."""
+    record = read_stage(run_dir, stages.COMPRESSED, cfg)
+    if record is None:
+        return False
+    from lowrank_ctr.compression.spec import apply_spec
+
+    apply_spec(module.model, record["spec"])
+    module.set_compression_spec(record["spec"])
+    state = torch.load(run_dir / "checkpoints" / PRE_FINETUNE_WEIGHTS, map_location="cpu", weights_only=True)
+    module.model.load_state_dict(state)
+    callback.restore(record, state)
+    log.info("resuming after the finished compression stage: calibration is not repeated")
+    return True
+
+
+def save_compression_stage(run_dir: Path, cfg: DictConfig, callback: CompressionCallback) -> None:
+    """Called once the model is compressed and evaluated, before fine-tuning (rank zero writes)."""
+    if rank_zero_only.rank != 0:
+        return
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    torch.save(callback.pre_finetune_state, run_dir / "checkpoints" / PRE_FINETUNE_WEIGHTS)
+    write_stage(run_dir, stages.COMPRESSED, cfg, callback.record())
+
+
 def compress_and_finetune(cfg: DictConfig, dm: CTRDataModule, module: CTRModule, run_dir: Path, loggers: list,
-                          base: dict[str, Any]) -> dict[str, Any]:
-    """Compress the trained ``module`` (CompressionCallback), fine-tune, test; benchmark base vs compressed."""
+                          base: dict[str, Any], resuming: bool = False) -> dict[str, Any]:
+    """Compress the trained ``module`` (CompressionCallback), fine-tune, test; benchmark base vs compressed.
+
+    ``resuming``: an interrupted run's finished compression is reused and its fine-tune continues from
+    ``checkpoints/compressed-last.ckpt``.
+    """
     comp = cfg.compression
     out: dict[str, Any] = {f"base/{k}": base[k] for k in ("test/auc", "test/logloss", "params", "bytes")}
     base_model = copy.deepcopy(module.model).eval()
@@ -183,14 +223,19 @@ def compress_and_finetune(cfg: DictConfig, dm: CTRDataModule, module: CTRModule,
             raise UserError(f"compression.finetune_epochs must be >= 0, got {epochs}")
         module.optimizer_factory = instantiate(cfg.optimizer, lr=float(comp.finetune_lr))
         callback = CompressionCallback.from_config(comp)
+        restored = resuming and restore_compression(run_dir, cfg, module, callback)
+        callback.on_compressed = lambda cb: save_compression_stage(run_dir, cfg, cb)
         checkpoint = pl.callbacks.ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="compressed-best",
-                                                  monitor="val/auc", mode="max", save_top_k=1)
+                                                  monitor="val/auc", mode="max", save_top_k=1, save_last=True)
+        checkpoint.CHECKPOINT_NAME_LAST = FINETUNE_LAST
         trainer = make_trainer(cfg, run_dir, [callback, checkpoint], loggers, max_epochs=max(epochs, 1),
                                min_epochs=None)
         t0 = time.perf_counter()
         kept = False
         if epochs > 0:
-            trainer.fit(module, datamodule=dm)
+            last = run_dir / "checkpoints" / f"{FINETUNE_LAST}.ckpt"
+            trainer.fit(module, datamodule=dm, ckpt_path=str(last) if restored and last.exists() else None,
+                        weights_only=True)
             best = checkpoint.best_model_path or None
             score = checkpoint.best_model_score
             kept = score is not None and float(score) > callback.before_val["auc"]
@@ -203,7 +248,7 @@ def compress_and_finetune(cfg: DictConfig, dm: CTRDataModule, module: CTRModule,
             callback.evaluate(module, dm)
             out["compress/val/auc"] = callback.before_val["auc"]
             best = None
-        out["compress/finetune_seconds"] = time.perf_counter() - t0 - callback.seconds
+        out["compress/finetune_seconds"] = max(time.perf_counter() - t0 - callback.seconds, 0.0)
         out["compress/finetune_epochs"] = epochs
         out["compress/finetune_kept"] = kept
         test = trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False, weights_only=True)[0]
@@ -253,11 +298,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         torch.set_num_threads(int(cfg.threads))
     dm = make_datamodule(cfg)
     loggers = build_loggers(cfg, run_dir)
-    module, base = train_base(cfg, dm, run_dir, loggers)
-    global_zero = base.pop("_global_zero")
+    resuming = bool(cfg.get("ckpt_path"))
+    base = read_stage(run_dir, stages.BASE, cfg) if resuming else None
+    if base is not None:  # killed after base training: do not train or test it again
+        resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)  # same checks as a resume of the base stage
+        module = restore_base(cfg, dm, base)
+    else:
+        module, base = train_base(cfg, dm, run_dir, loggers)
+        if rank_zero_only.rank == 0:
+            write_stage(run_dir, stages.BASE, cfg, base)
+    global_zero = rank_zero_only.rank == 0
     results: dict[str, Any] = {"status": "ok", "data": str(cfg.data.name), "model": str(cfg.model.name),
                                "seed": int(cfg.seed), **base}
-    results.update(compress_and_finetune(cfg, dm, module, run_dir, loggers, base))
+    results.update(compress_and_finetune(cfg, dm, module, run_dir, loggers, base, resuming))
     results["run_dir"] = str(run_dir)
     results["config_hash"] = config_hash(cfg)
     results["config"] = OmegaConf.to_container(cfg, resolve=True)

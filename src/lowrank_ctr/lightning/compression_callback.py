@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -72,6 +72,22 @@ class CompressionCallback(pl.Callback):
         self.before_val: dict[str, float] | None = None
         self.pre_finetune_state: dict[str, torch.Tensor] | None = None
         self.seconds = 0.0
+        self.restored: dict[str, Any] | None = None  # results of a compression done before a resume
+        self.on_compressed: Callable[["CompressionCallback"], None] | None = None  # after evaluation, once
+
+    def record(self) -> dict[str, Any]:
+        """What a resumed run needs to skip calibration (the weights themselves are ``pre_finetune_state``)."""
+        return {"results": self.results(), "spec": self.spec, "before": self.before, "before_val": self.before_val}
+
+    def restore(self, record: Mapping[str, Any], pre_finetune_state: dict[str, torch.Tensor]) -> None:
+        """Take the compression of an earlier, interrupted run: ``apply`` and ``evaluate`` then do nothing."""
+        self.restored = dict(record["results"])
+        self.before, self.before_val = record["before"], record["before_val"]
+        self.pre_finetune_state = pre_finetune_state
+
+    @property
+    def spec(self) -> dict[str, Any] | None:
+        return self.report.spec if self.report is not None else None
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "CompressionCallback":
@@ -82,7 +98,7 @@ class CompressionCallback(pl.Callback):
     # The work --------------------------------------------------------------------------------------------
     def apply(self, pl_module: pl.LightningModule, datamodule: Any, device: torch.device | None = None) -> None:
         """Calibrate on training batches and compress ``pl_module.model`` in place (once)."""
-        if self.report is not None:
+        if self.report is not None or self.restored is not None:
             return
         t0 = time.perf_counter()
         if device is not None:
@@ -112,14 +128,18 @@ class CompressionCallback(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.evaluate_before_finetune and self.before is None:
             self.evaluate(pl_module, trainer.datamodule)
+            if self.on_compressed is not None:
+                self.on_compressed(self)
         for lg in trainer.loggers:
-            lg.log_metrics({"compress/ratio": self.report.ratio,
+            lg.log_metrics({"compress/ratio": self.results()["compress/ratio"],
                             "compress/test/auc_before_finetune": self.before["auc"] if self.before else float("nan")},
                            step=trainer.global_step)
 
     # Results ---------------------------------------------------------------------------------------------
     def results(self) -> dict[str, Any]:
         """The flat ``compress/...`` keys of results.json."""
+        if self.restored is not None:
+            return dict(self.restored)
         r = self.report
         if r is None:
             return {}
