@@ -1,0 +1,154 @@
+"""Serving latency: onnxruntime vs. PyTorch (eager and TorchScript), base vs. compressed, at batch 1 / 256 / 4096.
+
+    python benchmarks/bench_serving.py [--base CKPT --compressed CKPT] [--threads 1] [--out benchmarks/results/serving.json]
+
+Without checkpoints it trains the default job's model (DeepFM on the synthetic default data, one epoch) and
+compresses it with the default AFM settings (embedding rank 2 of 16, MLP rank 16%), no fine-tuning: latency does
+not depend on how well the weights are trained, only on the shapes. Every model is exported to ONNX and TorchScript
+with ``lowrank-ctr-export``'s code and timed on the same real test rows, one configuration after another in one
+process with a fixed thread count: per-call latency p50 / p99 and throughput (rows / mean latency). Ratios in the
+table (compressed vs. base, onnxruntime vs. PyTorch) are measured in the same run. Run it on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from lowrank_ctr.bench import DEFAULT_BATCH_SIZES, make_batches
+from lowrank_ctr.config import project_root
+from lowrank_ctr.export import INPUTS, TensorInputs, export
+from lowrank_ctr.lightning.module import load_model
+
+
+def train_default_pair(work: Path) -> tuple[str, str]:
+    """A base and an AFM-compressed checkpoint of the default job (1 epoch, no fine-tune)."""
+    from hydra import compose, initialize_config_dir
+
+    from lowrank_ctr.config import CONF_DIR
+    from lowrank_ctr.train import run
+
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["trainer.max_epochs=1", "compression=afm", "compression.finetune_epochs=0",
+                                          "bench=false", "logger=none", "progress_bar=false", f"+run_dir={work}"])
+    results = run(cfg)
+    return results["checkpoint"], results["compress/checkpoint"]
+
+
+def time_calls(call: Callable[[], object], min_calls: int, min_seconds: float, max_seconds: float) -> np.ndarray:
+    """Seconds per call, after warm-up: at least ``min_calls`` and ``min_seconds``, at most ``max_seconds``."""
+    for _ in range(5):
+        call()
+    times = []
+    start = time.perf_counter()
+    while True:
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+        elapsed = time.perf_counter() - start
+        if (len(times) >= min_calls and elapsed >= min_seconds) or elapsed >= max_seconds:
+            return np.asarray(times)
+
+
+def backends(ckpt: str, export_dir: Path, threads: int) -> dict[str, Callable[[dict[str, np.ndarray]], object]]:
+    """Callables scoring a batch of numpy arrays: PyTorch eager, TorchScript, onnxruntime (same weights)."""
+    import onnxruntime as ort
+
+    model, _ = load_model(ckpt)
+    eager = TensorInputs(model).eval()
+    export(ckpt, "onnx", export_dir / "onnx")
+    export(ckpt, "torchscript", export_dir / "ts")
+    scripted = torch.jit.load(str(export_dir / "ts" / "model.pt")).eval()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(export_dir / "onnx" / "model.onnx"), options,
+                                   providers=["CPUExecutionProvider"])
+    declared = [i.name for i in session.get_inputs()]
+
+    def torch_call(module: torch.nn.Module) -> Callable[[dict[str, np.ndarray]], object]:
+        def call(arrays: dict[str, np.ndarray]) -> object:
+            with torch.inference_mode():
+                return module(*(torch.from_numpy(arrays[k]) for k in INPUTS))
+        return call
+
+    return {"pytorch": torch_call(eager), "torchscript": torch_call(scripted),
+            "onnxruntime": lambda arrays: session.run(None, {k: arrays[k] for k in declared})}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", help="base checkpoint (default: train the default job's model)")
+    ap.add_argument("--compressed", help="compressed checkpoint of the same model")
+    ap.add_argument("--threads", type=int, default=1, help="intra-op threads for every backend (default 1)")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=list(DEFAULT_BATCH_SIZES))
+    ap.add_argument("--min-seconds", type=float, default=1.0, help="least timing per configuration")
+    ap.add_argument("--out", default=str(project_root() / "benchmarks" / "results" / "serving.json"))
+    args = ap.parse_args()
+    if bool(args.base) != bool(args.compressed):
+        ap.error("give both --base and --compressed, or neither (then the default job's model is trained)")
+    torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        base, compressed = (args.base, args.compressed) if args.base else train_default_pair(work / "run")
+        _, hp = load_model(base)
+        from lowrank_ctr.data.datamodule import CTRDataModule
+
+        dm = CTRDataModule(hp["data_config"], seed=0, progress=False)
+        dm.prepare_data()
+        dm.setup("test")
+        batches = {s: {k: v.numpy() for k, v in b.items()}
+                   for s, b in make_batches(dm.datasets["test"], args.batch_sizes).items()}
+        rows = []
+        models = {"base": base, "compressed": compressed}
+        calls = {name: backends(ckpt, work / name, args.threads) for name, ckpt in models.items()}
+        for size in args.batch_sizes:
+            for name in models:
+                for backend, call in calls[name].items():
+                    t = time_calls(lambda: call(batches[size]), min_calls=200, min_seconds=args.min_seconds,
+                                   max_seconds=max(args.min_seconds * 4, 4.0))
+                    rows.append({"model": name, "backend": backend, "batch": size, "calls": len(t),
+                                 "p50_ms": float(np.percentile(t, 50) * 1e3), "p99_ms": float(np.percentile(t, 99) * 1e3),
+                                 "rows_per_s": float(size / t.mean())})
+                    print(f"{name:<10} {backend:<11} batch {size:>5}: p50 {rows[-1]['p50_ms']:8.3f} ms  "
+                          f"p99 {rows[-1]['p99_ms']:8.3f} ms  {rows[-1]['rows_per_s']:>12,.0f} rows/s", flush=True)
+        params = {name: sum(p.numel() for p in load_model(ckpt)[0].parameters()) for name, ckpt in models.items()}
+
+    def p50(model: str, backend: str, size: int) -> float:
+        return next(r["p50_ms"] for r in rows if (r["model"], r["backend"], r["batch"]) == (model, backend, size))
+
+    ratios = {f"{size}": {"compressed_speedup_onnxruntime": p50("base", "onnxruntime", size)
+                          / p50("compressed", "onnxruntime", size),
+                          "compressed_speedup_pytorch": p50("base", "pytorch", size) / p50("compressed", "pytorch", size),
+                          "onnxruntime_speedup_base": p50("base", "pytorch", size) / p50("base", "onnxruntime", size),
+                          "onnxruntime_speedup_compressed": p50("compressed", "pytorch", size)
+                          / p50("compressed", "onnxruntime", size)}
+              for size in args.batch_sizes}
+    report = {"threads": args.threads, "machine": f"{platform.processor() or platform.machine()}, "
+                                                  f"{torch.get_num_threads()} torch threads",
+              "torch": torch.__version__, "params": params, "size_ratio": params["base"] / params["compressed"],
+              "rows": rows, "ratios_p50": ratios}
+    import onnxruntime
+
+    report["onnxruntime"] = onnxruntime.__version__
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(f"\nparams: base {params['base']:,}  compressed {params['compressed']:,}  ({report['size_ratio']:.2f}x)")
+    for size, r in ratios.items():
+        print(f"batch {size:>5}: compressed/base speedup p50 onnxruntime {r['compressed_speedup_onnxruntime']:.2f}x "
+              f"pytorch {r['compressed_speedup_pytorch']:.2f}x; onnxruntime/pytorch base "
+              f"{r['onnxruntime_speedup_base']:.2f}x compressed {r['onnxruntime_speedup_compressed']:.2f}x")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
