@@ -96,7 +96,7 @@ def test_impossible_sizes_give_one_clear_line(tmp_path):
     r = run_cli(["lowrank-ctr-train", *TINY, "model.embedding_dim=0", f"paths.data_dir={tmp_path / 'c'}",
                  f"hydra.run.dir={tmp_path / 'run'}"])
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1] == "error: model 'deepfm': embedding_dim must be >= 1, got 0"
+    assert r.stderr.strip().splitlines()[-1] == "error: config: model.embedding_dim=0 must be an integer >= 1"
 
 
 def test_checkpoint_from_another_schema_is_refused(tmp_path, data_dir):
@@ -128,7 +128,7 @@ def test_failed_sweep_job_is_recorded_and_rerun_skips_finished_jobs(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     ok, failed = read_results(sweep / "0"), read_results(sweep / "1")
     assert ok["status"] == "ok" and failed["status"] == "failed"
-    assert "embedding_dim must be >= 1" in failed["error"]
+    assert "model.embedding_dim=0 must be an integer >= 1" in failed["error"]
     mtime = (sweep / "0" / "results.json").stat().st_mtime_ns
     again = run_cli(args)
     assert again.returncode == 0

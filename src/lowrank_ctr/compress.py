@@ -16,6 +16,7 @@ from lowrank_ctr.lightning.module import load_checkpoint
 from lowrank_ctr.data.schema import Schema
 from lowrank_ctr.train import (build_loggers, compress_and_finetune, log_summary, make_datamodule, make_module,
                                model_size_of, print_summary, run_dir_of)
+from lowrank_ctr.validate import validate
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 raise UserError("the checkpoint does not record its data config: pass data=NAME explicitly")
             cfg.data = hp["data_config"]
         cfg.model = {"name": hp["model_name"], **dict(hp.get("model_kwargs") or {})}
+    validate(cfg)
     run_dir = run_dir_of(cfg)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     if cfg.get("threads"):

@@ -29,6 +29,7 @@ from lowrank_ctr.lightning.compression_callback import CompressionCallback, eval
 from lowrank_ctr.lightning.module import CTRModule, load_checkpoint
 from lowrank_ctr.data.schema import Schema
 from lowrank_ctr.stages import read_stage, write_stage
+from lowrank_ctr.validate import validate
 
 log = logging.getLogger(__name__)
 FINETUNE_LAST = "compressed-last"  # the fine-tune's last-epoch checkpoint, resumed by ckpt_path=last
@@ -292,6 +293,7 @@ def finetune_control(cfg: DictConfig, dm: CTRDataModule, base_model: torch.nn.Mo
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Everything ``lowrank-ctr-train`` does; returns the results dict (also written to results.json)."""
+    validate(cfg)
     run_dir = run_dir_of(cfg)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     if cfg.get("threads"):

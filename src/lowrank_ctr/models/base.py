@@ -15,6 +15,11 @@ from lowrank_ctr.data.schema import Schema
 from lowrank_ctr.models.layers import ACTIVATIONS, MLP, NUMERIC_MODES, FeatureEmbedding
 
 
+class ModelArgumentError(TypeError, ValueError):
+    """A model argument of the wrong type or name: a TypeError as Python would raise, and a ValueError so the command
+    line reports it as the user's mistake (one line, exit 2) rather than a traceback."""
+
+
 class CTRModel(nn.Module):
     """Base class: ``forward(batch) -> logits (B,)``; ``model_name`` is set by ``register_model``."""
 
@@ -26,14 +31,14 @@ class CTRModel(nn.Module):
 
     def _int(self, arg: str, value: Any, minimum: int = 1) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
-            self._fail(arg, "must be an int", value, TypeError)
+            self._fail(arg, "must be an int", value, ModelArgumentError)
         if value < minimum:
             self._fail(arg, f"must be >= {minimum}", value)
         return int(value)
 
     def _float(self, arg: str, value: Any, low: float, high: float, high_inclusive: bool = False) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            self._fail(arg, "must be a number", value, TypeError)
+            self._fail(arg, "must be a number", value, ModelArgumentError)
         ok = low <= value <= high if high_inclusive else low <= value < high
         if not ok:
             self._fail(arg, f"must be in [{low}, {high}{']' if high_inclusive else ')'}", value)
@@ -41,13 +46,13 @@ class CTRModel(nn.Module):
 
     def _bool(self, arg: str, value: Any) -> bool:
         if not isinstance(value, bool):
-            self._fail(arg, "must be true or false", value, TypeError)
+            self._fail(arg, "must be true or false", value, ModelArgumentError)
         return value
 
     def _sizes(self, arg: str, value: Any, allow_empty: bool = True) -> list[int]:
         """A list of layer widths (accepts tuples and OmegaConf ListConfig)."""
         if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-            self._fail(arg, "must be a list of positive ints", value, TypeError)
+            self._fail(arg, "must be a list of positive ints", value, ModelArgumentError)
         sizes = list(value)
         if not allow_empty and not sizes:
             self._fail(arg, "must not be empty", sizes)

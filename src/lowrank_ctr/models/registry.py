@@ -8,6 +8,7 @@ from typing import Any, Callable, TypeVar
 from torch import nn
 
 from lowrank_ctr.data.schema import Schema
+from lowrank_ctr.models.base import ModelArgumentError
 
 MODELS: dict[str, type[nn.Module]] = {}
 
@@ -50,7 +51,7 @@ def build_model(name: str, schema: Schema, **kwargs: Any) -> nn.Module:
     accepted = model_arguments(name)
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
-        raise TypeError(f"model {name!r} got unknown argument(s) {unknown}; it accepts {sorted(accepted)}")
+        raise ModelArgumentError(f"model {name!r} got unknown argument(s) {unknown}; it accepts {sorted(accepted)}")
     try:
         return cls(schema, **kwargs)
     except ValueError as e:

@@ -1,0 +1,195 @@
+"""Config validation before any work starts: wrong types, impossible values and contradictory settings.
+
+Hydra already refuses unknown keys (``Key 'foo' is not in struct``) and unknown config-group options. What it cannot
+see is a value of the wrong type or range, or two settings that contradict each other; without this check such a
+mistake surfaces as a traceback deep inside Lightning or, worse, after hours of base training (a bad fine-tune
+setting is only read once the base model is trained). ``validate`` runs first in ``lowrank-ctr-train`` and
+``lowrank-ctr-compress`` and reports every problem at once, each naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from lowrank_ctr.config import UserError
+
+Check = Callable[[Any], str | None]  # None if the value is fine, else what it must be
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def integer(minimum: int | None = None, optional: bool = False) -> Check:
+    def check(v: Any) -> str | None:
+        if v is None and optional:
+            return None
+        if not _is_int(v) or (minimum is not None and v < minimum):
+            what = "an integer" + (f" >= {minimum}" if minimum is not None else "")
+            return what + (" or null" if optional else "")
+        return None
+    return check
+
+
+def number(low: float | None = None, high: float | None = None, low_open: bool = False, optional: bool = False
+           ) -> Check:
+    def check(v: Any) -> str | None:
+        if v is None and optional:
+            return None
+        bad = not _is_number(v) or (low is not None and (v <= low if low_open else v < low)) or \
+            (high is not None and v > high)
+        if bad:
+            parts = [f"{'>' if low_open else '>='} {low}"] if low is not None else []
+            parts += [f"<= {high}"] if high is not None else []
+            return "a number" + (" " + " and ".join(parts) if parts else "") + (" or null" if optional else "")
+        return None
+    return check
+
+
+def boolean(v: Any) -> str | None:
+    return None if isinstance(v, bool) else "true or false"
+
+
+def rank(v: Any) -> str | None:
+    if v is None or (_is_int(v) and v >= 1) or (isinstance(v, float) and (0 < v <= 1 or v.is_integer() and v > 1)):
+        return None
+    return "an integer rank >= 1, a float in (0, 1] (a share of the full rank), or null"
+
+
+RULES: dict[str, Check] = {
+    "seed": integer(),
+    "threads": integer(1, optional=True),
+    "progress_bar": boolean,
+    "bench": boolean,
+    "embedding_l2": number(0.0),
+    "early_stopping_patience": integer(0, optional=True),
+    "optimizer.lr": number(0.0, low_open=True),
+    "trainer.max_epochs": integer(-1),
+    "trainer.min_epochs": integer(0, optional=True),
+    "data.batch_size": integer(1),
+    "data.eval_batch_size": integer(1, optional=True),
+    "data.num_workers": integer(0),
+    "data.shuffle_buffer": integer(0),
+    "data.min_count": integer(1),
+    "data.rows": integer(1),
+    "model.embedding_dim": integer(1),
+    "compression.embedding_rank": rank,
+    "compression.mlp_rank": rank,
+    "compression.other_rank": rank,
+    "compression.energy": number(0.0, 1.0, low_open=True, optional=True),
+    "compression.target_ratio": number(1.0, low_open=True, optional=True),
+    "compression.calibration_batches": integer(1),
+    "compression.finetune_epochs": integer(0),
+    "compression.finetune_lr": number(0.0, low_open=True),
+    "compression.fold": boolean,
+    "compression.control": boolean,
+}
+LOW_RANK = ("svd", "afm")
+GROUPS = ("embedding", "mlp", "other")
+
+
+def _get(cfg: DictConfig, key: str) -> tuple[bool, Any]:
+    """(present, value): keys a config does not have are not checked (e.g. data.rows outside data=synthetic)."""
+    missing = object()
+    value = OmegaConf.select(cfg, key, default=missing, throw_on_missing=False)
+    return (value is not missing), (None if value is missing else value)
+
+
+def _fmt(v: Any) -> str:
+    return "null" if v is None else repr(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def problems(cfg: DictConfig) -> list[str]:
+    """Every problem of a resolved job config, one line each naming the key."""
+    out = []
+    for key, check in RULES.items():
+        present, value = _get(cfg, key)
+        if present:
+            need = check(value)
+            if need:
+                out.append(f"{key}={_fmt(value)} must be {need}")
+    if out:  # the contradictions below assume well-typed values
+        return out
+    out += _compression_conflicts(cfg)
+    out += _trainer_conflicts(cfg)
+    return out
+
+
+def _compression_conflicts(cfg: DictConfig) -> list[str]:
+    comp = cfg.get("compression")
+    if comp is None or comp.get("method", "none") == "none":
+        return []
+    method = comp.method
+    out = []
+    energy, ratio = comp.get("energy"), comp.get("target_ratio")
+    if method not in LOW_RANK:
+        for key, value in (("energy", energy), ("target_ratio", ratio)):
+            if value is not None:
+                out.append(f"compression.{key}={_fmt(value)} chooses low ranks, which compression={method} does not "
+                           f"have: use compression=afm or svd, or set compression.{key}=null")
+    if energy is not None and ratio is not None:
+        out.append(f"compression.energy={_fmt(energy)} and compression.target_ratio={_fmt(ratio)} both choose the "
+                   "ranks (target_ratio allocates them from the spectra and ignores energy): set one to null")
+    targets = comp.get("targets")
+    groups = list(targets) if targets is not None else None
+    unknown = [g for g in (groups or []) if g not in GROUPS]
+    if unknown:
+        out.append(f"compression.targets={_fmt(list(groups))}: unknown group(s) {unknown}; choose from {list(GROUPS)}")
+    if method in LOW_RANK and energy is not None and ratio is None:
+        active = groups if groups is not None else ["embedding", "mlp"]
+        fixed = [f"compression.{g}_rank={_fmt(comp.get(f'{g}_rank'))}" for g in active if g in GROUPS]
+        if fixed and all(comp.get(f"{g}_rank") is not None for g in active if g in GROUPS):
+            out.append(f"compression.energy={_fmt(energy)} has no effect: every target group has a fixed rank "
+                       f"({', '.join(fixed)}); set the ranks of the groups energy should choose to null")
+    if method == "tt":
+        r = comp.get("embedding_rank")
+        if not _is_int(r) and not (isinstance(r, float) and r.is_integer() and r >= 1):
+            out.append(f"compression.embedding_rank={_fmt(r)}: compression=tt needs the TT-rank, an integer >= 1")
+        if groups is not None and any(g != "embedding" for g in groups):
+            out.append(f"compression.targets={_fmt(list(groups))}: compression=tt factorises embedding tables "
+                       "only; use compression.targets=[embedding]")
+    if comp.get("fold"):
+        if method not in LOW_RANK:
+            out.append(f"compression.fold=true folds an SVD/AFM embedding projection; compression={method} has none")
+        model = OmegaConf.select(cfg, "model.name")
+        if model:
+            from lowrank_ctr.models.registry import MODELS
+
+            cls = MODELS.get(str(model))
+            if cls is not None and not getattr(cls, "embedding_sink", None):
+                with_sink = sorted(n for n, c in MODELS.items() if getattr(c, "embedding_sink", None))
+                out.append(f"compression.fold=true needs a model whose embeddings feed only a Linear layer "
+                           f"(the next layer must be linear to absorb the projection); model={model} is not one. "
+                           f"Models that can fold: {with_sink}")
+    if comp.get("control") and int(comp.get("finetune_epochs", 1)) == 0:
+        out.append("compression.control=true fine-tunes the base for compression.finetune_epochs as a baseline, "
+                   "but compression.finetune_epochs=0: set finetune_epochs >= 1 or control=false")
+    return out
+
+
+def _trainer_conflicts(cfg: DictConfig) -> list[str]:
+    accelerator = OmegaConf.select(cfg, "trainer.accelerator")
+    if accelerator in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            return [f"trainer.accelerator={accelerator} (trainer=gpu/ddp) but PyTorch sees no CUDA GPU "
+                    f"(torch {torch.__version__}): use trainer=cpu, or install the CUDA build of torch"]
+    max_epochs, min_epochs = OmegaConf.select(cfg, "trainer.max_epochs"), OmegaConf.select(cfg, "trainer.min_epochs")
+    if _is_int(max_epochs) and _is_int(min_epochs) and max_epochs >= 0 and min_epochs > max_epochs:
+        return [f"trainer.min_epochs={min_epochs} is more than trainer.max_epochs={max_epochs}"]
+    return []
+
+
+def validate(cfg: DictConfig) -> None:
+    found = problems(cfg)
+    if len(found) == 1:
+        raise UserError(f"config: {found[0]}")
+    if found:
+        raise UserError("config has {} problems:\n  ".format(len(found)) + "\n  ".join(found))

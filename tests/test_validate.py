@@ -1,0 +1,80 @@
+"""Config validation: wrong types, impossible values and contradictions stop before any work, naming the key."""
+
+import pytest
+
+from helpers import TINY, compose_cfg, run_cli
+from lowrank_ctr.config import UserError
+from lowrank_ctr.validate import problems, validate
+
+
+def cfg_with(tmp_path, *overrides):
+    return compose_cfg("train", [*TINY, *overrides], tmp_path / "run", tmp_path / "cache")
+
+
+def test_shipped_configs_are_valid(tmp_path):
+    for extra in ([], ["compression=afm"], ["compression=svd", "compression.target_ratio=3"],
+                  ["compression=tt", "compression.embedding_rank=4"], ["compression=int8"],
+                  ["model=dnn", "compression=afm", "compression.fold=true"],
+                  ["compression=svd", "compression.energy=0.9", "compression.embedding_rank=null",
+                   "compression.mlp_rank=null"], ["experiment=criteo_dcnv2"]):
+        assert problems(cfg_with(tmp_path, *extra)) == [], extra
+
+
+@pytest.mark.parametrize("overrides, key, need", [
+    (["trainer.max_epochs=abc"], "trainer.max_epochs='abc'", "an integer >= -1"),
+    (["data.batch_size=0"], "data.batch_size=0", "an integer >= 1"),
+    (["seed=1.5"], "seed=1.5", "an integer"),
+    (["optimizer.lr=-0.1"], "optimizer.lr=-0.1", "a number > 0.0"),
+    (["compression=afm", "compression.embedding_rank=abc"], "compression.embedding_rank='abc'", "integer rank >= 1"),
+    (["compression=afm", "compression.mlp_rank=1.5"], "compression.mlp_rank=1.5", "a float in (0, 1]"),
+    (["compression=afm", "compression.energy=1.5"], "compression.energy=1.5", "<= 1.0"),
+    (["compression=afm", "compression.target_ratio=0.5"], "compression.target_ratio=0.5", "> 1.0"),
+    (["compression=afm", "compression.finetune_epochs=-1"], "compression.finetune_epochs=-1", ">= 0"),
+    (["compression=afm", "compression.fold=maybe"], "compression.fold='maybe'", "true or false"),
+    (["early_stopping_patience=-1"], "early_stopping_patience=-1", "or null"),
+])
+def test_wrong_types_and_ranges_name_the_key(tmp_path, overrides, key, need):
+    found = problems(cfg_with(tmp_path, *overrides))
+    assert len(found) == 1 and found[0].startswith(key) and need in found[0], found
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["compression=svd", "compression.energy=0.9", "compression.target_ratio=3"], "set one to null"),
+    (["compression=afm", "compression.energy=0.9"], "has no effect: every target group has a fixed rank"),
+    (["compression=int8", "compression.energy=0.9"], "compression=int8 does not have"),
+    (["compression=tt", "compression.embedding_rank=0.5"], "needs the TT-rank"),
+    (["compression=tt", "compression.targets=[embedding,mlp]"], "embedding tables only"),
+    (["compression=afm", "compression.targets=[attention]"], "unknown group(s) ['attention']"),
+    (["compression=afm", "compression.fold=true"], "the next layer must be linear"),
+    (["model=dnn", "compression=int8", "compression.fold=true"], "compression=int8 has none"),
+    (["compression=afm", "compression.control=true", "compression.finetune_epochs=0"], "finetune_epochs >= 1"),
+    (["trainer.max_epochs=1", "trainer.min_epochs=3"], "more than trainer.max_epochs=1"),
+])
+def test_contradictions_are_one_clear_message(tmp_path, overrides, expected):
+    found = problems(cfg_with(tmp_path, *overrides))
+    assert len(found) == 1 and expected in found[0], found
+
+
+def test_several_problems_reported_together(tmp_path):
+    with pytest.raises(UserError, match=r"config has 2 problems:\n  seed='x'.*\n  data.batch_size=-3"):
+        validate(cfg_with(tmp_path, "seed=x", "data.batch_size=-3"))
+
+
+def test_gpu_trainer_without_gpu(tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    found = problems(cfg_with(tmp_path, "trainer=gpu"))
+    assert found and "sees no CUDA GPU" in found[0] and "trainer=cpu" in found[0]
+
+
+def test_cli_stops_before_training(tmp_path):
+    """A bad fine-tune setting used to surface only after base training; now nothing runs."""
+    run = tmp_path / "run"
+    r = run_cli(["lowrank-ctr-train", *TINY, "compression=afm", "compression.finetune_lr=0", f"hydra.run.dir={run}",
+                 f"paths.data_dir={tmp_path / 'cache'}"])
+    assert r.returncode == 2 and "error: config: compression.finetune_lr=0 must be a number > 0.0" in r.stderr
+    assert not (run / "checkpoints").exists() and not (tmp_path / "cache").exists()
+    r = run_cli(["lowrank-ctr-train", *TINY, "model.mlp=abc", f"hydra.run.dir={run}",
+                 f"paths.data_dir={tmp_path / 'cache'}"])
+    assert r.returncode == 2 and "error: model 'deepfm': mlp must be a list of positive ints" in r.stderr
