@@ -7,7 +7,9 @@ compresses it with the default AFM settings (embedding rank 2 of 16, MLP rank 16
 not depend on how well the weights are trained, only on the shapes. Every model is exported to ONNX and TorchScript
 with ``lowrank-ctr-export``'s code and timed on the same real test rows, one configuration after another in one
 process with a fixed thread count: per-call latency p50 / p99 and throughput (rows / mean latency). Ratios in the
-table (compressed vs. base, onnxruntime vs. PyTorch) are measured in the same run. Run it on a quiet machine.
+table (compressed vs. base, onnxruntime vs. PyTorch) are measured in the same run. Last, the end-to-end figure of
+``lowrank-ctr-predict`` (raw Criteo TSV rows read, encoded with the vocabularies, scored by the ONNX model and
+written as CSV) in rows/s. Run it on a quiet machine.
 """
 
 from __future__ import annotations
@@ -84,6 +86,23 @@ def backends(ckpt: str, export_dir: Path, threads: int) -> dict[str, Callable[[d
             "onnxruntime": lambda arrays: session.run(None, {k: arrays[k] for k in declared})}
 
 
+def predict_throughput(data_config: dict, work: Path, rows: int, threads: int) -> dict[str, dict]:
+    """Raw Criteo TSV -> probabilities CSV through ``lowrank-ctr-predict``'s code (read, encode, score, write)."""
+    if not rows or data_config.get("format") != "synthetic":
+        return {}
+    from lowrank_ctr.data.prepare import _synthetic
+    from lowrank_ctr.predict import load_served_model, predict_file
+
+    generator = _synthetic({**data_config, "rows": rows})
+    raw = generator.write_criteo_tsv(work / "raw.tsv", raw_ids=True, label=False)
+    out = {}
+    for name in ("base", "compressed"):
+        summary = predict_file(load_served_model(work / name / "onnx", threads), raw, work / f"{name}.csv")
+        out[name] = {"rows": summary["rows"], "seconds": summary["seconds"],
+                     "rows_per_second": summary["rows_per_second"]}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", help="base checkpoint (default: train the default job's model)")
@@ -91,6 +110,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads for every backend (default 1)")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=list(DEFAULT_BATCH_SIZES))
     ap.add_argument("--min-seconds", type=float, default=1.0, help="least timing per configuration")
+    ap.add_argument("--predict-rows", type=int, default=500_000,
+                    help="raw rows for the end-to-end lowrank-ctr-predict figure (synthetic-data models; 0: skip)")
     ap.add_argument("--out", default=str(project_root() / "benchmarks" / "results" / "serving.json"))
     args = ap.parse_args()
     if bool(args.base) != bool(args.compressed):
@@ -122,6 +143,7 @@ def main() -> None:
                     print(f"{name:<10} {backend:<11} batch {size:>5}: p50 {rows[-1]['p50_ms']:8.3f} ms  "
                           f"p99 {rows[-1]['p99_ms']:8.3f} ms  {rows[-1]['rows_per_s']:>12,.0f} rows/s", flush=True)
         params = {name: sum(p.numel() for p in load_model(ckpt)[0].parameters()) for name, ckpt in models.items()}
+        end_to_end = predict_throughput(hp["data_config"], work, args.predict_rows, args.threads)
 
     def p50(model: str, backend: str, size: int) -> float:
         return next(r["p50_ms"] for r in rows if (r["model"], r["backend"], r["batch"]) == (model, backend, size))
@@ -136,7 +158,7 @@ def main() -> None:
     report = {"threads": args.threads, "machine": f"{platform.processor() or platform.machine()}, "
                                                   f"{torch.get_num_threads()} torch threads",
               "torch": torch.__version__, "params": params, "size_ratio": params["base"] / params["compressed"],
-              "rows": rows, "ratios_p50": ratios}
+              "rows": rows, "ratios_p50": ratios, "predict_end_to_end": end_to_end}
     import onnxruntime
 
     report["onnxruntime"] = onnxruntime.__version__
@@ -147,6 +169,8 @@ def main() -> None:
         print(f"batch {size:>5}: compressed/base speedup p50 onnxruntime {r['compressed_speedup_onnxruntime']:.2f}x "
               f"pytorch {r['compressed_speedup_pytorch']:.2f}x; onnxruntime/pytorch base "
               f"{r['onnxruntime_speedup_base']:.2f}x compressed {r['onnxruntime_speedup_compressed']:.2f}x")
+    for name, r in end_to_end.items():
+        print(f"lowrank-ctr-predict, {name} ONNX, {r['rows']:,} raw TSV rows -> CSV: {r['rows_per_second']:,.0f} rows/s")
     print(f"wrote {args.out}")
 
 

@@ -163,3 +163,45 @@ def test_predict_cli(served, tmp_path):
     r = run_cli(["lowrank-ctr-predict", f"model={served['onnx']}", f"output={out}", f"hydra.run.dir={tmp_path / 'log'}"])
     assert r.returncode == 2 and "input is required" in r.stderr
     assert json.loads((served["onnx"] / "data_config.json").read_text())["format"] == "criteo"
+
+
+def test_avazu_and_tabular_files_may_lack_the_label(tmp_path):
+    cols = {"id": ["1", "2", "3"], "click": ["0", "1", "0"], "hour": ["14102100", "14102113", "14102223"],
+            **{c: [f"{c}a", f"{c}b", ""] for c in readers.AVAZU_CATEGORICAL}}
+    labeled, unlabeled = pd.DataFrame(cols), pd.DataFrame(cols).drop(columns=["click"])
+    labeled.to_csv(tmp_path / "l.csv", index=False)
+    unlabeled.to_csv(tmp_path / "u.csv", index=False)
+    a = next(readers.avazu_reader(tmp_path / "l.csv", readers.BadRows(), label_optional=True)[1])
+    b = next(readers.avazu_reader(tmp_path / "u.csv", readers.BadRows(), label_optional=True)[1])
+    assert a.column("label").to_pylist() == [0, 1, 0] and str(b.column("label").type) == "null"
+    assert a.drop_columns(["label"]).equals(b.drop_columns(["label"]))
+    assert b.column("hour_of_day").to_pylist() == ["00", "13", "23"]
+    with pytest.raises(DataError, match=r"column\(s\) \['click'\] not found"):  # training still needs labels
+        next(readers.avazu_reader(tmp_path / "u.csv", readers.BadRows())[1])
+
+    table = pd.DataFrame({"color": ["red", "blue"], "size": [1.0, 2.0]})
+    table.to_parquet(tmp_path / "u.parquet")
+    kw = dict(label_col="y", positive_labels=["yes"], categorical_cols=["color"], numeric_cols=["size"],
+              label_optional=True)
+    t = next(readers.tabular_reader(tmp_path / "u.parquet", readers.BadRows(), **kw)[1])
+    assert str(t.column("label").type) == "null" and t.column("color").to_pylist() == ["red", "blue"]
+
+
+def test_synthetic_model_scores_the_generators_raw_rows(tmp_path):
+    """data=synthetic models read Criteo TSV holding the generator's integer ids (write_criteo_tsv(raw_ids=True))."""
+    from helpers import TINY
+    from lowrank_ctr.data.prepare import _Splitter, _synthetic
+
+    results = run(compose_cfg("train", [*TINY, "model.mlp=[16]", "bench=false"], tmp_path / "run", tmp_path / "cache"))
+    served = load_served_model(results["checkpoint"])
+    data_cfg = served.data_config
+    raw = _synthetic(data_cfg).write_criteo_tsv(tmp_path / "raw.tsv", raw_ids=True)
+    summary = predict_file(served, raw, tmp_path / "p.csv")
+    probs = pd.read_csv(tmp_path / "p.csv")["probability"].to_numpy()
+    assert summary["rows"] == len(probs) == data_cfg["rows"]
+    split = _Splitter(data_cfg["split"], int(data_cfg["seed"])).assign(data_cfg["rows"])  # which rows are test
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(f"{data_cfg['out_dir']}/test").sort_by("row_id")
+    arrays = batch_arrays(served.schema, table)
+    np.testing.assert_allclose(probs[split == 2], served.scorer({k: arrays[k] for k in INPUTS}), atol=2e-6)

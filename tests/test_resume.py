@@ -15,6 +15,22 @@ ARGS = [*TINY, "data.rows=30000", "data.batch_size=128", "trainer.max_epochs=4",
         "model.mlp=[32,32]", "bench=false", "seed=3"]
 
 
+def train_and_kill(args: list, run: Path, marker: Path, sig: int) -> None:
+    """Start lowrank-ctr-train into ``run``, and kill it with ``sig`` shortly after ``marker`` appears."""
+    exe = str(Path(sys.executable).parent / "lowrank-ctr-train")
+    proc = subprocess.Popen([exe, *args, f"hydra.run.dir={run}"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "WANDB_MODE": "offline"})
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # part-way into the next epoch
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    if (run / "results.json").exists():
+        pytest.skip("the run finished before it could be killed (machine too fast for this timing)")
+    assert marker.exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_killed_run_resumes_to_the_same_metrics(tmp_path, sig):
@@ -23,19 +39,7 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, sig):
     assert full.returncode == 0, full.stderr[-3000:]
 
     run = tmp_path / "killed"
-    exe = str(Path(sys.executable).parent / "lowrank-ctr-train")
-    proc = subprocess.Popen([exe, *ARGS, cache, f"hydra.run.dir={run}"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "WANDB_MODE": "offline"})
-    last = run / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 300
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)  # part-way into the next epoch
-    proc.send_signal(sig)
-    proc.wait(timeout=60)
-    if (run / "results.json").exists():
-        pytest.skip("the run finished before it could be killed (machine too fast for this timing)")
-    assert last.exists()
+    train_and_kill([*ARGS, cache], run, run / "checkpoints" / "last.ckpt", sig)
 
     resumed = run_cli(["lowrank-ctr-train", *ARGS, cache, "ckpt_path=last", f"hydra.run.dir={run}"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -91,19 +95,8 @@ def test_run_killed_during_finetune_resumes_to_the_same_metrics(tmp_path):
     assert full.returncode == 0, full.stderr[-3000:]
 
     run = tmp_path / "killed"
-    exe = str(Path(sys.executable).parent / "lowrank-ctr-train")
-    proc = subprocess.Popen([exe, *FT_ARGS, cache, f"hydra.run.dir={run}"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "WANDB_MODE": "offline"})
-    last = run / "checkpoints" / "compressed-last.ckpt"  # the fine-tune has finished an epoch
-    deadline = time.time() + 300
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)  # part-way into the next fine-tune epoch
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    if (run / "results.json").exists():
-        pytest.skip("the run finished before it could be killed (machine too fast for this timing)")
-    assert last.exists()
+    # killed once the fine-tune has finished an epoch, part-way into the next
+    train_and_kill([*FT_ARGS, cache], run, run / "checkpoints" / "compressed-last.ckpt", signal.SIGKILL)
 
     resumed = run_cli(["lowrank-ctr-train", *FT_ARGS, cache, "ckpt_path=last", f"hydra.run.dir={run}"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -55,6 +55,7 @@ class ServedModel:
 # Loading ------------------------------------------------------------------------------------------------------
 
 def load_served_model(model: str | Path, threads: int | None = None) -> ServedModel:
+    """``threads``: intra-op threads of whichever runtime scores (onnxruntime or torch); None keeps its default."""
     path = Path(model).expanduser()
     if not path.exists():
         raise UserError(f"model={model} does not exist: give a lowrank-ctr-export directory, a checkpoint (.ckpt) "
@@ -67,16 +68,18 @@ def load_served_model(model: str | Path, threads: int | None = None) -> ServedMo
         if not ckpt:
             raise UserError(f"run directory {path} has no checkpoint in results.json: the run did not finish "
                             "training; give a checkpoint or an export directory")
-        return _load_checkpoint(Path(ckpt))
+        return _load_checkpoint(Path(ckpt), threads)
     if path.is_file():
-        return _load_checkpoint(path)
+        return _load_checkpoint(path, threads)
     raise UserError(f"model={model} is a directory without export.json or results.json: give a lowrank-ctr-export "
                     "directory, a checkpoint (.ckpt) or a training run directory")
 
 
-def _load_checkpoint(path: Path) -> ServedModel:
+def _load_checkpoint(path: Path, threads: int | None) -> ServedModel:
     import torch
 
+    if threads:
+        torch.set_num_threads(int(threads))
     from lowrank_ctr.export import TensorInputs
     from lowrank_ctr.lightning.module import load_model
 
@@ -114,6 +117,8 @@ def _load_export(path: Path, threads: int | None) -> ServedModel:
     else:
         import torch
 
+        if threads:
+            torch.set_num_threads(int(threads))
         module = torch.jit.load(str(path / "model.pt"), map_location="cpu").eval()
 
         def score(arrays: dict[str, np.ndarray]) -> np.ndarray:
@@ -177,7 +182,12 @@ def predict_file(served: ServedModel, input_path: str | Path, output_path: str |
     labels, scores = [], []
     writer = None
     try:
+        needed = layout.categorical + layout.multihot + layout.numeric
         for chunk in raw_chunks(str(input_path), served.data_config, bad):
+            lacking = [c for c in needed if c not in chunk.column_names]
+            if lacking:
+                raise UserError(f"input={input_path} has no column(s) {lacking} that the model was trained on "
+                                f"(its raw format: {served.data_config.get('format')}); give rows in that format")
             encoded = encode_table(chunk, layout, vocabs, max_len)
             arrays = batch_arrays(schema, encoded)
             probs = np.concatenate([np.asarray(served.scorer({k: arrays[k][i:i + batch_size] for k in INPUTS}),

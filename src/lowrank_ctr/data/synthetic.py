@@ -167,27 +167,34 @@ class SyntheticCriteo:
             logits.append(z)
         return binary_auc(np.concatenate(labels), np.concatenate(logits))
 
-    def write_criteo_tsv(self, path: str | Path) -> Path:
-        """The same rows in the raw Criteo TSV format (for benchmarking the real reader at scale)."""
+    def write_criteo_tsv(self, path: str | Path, raw_ids: bool = False, label: bool = True) -> Path:
+        """The same rows in the raw Criteo TSV format.
+
+        By default categorical values are hashed to Criteo-like strings (for preparing them as ``data=criteo`` and
+        benchmarking the real reader). ``raw_ids=True`` writes the generator's own integer category ids, the values
+        a ``data=synthetic`` model was trained on, so ``lowrank-ctr-predict`` can score them; ``label=False`` leaves
+        out the label column (serving rows)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         raw = self.raw_columns
         opts = pacsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
-        with pacsv.CSVWriter(path, self._tsv_schema(), write_options=opts) as writer:
+        schema = self._tsv_schema(label)
+        with pacsv.CSVWriter(path, schema, write_options=opts) as writer:
             for k in range(self.num_chunks):
                 labels, cat, num, _ = self.chunk(k)
-                cols = {"label": pa.array(labels.astype(np.int64))}
+                cols = {"label": pa.array(labels.astype(np.int64))} if label else {}
                 for j, name in enumerate(raw.numeric):
                     cols[name] = pa.array(num[:, j], mask=np.isnan(num[:, j])).cast(pa.int64())
-                hashed = _splitmix64(cat.astype(np.uint64) + (np.arange(cat.shape[1], dtype=np.uint64) << 40))
+                values = cat if raw_ids else (_splitmix64(cat.astype(np.uint64) + (
+                    np.arange(cat.shape[1], dtype=np.uint64) << 40)) >> np.uint64(32)).astype(np.int64)
                 for j, name in enumerate(raw.categorical):
-                    cols[name] = pa.array((hashed[:, j] >> np.uint64(32)).astype(np.int64)).cast(pa.string())
-                writer.write_table(pa.table(cols, schema=self._tsv_schema()))
+                    cols[name] = pa.array(values[:, j]).cast(pa.string())
+                writer.write_table(pa.table(cols, schema=schema))
         return path
 
-    def _tsv_schema(self) -> pa.Schema:
+    def _tsv_schema(self, label: bool = True) -> pa.Schema:
         raw = self.raw_columns
-        return pa.schema([("label", pa.int64())] + [(n, pa.int64()) for n in raw.numeric]
+        return pa.schema(([("label", pa.int64())] if label else []) + [(n, pa.int64()) for n in raw.numeric]
                          + [(n, pa.string()) for n in raw.categorical])
 
 
