@@ -102,3 +102,25 @@ def test_run_killed_during_finetune_resumes_to_the_same_metrics(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "calibration is not repeated" in (run / "train.log").read_text()
     _same_outcome(read_results(tmp_path / "full"), read_results(run))
+
+
+def test_compress_run_resumes_its_finetune(tmp_path):
+    """lowrank-ctr-compress resume=true: an interrupted compression run reuses its calibration and fine-tune."""
+    cache = f"paths.data_dir={tmp_path / 'cache'}"
+    base = run_cli(["lowrank-ctr-train", *TINY, "model.mlp=[16,16]", "bench=false", cache,
+                    f"hydra.run.dir={tmp_path / 'base'}"])
+    assert base.returncode == 0, base.stderr[-3000:]
+    args = ["lowrank-ctr-compress", f"ckpt_path={tmp_path / 'base' / 'checkpoints' / 'best.ckpt'}", "progress_bar=false",
+            "logger=none", "bench=false", "compression.finetune_epochs=2", "compression.calibration_batches=2", cache,
+            f"hydra.run.dir={tmp_path / 'c'}"]
+    first = run_cli(args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    a = read_results(tmp_path / "c")
+    (tmp_path / "c" / "results.json").unlink()
+    again = run_cli([*args, "resume=true"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "calibration is not repeated" in (tmp_path / "c" / "compress.log").read_text()
+    b = read_results(tmp_path / "c")
+    for key in ("compress/test/auc_before_finetune", "compress/val/auc", "test/auc", "compress/ratio"):
+        assert b[key] == pytest.approx(a[key], abs=1e-6), key
+    assert b["config_hash"] == a["config_hash"]  # resume=true does not change what the run is

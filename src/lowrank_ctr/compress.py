@@ -58,7 +58,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "bytes": nbytes}
     results: dict[str, Any] = {"status": "ok", "data": str(cfg.data.name), "model": hp["model_name"],
                                "seed": int(cfg.seed), "base_checkpoint": str(cfg.ckpt_path), **base}
-    results.update(compress_and_finetune(cfg, dm, module, run_dir, loggers, base))
+    results.update(compress_and_finetune(cfg, dm, module, run_dir, loggers, base, resuming=bool(cfg.get("resume"))))
     results["run_dir"] = str(run_dir)
     results["config_hash"] = key
     results["config"] = OmegaConf.to_container(cfg, resolve=True)

@@ -22,7 +22,7 @@ from lowrank_ctr.config import user_errors
 
 log = logging.getLogger(__name__)
 RESULTS_FILE = "results.json"
-_VOLATILE = ("run_dir", "progress_bar")
+_VOLATILE = ("run_dir", "progress_bar", "resume")
 
 
 def config_hash(cfg: DictConfig, ignore: tuple[str, ...] = ()) -> str:

@@ -1,8 +1,8 @@
 """Stage records of a run directory, so a run killed in a later stage resumes without redoing the earlier ones.
 
-``lowrank-ctr-train`` has two long stages: base training and compression + fine-tuning. Each finished stage leaves
+``lowrank-ctr-train`` has two long stages (``lowrank-ctr-compress`` the second one only): base training and compression + fine-tuning. Each finished stage leaves
 a small JSON record (written atomically, keyed by the run's config hash without ``ckpt_path``), plus the weights it
-needs in ``checkpoints/``. A resumed run (``ckpt_path=last``) reads the records: a finished base stage is not
+needs in ``checkpoints/``. A resumed run (``ckpt_path=last``; for ``lowrank-ctr-compress``, ``resume=true``) reads the records: a finished base stage is not
 trained again, and a compression whose calibration finished is not recalibrated; its fine-tune continues from
 ``checkpoints/compressed-last.ckpt``.
 """
@@ -23,7 +23,9 @@ COMPRESSED = "compressed"  # calibration + compression + evaluation before fine-
 
 
 def stage_key(cfg: DictConfig) -> str:
-    return config_hash(cfg, ignore=("ckpt_path",))
+    """The config hash a record must match; a training run's ``ckpt_path`` (``last``: how it resumes) is left out,
+    a compression run's (the base checkpoint it compresses) is part of it."""
+    return config_hash(cfg, ignore=("ckpt_path",) if cfg.get("task_name") == "train" else ())
 
 
 def _path(run_dir: Path, stage: str) -> Path:
