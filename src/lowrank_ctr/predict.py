@@ -159,6 +159,13 @@ def raw_chunks(path: str, data_config: dict[str, Any], bad: readers.BadRows, blo
 
 # Prediction ---------------------------------------------------------------------------------------------------
 
+def _score(scorer: Scorer, arrays: dict[str, np.ndarray], n: int, batch_size: int) -> np.ndarray:
+    """Probabilities of ``n`` encoded rows, ``batch_size`` rows per model call."""
+    parts = [np.asarray(scorer({k: arrays[k][i:i + batch_size] for k in INPUTS}), dtype=np.float32).reshape(-1)
+             for i in range(0, n, batch_size)]
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+
 def predict_file(served: ServedModel, input_path: str | Path, output_path: str | Path, batch_size: int = 4096,
                  on_bad_rows: str = "error") -> dict[str, Any]:
     """Score every row of a raw file into a CSV (``probability``, plus ``label`` when the file has labels)."""
@@ -178,7 +185,7 @@ def predict_file(served: ServedModel, input_path: str | Path, output_path: str |
     output = Path(output_path).expanduser()
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    rows, labeled = 0, None
+    rows, labeled = 0, False
     labels, scores = [], []
     writer = None
     try:
@@ -190,10 +197,7 @@ def predict_file(served: ServedModel, input_path: str | Path, output_path: str |
                                 f"(its raw format: {served.data_config.get('format')}); give rows in that format")
             encoded = encode_table(chunk, layout, vocabs, max_len)
             arrays = batch_arrays(schema, encoded)
-            probs = np.concatenate([np.asarray(served.scorer({k: arrays[k][i:i + batch_size] for k in INPUTS}),
-                                               dtype=np.float32).reshape(-1)
-                                    for i in range(0, chunk.num_rows, batch_size)]) if chunk.num_rows else \
-                np.zeros(0, np.float32)
+            probs = _score(served.scorer, arrays, chunk.num_rows, batch_size)
             labeled = chunk.column("label").type != pa.null()  # the reader found a label column
             columns = {"probability": pa.array(probs)}
             if labeled:
