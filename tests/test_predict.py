@@ -5,6 +5,8 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from helpers import compose_cfg, run_cli
 from lowrank_ctr.config import UserError
@@ -205,3 +207,37 @@ def test_synthetic_model_scores_the_generators_raw_rows(tmp_path):
     table = pq.read_table(f"{data_cfg['out_dir']}/test").sort_by("row_id")
     arrays = batch_arrays(served.schema, table)
     np.testing.assert_allclose(probs[split == 2], served.scorer({k: arrays[k] for k in INPUTS}), atol=2e-6)
+
+
+junk = st.text(alphabet="abcxyz-. ", min_size=1, max_size=4)  # never a number, sometimes blank
+numeric_cell = st.one_of(st.integers(-10**6, 10**6).map(str), st.sampled_from(["", "nan", "inf", "1e400"]), junk)
+serving_row = st.tuples(st.one_of(st.sampled_from(["0", "1"]), junk), st.lists(numeric_cell, min_size=13, max_size=13),
+                        st.lists(st.one_of(st.text(alphabet="0123456789abcdef", max_size=8), junk), min_size=26,
+                                 max_size=26))
+
+
+def _is_value(cell: str) -> bool:
+    """What a numeric cell means to a reader: a number (finite or not), a blank (missing), or neither."""
+    try:
+        float(cell)
+        return True
+    except ValueError:
+        return cell.strip() == ""
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(serving_row, min_size=1, max_size=10))
+def test_missing_policy_scores_every_row_as_if_bad_values_were_blank(served, tmp_path_factory, rows):
+    """Property: on_bad_rows=missing writes one probability per row, equal to the row with its bad values blanked."""
+    tmp = tmp_path_factory.mktemp("prop")
+    messy = ["\t".join([label, *nums, *cats]) for label, nums, cats in rows]
+    clean = ["\t".join(["0", *(n if _is_value(n) else "" for n in nums), *cats]) for _, nums, cats in rows]
+    (tmp / "messy.tsv").write_text("\n".join(messy) + "\n")
+    (tmp / "clean.tsv").write_text("\n".join(clean) + "\n")
+    model = load_served_model(served["onnx"])
+    summary = predict_file(model, tmp / "messy.tsv", tmp / "m.csv", on_bad_rows="missing")
+    predict_file(model, tmp / "clean.tsv", tmp / "c.csv")  # the clean file parses under the strict policy
+    got = pd.read_csv(tmp / "m.csv")["probability"].to_numpy()
+    assert summary["rows"] == len(got) == len(rows)
+    assert ((got > 0) & (got < 1)).all()
+    np.testing.assert_allclose(got, pd.read_csv(tmp / "c.csv")["probability"].to_numpy(), atol=1e-6)

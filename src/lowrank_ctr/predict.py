@@ -224,8 +224,9 @@ def predict_file(served: ServedModel, input_path: str | Path, output_path: str |
                                "values_read_as_missing_rows": bad.repaired, "bad_value_examples": bad.examples}
     if labeled and labels:
         y, p = np.concatenate(labels), np.concatenate(scores)
-        known = ~np.isnan(y)
+        known = ~np.isnan(y)  # rows whose label could not be read (on_bad_rows=missing) are left out
         summary["labeled_rows"] = int(known.sum())
+    if summary.get("labeled_rows"):
         summary["auc"] = binary_auc(y[known], p[known])
         clipped = np.clip(p[known].astype(np.float64), 1e-7, 1 - 1e-7)
         summary["logloss"] = float(-np.mean(y[known] * np.log(clipped) + (1 - y[known]) * np.log(1 - clipped)))
