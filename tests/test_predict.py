@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helpers import compose_cfg, run_cli
+from test_readers_property import is_number  # a number (finite or not) or a blank
 from lowrank_ctr.config import UserError
 from lowrank_ctr.data import readers
 from lowrank_ctr.data.batch import batch_arrays
@@ -216,22 +217,13 @@ serving_row = st.tuples(st.one_of(st.sampled_from(["0", "1"]), junk), st.lists(n
                                  max_size=26))
 
 
-def _is_value(cell: str) -> bool:
-    """What a numeric cell means to a reader: a number (finite or not), a blank (missing), or neither."""
-    try:
-        float(cell)
-        return True
-    except ValueError:
-        return cell.strip() == ""
-
-
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=st.lists(serving_row, min_size=1, max_size=10))
 def test_missing_policy_scores_every_row_as_if_bad_values_were_blank(served, tmp_path_factory, rows):
     """Property: on_bad_rows=missing writes one probability per row, equal to the row with its bad values blanked."""
     tmp = tmp_path_factory.mktemp("prop")
     messy = ["\t".join([label, *nums, *cats]) for label, nums, cats in rows]
-    clean = ["\t".join(["0", *(n if _is_value(n) else "" for n in nums), *cats]) for _, nums, cats in rows]
+    clean = ["\t".join(["0", *(n if is_number(n) else "" for n in nums), *cats]) for _, nums, cats in rows]
     (tmp / "messy.tsv").write_text("\n".join(messy) + "\n")
     (tmp / "clean.tsv").write_text("\n".join(clean) + "\n")
     model = load_served_model(served["onnx"])
