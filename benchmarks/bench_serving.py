@@ -27,7 +27,7 @@ import torch
 
 from lowrank_ctr.bench import DEFAULT_BATCH_SIZES, make_batches
 from lowrank_ctr.config import project_root
-from lowrank_ctr.export import INPUTS, TensorInputs, export
+from lowrank_ctr.export import TensorInputs, export
 from lowrank_ctr.lightning.module import load_model
 
 
@@ -61,29 +61,15 @@ def time_calls(call: Callable[[], object], min_calls: int, min_seconds: float, m
 
 
 def backends(ckpt: str, export_dir: Path, threads: int) -> dict[str, Callable[[dict[str, np.ndarray]], object]]:
-    """Callables scoring a batch of numpy arrays: PyTorch eager, TorchScript, onnxruntime (same weights)."""
-    import onnxruntime as ort
+    """Scorers of a batch of numpy arrays: PyTorch eager, TorchScript, onnxruntime (same weights)."""
+    from lowrank_ctr.predict import onnx_scorer, torch_scorer
 
     model, _ = load_model(ckpt)
-    eager = TensorInputs(model).eval()
     export(ckpt, "onnx", export_dir / "onnx")
     export(ckpt, "torchscript", export_dir / "ts")
-    scripted = torch.jit.load(str(export_dir / "ts" / "model.pt")).eval()
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(export_dir / "onnx" / "model.onnx"), options,
-                                   providers=["CPUExecutionProvider"])
-    declared = [i.name for i in session.get_inputs()]
-
-    def torch_call(module: torch.nn.Module) -> Callable[[dict[str, np.ndarray]], object]:
-        def call(arrays: dict[str, np.ndarray]) -> object:
-            with torch.inference_mode():
-                return module(*(torch.from_numpy(arrays[k]) for k in INPUTS))
-        return call
-
-    return {"pytorch": torch_call(eager), "torchscript": torch_call(scripted),
-            "onnxruntime": lambda arrays: session.run(None, {k: arrays[k] for k in declared})}
+    return {"pytorch": torch_scorer(TensorInputs(model).eval()),
+            "torchscript": torch_scorer(torch.jit.load(str(export_dir / "ts" / "model.pt")).eval()),
+            "onnxruntime": onnx_scorer(export_dir / "onnx" / "model.onnx", threads)}
 
 
 def predict_throughput(data_config: dict, work: Path, rows: int, threads: int) -> dict[str, dict]:

@@ -1,8 +1,9 @@
 """``lowrank-ctr-export``: a base or compressed checkpoint to ONNX or TorchScript, checked against PyTorch.
 
 Writes ``OUT/model.onnx`` (or ``model.pt``), ``OUT/schema.json``, the vocabularies (``OUT/vocab/``, copied from
-the prepared dataset) and the data config (``OUT/data_config.json``: how raw rows are read) so the model can be served without this package's training code, and prints the max abs
-difference between the exported model and PyTorch on real test rows.
+the prepared dataset) and the data config (``OUT/data_config.json``: how raw rows are read) so the model can be
+served without this package's training code, and prints the max abs difference between the exported model and
+PyTorch on real test rows.
 """
 
 from __future__ import annotations

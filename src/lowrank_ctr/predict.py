@@ -33,10 +33,10 @@ from lowrank_ctr.data.batch import batch_arrays
 from lowrank_ctr.data.encoding import Layout, encode_table, load_vocabularies
 from lowrank_ctr.data.schema import Schema
 from lowrank_ctr.data.synthetic import binary_auc
+from lowrank_ctr.export import INPUTS, TensorInputs
 
 log = logging.getLogger(__name__)
 
-INPUTS = ("cat", "num", "multi")
 READABLE_FORMATS = ("criteo", "avazu", "tabular", "synthetic")
 Scorer = Callable[[dict[str, np.ndarray]], np.ndarray]
 
@@ -75,26 +75,43 @@ def load_served_model(model: str | Path, threads: int | None = None) -> ServedMo
                     "directory, a checkpoint (.ckpt) or a training run directory")
 
 
+def torch_scorer(module: Any) -> Scorer:
+    """A scorer around a torch module taking (cat, num, multi) tensors and returning probabilities."""
+    import torch
+
+    def score(arrays: dict[str, np.ndarray]) -> np.ndarray:
+        with torch.inference_mode():
+            return module(*(torch.from_numpy(arrays[k]) for k in INPUTS)).numpy()
+
+    return score
+
+
+def onnx_scorer(path: Path, threads: int | None) -> Scorer:
+    """A scorer around an onnxruntime session of an exported model (CPU, ``threads`` intra-op threads)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    declared = [i.name for i in session.get_inputs()]  # inputs the model never reads were dropped at export
+    return lambda arrays: session.run(None, {k: arrays[k] for k in declared})[0]
+
+
 def _load_checkpoint(path: Path, threads: int | None) -> ServedModel:
     import torch
 
     if threads:
         torch.set_num_threads(int(threads))
-    from lowrank_ctr.export import TensorInputs
     from lowrank_ctr.lightning.module import load_model
 
     try:
         model, hp = load_model(path)
     except (FileNotFoundError, ValueError) as exc:
         raise UserError(str(exc)) from None
-    wrapper = TensorInputs(model).eval()
-
-    def score(arrays: dict[str, np.ndarray]) -> np.ndarray:
-        with torch.inference_mode():
-            return wrapper(*(torch.from_numpy(arrays[k]) for k in INPUTS)).numpy()
-
     data_config = dict(hp.get("data_config") or {})
-    return ServedModel(score, Schema.from_dict(hp["schema"]), data_config,
+    return ServedModel(torch_scorer(TensorInputs(model).eval()), Schema.from_dict(hp["schema"]), data_config,
                        Path(data_config.get("out_dir", "")) / "vocab", f"checkpoint {path}")
 
 
@@ -104,27 +121,13 @@ def _load_export(path: Path, threads: int | None) -> ServedModel:
     data_file = path / "data_config.json"
     data_config = json.loads(data_file.read_text()) if data_file.exists() else {"format": schema.extra.get("format")}
     if info["format"] == "onnx":
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = int(threads)
-        session = ort.InferenceSession(str(path / "model.onnx"), options, providers=["CPUExecutionProvider"])
-        declared = [i.name for i in session.get_inputs()]  # inputs the model never reads were dropped at export
-
-        def score(arrays: dict[str, np.ndarray]) -> np.ndarray:
-            return session.run(None, {k: arrays[k] for k in declared})[0]
+        score = onnx_scorer(path / "model.onnx", threads)
     else:
         import torch
 
         if threads:
             torch.set_num_threads(int(threads))
-        module = torch.jit.load(str(path / "model.pt"), map_location="cpu").eval()
-
-        def score(arrays: dict[str, np.ndarray]) -> np.ndarray:
-            with torch.inference_mode():
-                return module(*(torch.from_numpy(arrays[k]) for k in INPUTS)).numpy()
-
+        score = torch_scorer(torch.jit.load(str(path / "model.pt"), map_location="cpu").eval())
     return ServedModel(score, schema, data_config, path / "vocab", f"{info['format']} export {path}")
 
 

@@ -219,9 +219,7 @@ def compress_and_finetune(cfg: DictConfig, dm: CTRDataModule, module: CTRModule,
     base_model = copy.deepcopy(module.model).eval()
     compressed_model = None
     if comp.method != "none":
-        epochs = int(comp.get("finetune_epochs", 1))
-        if epochs < 0:
-            raise UserError(f"compression.finetune_epochs must be >= 0, got {epochs}")
+        epochs = int(comp.get("finetune_epochs", 1))  # >= 0: checked by validate() before any work
         module.optimizer_factory = instantiate(cfg.optimizer, lr=float(comp.finetune_lr))
         callback = CompressionCallback.from_config(comp)
         restored = resuming and restore_compression(run_dir, cfg, module, callback)

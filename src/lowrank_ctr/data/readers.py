@@ -194,9 +194,12 @@ def _standardise(table: pa.Table, path: Path, lines: np.ndarray, label_col: str 
         labels = pa.nulls(n)  # of the null type: the file has no labels (not: its labels are unknown)
     else:
         values, bad_label = _label(table.column(label_col), positive_labels)
-        labels = pa.array(values, pa.int8(), mask=bad_label if bad_rows.policy == "missing" else None)
-        problems.append((bad_label, f"label column {label_col!r} must be 0 or 1" if positive_labels is None
-                         else f"label column {label_col!r} is empty", ["label"]))
+        if bad_rows.policy == "missing":  # prediction keeps the row; its label is unknown (null)
+            labels = pa.array(values, pa.int8(), mask=bad_label)
+        else:
+            labels = pa.array(values, pa.int8())
+            problems.append((bad_label, f"label column {label_col!r} must be 0 or 1" if positive_labels is None
+                             else f"label column {label_col!r} is empty", []))
     if derive is not None:
         table, bad_derived, why, derived_cols = derive(table)
         problems.append((bad_derived, why, derived_cols))
@@ -212,11 +215,10 @@ def _standardise(table: pa.Table, path: Path, lines: np.ndarray, label_col: str 
     bad = np.zeros(n, dtype=bool)
     for mask, problem, columns in problems:
         if mask is not None and mask.any():
-            if label_col is not None and columns == ["label"] and bad_rows.policy == "missing":
-                continue  # prediction keeps the row; its label is unknown (null)
             bad_rows.found_values(path, int(lines[np.flatnonzero(mask)[0]]), problem)  # raises under "error"
-            for c in columns:
-                out[c] = pc.if_else(pa.array(mask), pa.scalar(None, out[c].type), out[c])
+            if bad_rows.policy == "missing":
+                for c in columns:
+                    out[c] = pc.if_else(pa.array(mask), pa.scalar(None, out[c].type), out[c])
             bad |= mask
     if not bad.any():
         return pa.table(out)
@@ -292,13 +294,13 @@ def tabular_reader(path: str | Path, bad_rows: BadRows, *, label_col: str, posit
     positive = [str(p) for p in positive_labels]
     if not positive:
         raise DataError("data.positive_labels is empty: list the label values that count as a click, e.g. [1]")
+    path = check_input_file(path, "data file")
     is_parquet = str(path).endswith((".parquet", ".pq"))
     if label_optional:
-        checked = check_input_file(path, "data file")
-        names = _parquet_file(checked).schema_arrow.names if is_parquet else header_names(checked, delimiter)
+        names = _parquet_file(path).schema_arrow.names if is_parquet else header_names(path, delimiter)
         label_col = label_col if label_col in names else None
     if is_parquet:
-        return raw, _read_parquet(check_input_file(path, "data file"), label_col, positive, raw, bad_rows)
+        return raw, _read_parquet(path, label_col, positive, raw, bad_rows)
     return raw, read_delimited(path, delimiter=delimiter, columns=None, label_col=label_col, raw=raw,
                                bad_rows=bad_rows, positive_labels=positive, block_size=block_size)
 
