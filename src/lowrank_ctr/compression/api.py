@@ -261,3 +261,42 @@ def _choose_ranks(model: nn.Module, method: str, active: Sequence[Target], stats
             out[t.name] = resolve_linear_rank(t.name, r, energy, linear_full_rank(t.module),
                                               spec[0] if spec else None, group=t.group)
     return out
+
+
+def _rank_arg(value: Any) -> Any:
+    """int rank, float ratio in (0, 1], or None (from YAML, 2 and 2.0 mean a rank of 2)."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer() and value > 1:
+        return int(value)
+    return value
+
+
+#: compression config keys that ``compress`` reads (the rest of a ``compression`` config is the pipeline's:
+#: fine-tune, distillation, control)
+COMPRESS_KEYS: tuple[str, ...] = ("method", "targets", "embedding_rank", "mlp_rank", "other_rank", "energy",
+                                  "target_ratio", "include", "exclude", "fold")
+
+
+def compress_from_config(model: nn.Module, cfg: Any, calibration_batches: Iterable[Any] | None = None,
+                         forward_fn: Callable[[nn.Module, Any], Any] | None = None) -> CompressionReport:
+    """``compress`` with the keys of a ``compression`` config (a mapping or DictConfig); other keys are ignored.
+
+    ``calibration_batches``: training batches (already on the model's device); at most
+    ``cfg.calibration_batches`` of them are used.
+    """
+    kw = {k: cfg[k] for k in COMPRESS_KEYS if k in cfg and cfg[k] is not None}
+    for k in ("embedding_rank", "mlp_rank", "other_rank"):
+        if k in kw:
+            kw[k] = _rank_arg(kw[k])
+    for k in ("targets", "include", "exclude"):
+        if k in kw:
+            kw[k] = list(kw[k])
+    if "target_ratio" in kw:
+        kw["target_ratio"] = float(kw["target_ratio"])
+    if "energy" in kw:
+        kw["energy"] = float(kw["energy"])
+    kw["fold"] = bool(kw.get("fold", False))
+    limit = cfg.get("calibration_batches") if hasattr(cfg, "get") else None
+    return compress(model, calibration_batches=calibration_batches, forward_fn=forward_fn,
+                    max_calibration_batches=int(limit) if limit else None, **kw)
