@@ -9,6 +9,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -257,3 +258,144 @@ def test_dashboard_notebook_executes(tree, monkeypatch):
     assert "offline-run-20260101_000000-abc123" in text
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) == 3
+
+
+# ----------------------------------------------------------------------------------------------- issue 13
+
+def _ok_run(auc: float | None = 0.77, seed: int = 1, **extra: Any) -> dict[str, Any]:
+    rec = fake_results("afm", 4, seed, 0.77, 0.775, 0.76, 3.0)
+    rec["test/auc"] = auc
+    rec.update(extra)
+    return rec
+
+
+def test_runs_named_like_logger_folders_are_found_and_counted(tmp_path):
+    """A run may be called ``wandb`` or ``checkpoints``: nothing is skipped by name; found/used counts are printed."""
+    root = tmp_path / "try"
+    write_json(root / "wandb", _ok_run(seed=1))
+    write_json(root / "checkpoints", _ok_run(seed=2))
+    (root / "elsewhere").mkdir()
+    (root / "elsewhere" / "results.json").write_text(json.dumps({"accuracy": 0.9}))  # another tool's file
+    r = run_cli(["lowrank-ctr-report", str(root), "--out", str(tmp_path / "rep")], timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "3 results.json found, 2 used (1 ignored: not lowrank-ctr results)" in r.stdout
+    assert f"ignored: {root / 'elsewhere' / 'results.json'}" in r.stdout
+    assert "2 runs (2 ok, 0 failed)" in r.stdout
+    df = pd.read_csv(tmp_path / "rep" / "results.csv")
+    assert sorted(Path(p).name for p in df["run_dir"]) == ["checkpoints", "wandb"]
+
+
+def test_one_run_reads_one_run(tmp_path):
+    write_json(tmp_path / "only", _ok_run())
+    r = run_cli(["lowrank-ctr-report", str(tmp_path)], timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "1 results.json found, 1 used" in r.stdout and "1 run (1 ok, 0 failed), 1 setting ->" in r.stdout
+    assert "1 runs" not in r.stdout and "1 settings" not in r.stdout
+
+
+def test_only_foreign_results_json_is_a_clear_error(tmp_path):
+    (tmp_path / "results.json").write_text("[1, 2]")
+    r = run_cli(["lowrank-ctr-report", str(tmp_path)], timeout=60)
+    assert r.returncode == 2 and "none written by lowrank-ctr" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_undefined_metric_reads_undefined_never_a_number(tmp_path):
+    """test/auc null (one-class test split): 'undefined' in the tables, and its group's mean is undefined."""
+    write_json(tmp_path / "a", _ok_run(auc=None, seed=1))
+    write_json(tmp_path / "b", _ok_run(auc=0.7712, seed=2))
+    res = load_results([tmp_path])
+    runs = res.runs.set_index(res.runs["run_dir"].map(lambda p: Path(p).name))
+    assert runs.loc["a", "undefined"].split() == ["auc", "delta_auc", "delta_auc_vs_control"]
+    assert runs.loc["b", "undefined"] == ""
+    assert pd.isna(runs.loc["a", "auc"]) and runs.loc["b", "auc"] == 0.7712
+    g = res.grouped.iloc[0]
+    assert g["n"] == 2 and pd.isna(g["auc_mean"]) and pd.isna(g["delta_auc_mean"]) and "auc" in g["undefined"].split()
+    assert g["base_auc_mean"] == pytest.approx(0.775)  # defined metrics of the same runs still aggregate
+    from lowrank_ctr.report import display_grouped, display_table
+
+    shown = display_table(res.runs)
+    assert list(shown["auc"]) == ["undefined", "0.77120"]
+    assert display_grouped(res.grouped).iloc[0]["auc"] == "undefined"
+    r = run_cli(["lowrank-ctr-report", str(tmp_path)], timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "1 ok run with an undefined test AUC" in r.stdout
+    md = (tmp_path / "report" / "results.md").read_text()
+    assert "| undefined |" in md and "nan" not in md.lower().replace("finetune", "")
+
+
+def test_cumulative_energy_numbers():
+    from lowrank_ctr.report import cumulative_energy, layer_energy_curve, pooled_cumulative_energy
+
+    assert cumulative_energy([4.0, 3.0, 2.0, 1.0]) == pytest.approx([0.4, 0.7, 0.9, 1.0])
+    assert cumulative_energy([1.0, 4.0, -1e-12]) == pytest.approx([0.8, 1.0, 1.0])  # sorted; round-off negatives 0
+    assert cumulative_energy([0.0, 0.0]) == [1.0, 1.0]
+    # two fields (totals 10 and 2), the second with 2 components: kept(k) = (cum_a(k) + cum_b(min(k, 2))) / 12
+    assert pooled_cumulative_energy([[6, 3, 1], [1.5, 0.5]]) == pytest.approx([7.5 / 12, 11 / 12, 1.0])
+    assert layer_energy_curve({"spectrum": [3.0, 1.0]}) == pytest.approx([0.75, 1.0])
+    assert layer_energy_curve({"field_spectra": [[1.0, 1.0]]}) == pytest.approx([0.5, 1.0])
+    assert layer_energy_curve({"rank": 2}) is None
+
+
+def _energy_tree(root: Path) -> None:
+    """Two seeds whose chosen (rank, energy) points, joined, would go DOWN with rank; their spectra rise."""
+    spectra = {1: [8.0, 1.0, 0.5, 0.3, 0.2], 2: [2.0, 1.9, 1.8, 1.7, 1.6]}
+    for seed, rank in ((1, 2), (2, 4)):
+        rec = fake_results("afm", rank, seed, 0.77, 0.775, 0.76, 3.0)
+        for layer in rec["compress/layers"]:
+            if layer["name"] == "mlp.net.0":
+                layer.update(full_rank=5, spectrum=spectra[seed],
+                             retained_energy=sum(spectra[seed][:rank]) / sum(spectra[seed]))
+            elif layer["name"] == "embedding.table":
+                layer["field_spectra"] = [[3.0, 2.0, 1.0], [1.0, 1.0, 1.0], [5.0, 0.1, 0.1]]
+        write_json(root / f"s{seed}", rec)
+
+
+def test_retained_energy_draws_monotone_curves_from_the_stored_spectrum(tmp_path):
+    from lowrank_ctr.plots import retained_energy
+    from lowrank_ctr.report import cumulative_energy
+
+    _energy_tree(tmp_path)
+    res = load_results([tmp_path])
+    fig = retained_energy(res.layers)
+    lines = {ln.get_label(): ln for ln in fig.axes[0].lines}
+    mlp = lines["mlp.net.0 (mlp)"]
+    expected = (np.array(cumulative_energy([8.0, 1.0, 0.5, 0.3, 0.2]))
+                + np.array(cumulative_energy([2.0, 1.9, 1.8, 1.7, 1.6]))) / 2  # the mean of the two seeds
+    assert list(mlp.get_xdata()) == [1, 2, 3, 4, 5]
+    assert mlp.get_ydata() == pytest.approx(expected)
+    for line in fig.axes[0].lines:  # every curve rises to 1: monotone by construction
+        y = np.asarray(line.get_ydata(), dtype=float)
+        assert np.all(np.diff(y) >= -1e-12) and y[-1] == pytest.approx(1.0), line.get_label()
+    # the chosen points themselves go down with rank (0.905 at rank 2, 0.821 at rank 4): they are markers, not a line
+    chosen = res.layers[res.layers["name"] == "mlp.net.0"].sort_values("rank")["retained_energy"].tolist()
+    assert chosen[0] > chosen[1]
+
+
+def test_retained_energy_without_spectra_draws_points_not_lines(tree):
+    from lowrank_ctr.plots import retained_energy
+
+    fig = retained_energy(load_results([tree]).layers)
+    assert all(len(ax.lines) == 0 for ax in fig.axes) and any(len(ax.collections) for ax in fig.axes)
+    assert "no spectrum" in fig._suptitle.get_text()
+
+
+def test_one_panel_titles_fit_and_labels_clear_the_markers(tmp_path):
+    """One data/model panel (a narrow figure): the title is wrapped, not cut; point labels overlap no marker."""
+    from lowrank_ctr.plots import auc_vs_latency, auc_vs_ratio, label_overlaps, title_fits
+
+    rows = []
+    for i in range(8):  # a crowded Pareto front: every setting on it, close together
+        method = ("afm", "svd")[i % 2]
+        rec = fake_results(method, 4, 1, 0.775 - 0.0003 * i, 0.7755, 0.77, 2.0 + 0.1 * i)
+        rec["compress/target_ratio"] = 2.0 + 0.1 * i
+        rec["bench/compressed_ms@4096"] = 10 - 0.3 * i
+        rec["run_dir"] = str(tmp_path / str(i))
+        rows.append(rec)
+    from lowrank_ctr.report import runs_table
+
+    runs = runs_table(rows)
+    for make in (auc_vs_ratio, auc_vs_latency):
+        fig = make(runs)
+        assert len(fig.axes) == 1 and title_fits(fig)
+        assert len([t for t in fig.axes[0].texts]) == 8
+        assert label_overlaps(fig) == []

@@ -3,28 +3,39 @@
 Figures are built with ``matplotlib.figure.Figure`` directly (no pyplot state, no GUI backend), so the CLI and a
 notebook kernel can both use them; :func:`fig_to_png` gives the bytes a notebook displays. Every function takes the
 tables of :mod:`lowrank_ctr.report` and returns ``None`` when the data for its view is absent.
+
+Readability rules kept here: a title is wrapped to the figure's width (never cut), one legend per figure sits
+outside the panels (never over the data), and point labels are placed where they overlap no marker, no other label
+and stay inside their panel (:func:`place_labels`).
 """
 
 from __future__ import annotations
 
 import io
 import math
+import textwrap
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import PathCollection
 from matplotlib.figure import Figure
+from matplotlib.text import Annotation
 from matplotlib.ticker import MaxNLocator
+from matplotlib.transforms import Bbox
 
-#: fixed colours so a method looks the same in every plot and report
+#: fixed colours so a method looks the same in every plot and report (the method order of the report is
+#: ``lowrank_ctr.report.METHOD_ORDER``; both move to the compression-method registry once it exists)
 METHOD_COLORS: dict[str, str] = {"none": "#555555", "svd": "#1f77b4", "afm": "#d62728", "tt": "#2ca02c",
                                  "int8": "#ff7f0e", "qr": "#9467bd", "mixed_dim": "#8c564b"}
 GROUP_COLORS: dict[str, str] = {"embedding": "#1f77b4", "mlp": "#d62728", "other": "#2ca02c"}
 _EXTRA_COLORS = ["#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#9467bd", "#8c564b"]
+DPI = 110
 
 _SKIP_REASONS: dict[str, str] = {
-    "auc_vs_ratio.png": "no ok run has both test/auc and a compression ratio",
+    "auc_vs_ratio.png": "no ok run has both a defined test/auc and a compression ratio",
     "auc_vs_latency.png": "no ok run has a batch-4096 latency (bench/base_ms@4096 or bench/compressed_ms@4096): "
                           "the benchmark was off",
     "retained_energy.png": "no compress/layers entry with a rank and a retained_energy (no svd/afm/tt run)",
@@ -42,6 +53,11 @@ def method_color(method: str) -> str:
     return METHOD_COLORS[method]
 
 
+def _method_key(method: str) -> int:
+    order = list(METHOD_COLORS)
+    return order.index(method) if method in order else len(order)
+
+
 def pareto_front(x: Sequence[float], y: Sequence[float], x_higher_better: bool = True) -> list[int]:
     """Indices of the points no other point dominates (at least as good on both axes, better on one), by x.
 
@@ -56,20 +72,149 @@ def pareto_front(x: Sequence[float], y: Sequence[float], x_higher_better: bool =
     return sorted(front, key=lambda i: (float(x[i]), float(y[i])))
 
 
+# ----------------------------------------------------------------------------------------------- layout helpers
+
 def _facets(n: int, width: float = 5.4, height: float = 4.2) -> tuple[Figure, list]:
     ncols = min(3, n)
     nrows = math.ceil(n / ncols)
-    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained", dpi=DPI)
+    FigureCanvasAgg(fig)
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel().tolist()
     for ax in axes[n:]:
         ax.set_visible(False)
     return fig, axes[:n]
 
 
-def _use_log(values: pd.Series, spread: float) -> bool:
-    v = values[np.isfinite(values) & (values > 0)]
+def wrapped_title(fig: Figure, text: str, fontsize: float = 11) -> None:
+    """A figure title wrapped to the figure's width (a one-panel figure is narrow: a long title would be cut)."""
+    width_pt = fig.get_figwidth() * 72 * 0.92
+    chars = max(20, int(width_pt / (0.55 * fontsize)))  # a conservative average glyph width of the UI font
+    fig.suptitle(textwrap.fill(text, chars), fontsize=fontsize)
+
+
+def figure_legend(fig: Figure, axes: Sequence[Any], max_cols: int = 4) -> None:
+    """One legend for the whole figure, below the panels: it never hides a point, and colours are shared."""
+    seen: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            if label and not label.startswith("_"):
+                seen.setdefault(label, handle)
+    if seen:
+        ncols = min(max_cols, len(seen), max(1, int(fig.get_figwidth() / 1.6)))
+        fig.legend(list(seen.values()), list(seen.keys()), loc="outside lower center", ncols=ncols, fontsize=8,
+                   frameon=False)
+
+
+def _use_log(values: pd.Series | Sequence[float], spread: float) -> bool:
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v) & (v > 0)]
     return len(v) > 1 and v.max() / v.min() > spread
 
+
+def _renderer(fig: Figure) -> Any:
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    return canvas.get_renderer()
+
+
+def marker_boxes(ax: Any, pad_px: float = 1.0) -> list[Bbox]:
+    """Display-space boxes of every marker drawn in ``ax`` (scatter points and line markers), and of error bars."""
+    boxes: list[Bbox] = []
+    scale = ax.figure.dpi / 72.0
+    for coll in ax.collections:
+        if not coll.get_visible():
+            continue
+        offsets = coll.get_offsets()
+        if len(offsets) == 0:
+            continue
+        pts = coll.get_offset_transform().transform(np.asarray(offsets, dtype=float))
+        if isinstance(coll, PathCollection):
+            sizes = coll.get_sizes() if len(coll.get_sizes()) else np.array([36.0])
+            radii = np.sqrt(np.resize(sizes, len(pts))) / 2 * scale + pad_px
+            boxes += [Bbox.from_extents(x - r, y - r, x + r, y + r) for (x, y), r in zip(pts, radii)
+                      if np.isfinite(x) and np.isfinite(y)]
+        else:  # error-bar segments (LineCollection): thin boxes along each segment
+            for seg in coll.get_segments():
+                seg = coll.get_transform().transform(np.asarray(seg, dtype=float))
+                if len(seg) and np.isfinite(seg).all():
+                    (x0, y0), (x1, y1) = seg.min(0), seg.max(0)
+                    boxes.append(Bbox.from_extents(x0 - pad_px, y0 - pad_px, x1 + pad_px, y1 + pad_px))
+    for line in ax.lines:
+        marker = line.get_marker()
+        if not line.get_visible() or marker in (None, "None", "", " "):
+            continue
+        pts = line.get_transform().transform(np.column_stack([line.get_xdata(), line.get_ydata()]).astype(float))
+        r = line.get_markersize() / 2 * scale + pad_px
+        boxes += [Bbox.from_extents(x - r, y - r, x + r, y + r) for x, y in pts if np.isfinite(x) and np.isfinite(y)]
+    return boxes
+
+
+def _line_boxes(ax: Any, step_px: float = 3.0) -> list[Bbox]:
+    """Small boxes along every drawn line of ``ax`` (e.g. the Pareto front), which a label should not cross."""
+    boxes: list[Bbox] = []
+    for line in ax.lines:
+        if not line.get_visible() or line.get_linestyle() in ("None", "", " "):
+            continue
+        pts = line.get_transform().transform(np.column_stack([line.get_xdata(), line.get_ydata()]).astype(float))
+        pts = pts[np.isfinite(pts).all(1)]
+        for a, b in zip(pts[:-1], pts[1:]):
+            n = max(2, int(np.hypot(*(b - a)) / step_px))
+            boxes += [Bbox.from_extents(x - 1, y - 1, x + 1, y + 1) for x, y in np.linspace(a, b, n)]
+    return boxes
+
+
+#: (dx, dy) directions tried for a label, in order of preference; offsets grow if all are taken
+_DIRECTIONS = [(1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1)]
+
+
+def place_labels(ax: Any, xs: Sequence[float], ys: Sequence[float], labels: Sequence[str],
+                 fontsize: float = 7) -> list[Annotation]:
+    """Label points so that no label overlaps a marker, another label or the panel's edge.
+
+    The figure's layout is drawn and frozen first (constrained layout would move the panels afterwards); then each
+    label tries 8 directions at growing distances and takes the first free spot, or the least-overlapping one.
+    """
+    fig = ax.figure
+    renderer = _renderer(fig)
+    fig.draw_without_rendering()
+    fig.set_layout_engine("none")  # freeze: later layout passes must not move points under placed labels
+    inside = ax.get_window_extent(renderer)
+    obstacles = marker_boxes(ax) + _line_boxes(ax)
+    placed: list[Annotation] = []
+    taken: list[Bbox] = []
+    for x, y, text in zip(xs, ys, labels):
+        best: tuple[float, Annotation] | None = None
+        for dist in (5, 9, 14, 20, 28):
+            for dx, dy in _DIRECTIONS:
+                ann = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx * dist, dy * dist),
+                                  ha={1: "left", -1: "right", 0: "center"}[dx],
+                                  va={1: "bottom", -1: "top", 0: "center"}[dy], fontsize=fontsize, color="#333333")
+                box = ann.get_window_extent(renderer).padded(1)
+                overlap = sum(_area(box, o) for o in (*obstacles, *taken))
+                outside = box.width * box.height - _area(box, inside)
+                cost = overlap + 10 * outside
+                if best is None or cost < best[0]:
+                    if best is not None:
+                        best[1].remove()
+                    best = (cost, ann)
+                else:
+                    ann.remove()
+                if cost == 0:
+                    break
+            if best is not None and best[0] == 0:
+                break
+        assert best is not None
+        placed.append(best[1])
+        taken.append(best[1].get_window_extent(renderer).padded(1))
+    return placed
+
+
+def _area(a: Bbox, b: Bbox) -> float:
+    w = min(a.x1, b.x1) - max(a.x0, b.x0)
+    h = min(a.y1, b.y1) - max(a.y0, b.y0)
+    return w * h if w > 0 and h > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------------------------- trade-off plots
 
 def _tradeoff(runs: pd.DataFrame, x: str, xlabel: str, x_higher_better: bool, base_x: str | None,
               title: str) -> Figure | None:
@@ -81,10 +226,12 @@ def _tradeoff(runs: pd.DataFrame, x: str, xlabel: str, x_higher_better: bool, ba
     ok[x] = ok[x].astype(float)
     facets = list(ok.groupby(["data", "model"], sort=True))
     fig, axes = _facets(len(facets))
+    to_label = []
     for ax, ((data, model), df) in zip(axes, facets):
         means = (df.groupby(["method", "targets", "setting"], sort=False)
                  .agg(x=(x, "mean"), auc=("auc", "mean"), std=("auc", "std"), n=("auc", "size")).reset_index())
-        for method, m in means.groupby("method", sort=False):
+        for method in sorted(means["method"].unique(), key=_method_key):
+            m = means[means["method"] == method]
             color = method_color(method)
             raw = df[df["method"] == method]
             ax.scatter(raw[x], raw["auc"], s=10, color=color, alpha=0.3, linewidths=0)
@@ -101,89 +248,168 @@ def _tradeoff(runs: pd.DataFrame, x: str, xlabel: str, x_higher_better: bool, ba
         front = points.iloc[pareto_front(points["x"], points["auc"], x_higher_better)]
         ax.plot(front["x"], front["auc"], "--", color="black", lw=1, alpha=0.7, label="Pareto front")
         ax.scatter(front["x"], front["auc"], s=90, facecolors="none", edgecolors="black", linewidths=1, zorder=4)
-        log_x = _use_log(points["x"], 8)
-        if log_x:
+        if _use_log(points["x"], 8):
             ax.set_xscale("log", base=2)
-        ax.margins(x=0.08, y=0.12)
-        lo, hi = np.nanmin(points["x"]), np.nanmax(points["x"])
-        for row in front.itertuples():
-            if row.setting in ("", "base"):
-                continue
-            pos = (math.log(row.x / lo) / math.log(hi / lo) if log_x else (row.x - lo) / (hi - lo)) if hi > lo else 0
-            right = pos > 0.6  # labels of points near the right edge go to their left, inside the axes
-            ax.annotate(str(row.setting), (row.x, row.auc), textcoords="offset points", xytext=(-5 if right else 5, 5),
-                        ha="right" if right else "left", fontsize=7, color="#333333")
+        ax.margins(x=0.15, y=0.2)  # room for labels inside the panel
         ax.set_title(f"{data} / {model}", fontsize=10)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test AUC")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-    fig.suptitle(title, fontsize=11)
+        labelled = front[~front["setting"].isin(["", "base"])]
+        to_label.append((ax, labelled))
+    wrapped_title(fig, title)
+    figure_legend(fig, axes)
+    for ax, labelled in to_label:
+        texts = (labelled["method"].astype(str) + " " + labelled["setting"].astype(str)).tolist()
+        place_labels(ax, labelled["x"].tolist(), labelled["auc"].tolist(), texts)
     return fig
 
 
 def auc_vs_ratio(runs: pd.DataFrame) -> Figure | None:
     """Test AUC vs compression ratio (base bytes / compressed bytes), per data/model facet, coloured by method."""
     return _tradeoff(runs, "ratio", "compression ratio (base bytes / compressed bytes)", True, "one",
-                     "AUC vs compression ratio (dots: runs; markers: seed mean ± std; upper right is better)")
+                     "AUC vs compression ratio (dots: runs; markers: seed mean ± std; labels: the Pareto front's "
+                     "settings; upper right is better)")
 
 
 def auc_vs_latency(runs: pd.DataFrame) -> Figure | None:
     """Test AUC vs inference latency at batch 4096 (compressed model; the base model as a star)."""
     return _tradeoff(runs, "latency_ms@4096", "latency at batch 4096 (ms)", False, "base_ms@4096",
-                     "AUC vs batch-4096 latency (upper left is better)")
+                     "AUC vs batch-4096 latency (dots: runs; markers: seed mean ± std; upper left is better)")
+
+
+# ----------------------------------------------------------------------------------------------- retained energy
+
+def _mean_curve(curves: Sequence[Sequence[float]]) -> tuple[np.ndarray, int]:
+    """Elementwise mean of the curves of the most common length (one layer's shape), and how many were averaged."""
+    lengths = pd.Series([len(c) for c in curves])
+    length = int(lengths.mode().iloc[0])
+    same = np.array([c for c in curves if len(c) == length], dtype=float)
+    return same.mean(0), len(same)
 
 
 def retained_energy(layers: pd.DataFrame, max_layer_legend: int = 8) -> Figure | None:
-    """Retained spectral energy vs rank, one line per layer (seed mean), one panel per method, coloured by group."""
+    """Cumulative retained energy vs rank per compressed layer, from each layer's STORED spectrum.
+
+    One line per layer and panel (data/model/method), the mean over the runs that stored it (seeds; settings of the
+    same trained model share its spectrum), so every line is monotone by construction. Hollow markers: the rank
+    each run chose and the energy it kept (tables with per-field ranks: the mean field rank). Runs whose
+    results.json stores no spectrum show their chosen points only: joining points of different runs would draw a
+    curve that no model has.
+    """
     if layers.empty:
         return None
     df = layers.copy()
-    for c in ("rank", "retained_energy"):
-        df[c] = df[c].astype(float)
+    for c in ("rank", "retained_energy", "chosen_rank"):
+        if c in df.columns:
+            df[c] = df[c].astype(float)
+    if "chosen_rank" not in df.columns:
+        df["chosen_rank"] = df["rank"]
+    if "energy_curve" not in df.columns:
+        df["energy_curve"] = None
     df = df[np.isfinite(df["rank"]) & np.isfinite(df["retained_energy"]) & df["replaced"].astype(bool)]
     if df.empty:
         return None
-    several_models = df[["data", "model"]].drop_duplicates().shape[0] > 1
-    df["line"] = (df["data"] + "/" + df["model"] + ": " if several_models else "") + df["name"].astype(str)
-    methods = sorted(df["method"].unique(), key=lambda m: list(METHOD_COLORS).index(m) if m in METHOD_COLORS
-                     else len(METHOD_COLORS))
-    fig, axes = _facets(len(methods), width=5.6)
+    df["has_curve"] = df["energy_curve"].map(lambda c: isinstance(c, (list, tuple, np.ndarray)) and len(c) > 0)
+    facets = sorted(df.groupby(["data", "model", "method"]).groups,
+                    key=lambda k: (str(k[0]), str(k[1]), _method_key(str(k[2]))))
+    several_models = len({(d, m) for d, m, _ in facets}) > 1
+    fig, axes = _facets(len(facets), width=5.6)
     styles = ["-", "--", ":", "-."]
-    for ax, method in zip(axes, methods):
-        m = df[df["method"] == method]
-        lines = list(m.groupby(["group", "line"], sort=True))
-        per_layer_legend = len(lines) <= max_layer_legend
+    any_curve = bool(df["has_curve"].any())
+    # one legend entry per layer while that stays short, else one per layer group for the whole figure
+    per_layer_legend = int(df.groupby(["data", "model", "method"])["name"].nunique().max()) <= max_layer_legend
+    for ax, (data, model, method) in zip(axes, facets):
+        m = df[(df["data"] == data) & (df["model"] == model) & (df["method"] == method)]
+        lines = list(m.groupby(["group", "name"], sort=True))
         seen_groups: set[str] = set()
-        for i, ((group, line), g) in enumerate(lines):
-            curve = g.groupby("rank")["retained_energy"].mean().sort_index()
+        xs_all: list[float] = []
+        for i, ((group, name), g) in enumerate(lines):
             color = GROUP_COLORS.get(str(group), "#7f7f7f")
-            label = f"{line} ({group})" if per_layer_legend else (str(group) if group not in seen_groups else None)
+            if per_layer_legend:
+                label = f"{name} ({group})"
+            else:
+                label = str(group) if group not in seen_groups else None
             seen_groups.add(str(group))
-            ax.plot(curve.index, curve.values, styles[i % len(styles)] if per_layer_legend else "-", marker="o",
-                    ms=3, lw=1.2, color=color, alpha=0.9 if per_layer_legend else 0.5, label=label)
-        if _use_log(m["rank"], 16):
+            curves = [list(c) for c in g.loc[g["has_curve"], "energy_curve"]]
+            if curves:
+                curve, n = _mean_curve(curves)
+                ranks = np.arange(1, len(curve) + 1)
+                ax.plot(ranks, curve, styles[i % len(styles)] if per_layer_legend else "-", lw=1.3, color=color,
+                        alpha=0.9 if per_layer_legend else 0.6, label=label)
+                xs_all += [1, len(curve)]
+                label = None
+            chosen = g[["chosen_rank", "retained_energy"]].round(6).drop_duplicates()
+            ax.scatter(chosen["chosen_rank"], chosen["retained_energy"], s=28, facecolors="none", edgecolors=color,
+                       linewidths=1.2, zorder=4, label=label)
+            xs_all += chosen["chosen_rank"].tolist()
+        if _use_log(xs_all, 16):
             ax.set_xscale("log", base=2)
         else:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylim(top=1.01)
-        ax.set_title(f"method {method}", fontsize=10)
-        ax.set_xlabel("rank")
-        ax.set_ylabel("retained energy")
+        ax.set_ylim(top=1.02)
+        ax.set_title(f"{data} / {model}: {method}" if several_models else f"method {method}", fontsize=10)
+        ax.set_xlabel("rank (components kept)")
+        ax.set_ylabel("retained energy (share of spectrum)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-    fig.suptitle("Retained energy (kept share of the spectrum) vs rank per compressed layer, seed mean",
-                 fontsize=11)
+        if per_layer_legend:  # curves rise from the lower left: the lower right is free
+            ax.legend(fontsize=7, loc="lower right")
+    if not per_layer_legend:
+        figure_legend(fig, axes)
+    marker_note = "hollow markers: each run's chosen rank and kept energy (tables: mean field rank)"
+    if any_curve:
+        title = ("Retained energy vs rank per compressed layer: cumulative share of the stored spectrum, mean over "
+                 f"runs; {marker_note}")
+    else:
+        title = (f"Retained energy at the chosen rank per compressed layer ({marker_note}); these results store no "
+                 "spectrum (compress/layers[].spectrum), so no curves are drawn")
+    wrapped_title(fig, title)
     return fig
 
 
-def fig_to_png(fig: Figure, dpi: int = 110) -> bytes:
+# ----------------------------------------------------------------------------------------------- output
+
+def fig_to_png(fig: Figure, dpi: int = DPI) -> bytes:
     """PNG bytes of a figure (a notebook shows them with ``IPython.display.Image``)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     return buf.getvalue()
 
 
-def save_png(fig: Figure, path: Path, dpi: int = 110) -> Path:
+def save_png(fig: Figure, path: Path, dpi: int = DPI) -> Path:
     path.write_bytes(fig_to_png(fig, dpi))
     return path
+
+
+def label_overlaps(fig: Figure) -> list[str]:
+    """Every point label that overlaps a marker, another label or leaves its panel (empty: readable). For tests."""
+    renderer = _renderer(fig)
+    fig.draw_without_rendering()
+    problems = []
+    for ax in fig.axes:
+        if not ax.get_visible():
+            continue
+        inside = ax.get_window_extent(renderer)
+        boxes = marker_boxes(ax, pad_px=0.0)
+        texts = [t for t in ax.texts if isinstance(t, Annotation)]
+        extents = [t.get_window_extent(renderer) for t in texts]
+        for i, (t, box) in enumerate(zip(texts, extents)):
+            if any(_area(box, b) > 0 for b in boxes):
+                problems.append(f"{t.get_text()!r} overlaps a marker")
+            if any(_area(box, other) > 0 for other in extents[:i]):
+                problems.append(f"{t.get_text()!r} overlaps another label")
+            if _area(box, inside) < box.width * box.height - 1e-6:
+                problems.append(f"{t.get_text()!r} leaves its panel")
+    return problems
+
+
+def title_fits(fig: Figure) -> bool:
+    """Whether the figure's title lies entirely inside the figure (a cut title reads wrong). For tests."""
+    renderer = _renderer(fig)
+    fig.draw_without_rendering()
+    title = fig._suptitle
+    if title is None:
+        return True
+    box = title.get_window_extent(renderer)
+    page = fig.bbox
+    return box.x0 >= page.x0 - 0.5 and box.x1 <= page.x1 + 0.5 and box.y0 >= page.y0 - 0.5 and box.y1 <= page.y1 + 0.5

@@ -2,7 +2,10 @@
 
 Every ``results.json`` below the given directories is one row (a run of ``lowrank-ctr-train`` or one job of a
 Hydra multirun); a Hydra job directory (``.hydra/config.yaml``) without one is a failed row too, so a crashed job
-never silently disappears from a comparison. Writes ``OUT/results.csv`` (one row per run, raw numbers),
+never silently disappears from a comparison. Directories are searched whatever their name (a run may be called
+``wandb`` or ``checkpoints``); a ``results.json`` that is not a lowrank-ctr record is counted, named and left out.
+A metric that is undefined in a run (``null`` in results.json, e.g. the AUC of a one-class test split) reads
+``undefined`` in every table and makes its group's mean undefined; it is never shown as a number. Writes ``OUT/results.csv`` (one row per run, raw numbers),
 ``OUT/grouped.csv`` (seeds aggregated), ``OUT/results.md``, a self-contained ``OUT/report.html`` and PNG plots.
 
 The loading functions (:func:`load_results`) are what the dashboard notebook uses too.
@@ -22,13 +25,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 
 RESULTS_FILE = "results.json"
 HYDRA_CONFIG = Path(".hydra") / "config.yaml"
 BATCH_SIZES: tuple[int, ...] = (1, 256, 4096)
-#: directories never searched for runs (they hold logger files, not jobs)
-SKIP_DIRS = frozenset({".hydra", "wandb", "checkpoints", "lightning_logs", "__pycache__", ".git"})
+#: directories never searched: version control and Python caches. Everything else is searched whatever its name, so
+#: a run called ``wandb`` or ``checkpoints`` is found; what the project and its loggers write inside a run
+#: (checkpoints/, stages/, wandb/, csv/, .hydra/, report/) holds no results.json, so searching it finds nothing.
+NEVER_SEARCHED = frozenset({".git", "__pycache__"})
+#: keys every results.json that lowrank-ctr writes has at least one of (ok, failed and older records)
+RECORD_KEYS: tuple[str, ...] = ("status", "test/auc", "config_hash")
 METHOD_ORDER: tuple[str, ...] = ("none", "svd", "afm", "tt", "int8")
 
 #: columns of results.csv, in order (one row per run; failed runs included)
@@ -38,7 +46,7 @@ RUN_COLUMNS: list[str] = [
     "base_auc", "base_logloss", "before_ft_auc", "before_ft_logloss", "auc", "logloss",
     "delta_auc", "delta_auc_before_ft", "delta_logloss", "control_auc", "control_logloss", "delta_auc_vs_control",
     *[f"speedup@{b}" for b in BATCH_SIZES], "base_ms@4096", "latency_ms@4096",
-    "val_auc", "train_seconds", "compress_seconds", "train_samples_per_s",
+    "val_auc", "train_seconds", "compress_seconds", "train_samples_per_s", "undefined",
 ]
 #: what identifies one experimental setting; seeds of a setting are aggregated
 GROUP_KEYS: list[str] = ["data", "model", "method", "targets", "setting"]
@@ -47,10 +55,23 @@ STAT_COLUMNS: list[str] = ["auc", "base_auc", "before_ft_auc", "control_auc", "d
                            "delta_auc_vs_control", "logloss"]
 #: aggregated as mean only
 MEAN_COLUMNS: list[str] = ["ratio", "params", "bytes", "speedup@4096", "latency_ms@4096", "train_seconds"]
-#: per-layer rows (from ``compress/layers``) used by the retained-energy plot
+#: per-layer rows (from ``compress/layers``) used by the retained-energy plot; ``energy_curve`` is the cumulative
+#: retained energy at ranks 1..full rank from the layer's stored spectrum (None when results.json has none)
 LAYER_COLUMNS: list[str] = ["run_dir", "data", "model", "method", "setting", "seed", "name", "group",
                             "layer_method", "rank", "full_rank", "retained_energy", "params_before", "params_after",
-                            "replaced", "note"]
+                            "replaced", "note", "chosen_rank", "energy_curve"]
+#: the run-table column of each metric read from results.json (an undefined metric is null there)
+METRIC_SOURCES: dict[str, str] = {
+    "auc": "test/auc", "logloss": "test/logloss", "base_auc": "base/test/auc", "base_logloss": "base/test/logloss",
+    "before_ft_auc": "compress/test/auc_before_finetune", "before_ft_logloss": "compress/test/logloss_before_finetune",
+    "control_auc": "control/test/auc", "control_logloss": "control/test/logloss", "val_auc": "val/auc",
+}
+#: derived columns and the columns they are computed from (undefined when one of those is undefined)
+DERIVED_FROM: dict[str, tuple[str, ...]] = {
+    "delta_auc": ("auc", "base_auc"), "delta_auc_before_ft": ("before_ft_auc", "base_auc"),
+    "delta_logloss": ("logloss", "base_logloss"), "delta_auc_vs_control": ("auc", "control_auc"),
+}
+UNDEFINED = "undefined"
 
 
 class ReportError(ValueError):
@@ -78,7 +99,8 @@ def _is_train_job(config_yaml: Path) -> bool:
 def find_run_dirs(roots: Sequence[str | Path]) -> list[Path]:
     """Directories below ``roots`` holding a ``results.json``, or a Hydra train job without one (a failed job).
 
-    Overlapping roots are deduplicated; the order is natural path order (``0, 1, ..., 10``).
+    Every directory is searched whatever its name (only :data:`NEVER_SEARCHED` is not). Overlapping roots are
+    deduplicated; the order is natural path order (``0, 1, ..., 10``).
     """
     found: dict[Path, Path] = {}
     for root in map(Path, roots):
@@ -89,8 +111,18 @@ def find_run_dirs(roots: Sequence[str | Path]) -> list[Path]:
                 is_run = _is_train_job(here / HYDRA_CONFIG)
             if is_run:
                 found.setdefault(here.resolve(), here)
-            dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
+            dirnames[:] = sorted(d for d in dirnames if d not in NEVER_SEARCHED)
     return sorted(found.values(), key=_natural_key)
+
+
+def not_a_record(run_dir: Path, rec: Mapping[str, Any]) -> str | None:
+    """Why a results.json is not a lowrank-ctr run record (another tool's file of the same name), else None."""
+    if rec.get("status") == "failed" and "unreadable results.json" in str(rec.get("error", "")):
+        # unreadable: a row (failed) only where a Hydra train job says a run was meant to be here
+        return None if (run_dir / HYDRA_CONFIG).is_file() else str(rec["error"])
+    if not any(k in rec for k in RECORD_KEYS):
+        return f"not a lowrank-ctr results.json (none of the keys {', '.join(RECORD_KEYS)})"
+    return None
 
 
 def find_wandb_offline_runs(roots: Sequence[str | Path]) -> list[Path]:
@@ -284,7 +316,26 @@ def run_row(rec: Mapping[str, Any]) -> dict[str, Any]:
     }
     for b in BATCH_SIZES:
         row[f"speedup@{b}"] = _num(rec.get(f"bench/speedup@{b}"))
+    row["undefined"] = " ".join(undefined_columns(rec, own)) if status == "ok" else ""
     return row
+
+
+def undefined_columns(rec: Mapping[str, Any], own_base: bool = False) -> list[str]:
+    """Run-table columns whose metric is undefined: null in results.json (present, not missing), or derived from one.
+
+    ``own_base``: an uncompressed run is its own base, so an undefined ``test/auc`` makes ``base_auc`` undefined.
+    """
+    undefined = {col for col, key in METRIC_SOURCES.items() if key in rec and _is_undefined(rec[key])}
+    if own_base:
+        undefined |= {base for base, own in (("base_auc", "auc"), ("base_logloss", "logloss"))
+                      if own in undefined and METRIC_SOURCES[base] not in rec}
+    undefined |= {col for col, parts in DERIVED_FROM.items() if undefined.intersection(parts)}
+    return [c for c in RUN_COLUMNS if c in undefined]
+
+
+def _is_undefined(value: Any) -> bool:
+    """null (or a non-finite number) in results.json: the metric exists for this run but has no value."""
+    return value is None or (isinstance(value, float) and not math.isfinite(value))
 
 
 def runs_table(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
@@ -294,8 +345,61 @@ def runs_table(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     return df
 
 
+def cumulative_energy(spectrum: Sequence[float]) -> list[float]:
+    """Retained energy at ranks 1..len(spectrum): the cumulative share of a descending spectrum (monotone, ends at 1).
+
+    Negative entries (round-off of an eigen-solver) count as 0; an all-zero spectrum keeps everything at any rank.
+    """
+    values = np.clip(np.asarray([_num(v) for v in spectrum], dtype=float), 0.0, None)
+    if values.size == 0 or not np.isfinite(values).all():
+        return []
+    values = np.sort(values)[::-1]
+    total = values.sum()
+    if total <= 0:
+        return [1.0] * values.size
+    return (np.cumsum(values) / total).tolist()
+
+
+def pooled_cumulative_energy(spectra: Sequence[Sequence[float]]) -> list[float]:
+    """Retained energy of a whole embedding table when every field keeps rank k, for k = 1..max field rank:
+    ``sum_f kept_f(k) / sum_f total_f`` (a field with fewer components keeps all of them), as compress() reports
+    ``retained_energy`` of a table. Monotone by construction."""
+    fields = [np.sort(np.clip(np.asarray([_num(v) for v in s], dtype=float), 0.0, None))[::-1] for s in spectra]
+    fields = [f for f in fields if f.size]
+    if not fields or not all(np.isfinite(f).all() for f in fields):
+        return []
+    width = max(f.size for f in fields)
+    kept = np.zeros(width)
+    for f in fields:
+        c = np.cumsum(f)
+        kept += np.concatenate([c, np.full(width - c.size, c[-1])])
+    total = kept[-1]
+    return (kept / total).tolist() if total > 0 else [1.0] * width
+
+
+def layer_energy_curve(layer: Mapping[str, Any]) -> list[float] | None:
+    """The cumulative energy curve of one ``compress/layers`` entry from its stored ``spectrum`` (a Linear, or a
+    whole table) or ``field_spectra`` (an embedding table, one spectrum per field); None when neither is stored."""
+    if isinstance(layer.get("spectrum"), list) and layer["spectrum"]:
+        return cumulative_energy(layer["spectrum"]) or None
+    spectra = layer.get("field_spectra")
+    if isinstance(spectra, list) and spectra and all(isinstance(f, list) for f in spectra):
+        return pooled_cumulative_energy(spectra) or None
+    return None
+
+
+def _chosen_rank(layer: Mapping[str, Any]) -> float:
+    """The rank a layer kept; a table with per-field ranks: their mean (where its kept energy is plotted)."""
+    ranks = layer.get("field_ranks")
+    if isinstance(ranks, list) and ranks:
+        values = [_num(r) for r in ranks]
+        return float(np.mean(values)) if all(math.isfinite(v) for v in values) else math.nan
+    return _num(layer.get("rank"))
+
+
 def layers_table(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
-    """One row per (ok run, compressed layer) from ``compress/layers``: rank, full rank, retained energy."""
+    """One row per (ok run, compressed layer) from ``compress/layers``: rank, full rank, retained energy, and the
+    cumulative energy curve of the layer's stored spectrum (``energy_curve``)."""
     rows = []
     for rec in records:
         layers = rec.get("compress/layers")
@@ -312,7 +416,8 @@ def layers_table(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
                          "retained_energy": _num(layer.get("retained_energy")),
                          "params_before": _num(layer.get("params_before")),
                          "params_after": _num(layer.get("params_after")),
-                         "replaced": bool(layer.get("replaced")), "note": layer.get("note") or ""})
+                         "replaced": bool(layer.get("replaced")), "note": layer.get("note") or "",
+                         "chosen_rank": _chosen_rank(layer), "energy_curve": layer_energy_curve(layer)})
     return pd.DataFrame(rows, columns=LAYER_COLUMNS)
 
 
@@ -324,7 +429,8 @@ def grouped_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Seeds aggregated per :data:`GROUP_KEYS`: ``n`` ok seeds, ``n_failed``, mean and std (ddof=1, NaN for one
     seed) of :data:`STAT_COLUMNS`, mean of :data:`MEAN_COLUMNS`. Failed runs count in ``n_failed`` only."""
     columns = [*GROUP_KEYS, "n", "n_failed", "seeds",
-               *[f"{c}_{s}" for c in STAT_COLUMNS for s in ("mean", "std")], *[f"{c}_mean" for c in MEAN_COLUMNS]]
+               *[f"{c}_{s}" for c in STAT_COLUMNS for s in ("mean", "std")], *[f"{c}_mean" for c in MEAN_COLUMNS],
+               "undefined"]
     if runs.empty:
         return pd.DataFrame(columns=columns)
     keyed = runs.assign(**{k: runs[k].fillna("").astype(str) for k in GROUP_KEYS})
@@ -335,12 +441,15 @@ def grouped_table(runs: pd.DataFrame) -> pd.DataFrame:
         row["n"] = len(ok)
         row["n_failed"] = len(g) - len(ok)
         row["seeds"] = " ".join(str(s) for s in sorted(ok["seed"].dropna().unique()))
+        # a statistic over seeds where one seed's metric is undefined is undefined too (not a mean of the others)
+        undefined = {c for cell in ok["undefined"].fillna("") for c in str(cell).split()}
         for c in STAT_COLUMNS:
             values = ok[c].astype(float)
-            row[f"{c}_mean"] = values.mean()
-            row[f"{c}_std"] = values.std(ddof=1)
+            row[f"{c}_mean"] = math.nan if c in undefined else values.mean()
+            row[f"{c}_std"] = math.nan if c in undefined else values.std(ddof=1)
         for c in MEAN_COLUMNS:
-            row[f"{c}_mean"] = ok[c].astype(float).mean()
+            row[f"{c}_mean"] = math.nan if c in undefined else ok[c].astype(float).mean()
+        row["undefined"] = " ".join(c for c in [*STAT_COLUMNS, *MEAN_COLUMNS] if c in undefined)
         out.append(row)
     df = pd.DataFrame(out, columns=columns)
     order = df["method"].map(_method_rank)
@@ -357,6 +466,9 @@ class Results:
     records: list[dict[str, Any]]
     runs: pd.DataFrame
     layers: pd.DataFrame
+    #: results.json files found below the roots (each counted once), and those left out with the reason
+    results_found: int = 0
+    ignored: list[tuple[Path, str]] = field(default_factory=list)
     grouped: pd.DataFrame = field(init=False)
 
     def __post_init__(self) -> None:
@@ -369,6 +481,37 @@ class Results:
     @property
     def n_failed(self) -> int:
         return len(self.runs) - self.n_ok
+
+    @property
+    def results_used(self) -> int:
+        return self.results_found - len(self.ignored)
+
+    @property
+    def jobs_without_results(self) -> int:
+        """Hydra train jobs that wrote no results.json (each is a failed row)."""
+        return len(self.runs) - self.results_used
+
+    def counts(self) -> str:
+        """``2 runs (2 ok, 0 failed)``: what the report is made of."""
+        return f"{plural(len(self.runs), 'run')} ({self.n_ok} ok, {self.n_failed} failed)"
+
+    def sources(self) -> str:
+        """How the runs were found: results.json found / used, and jobs that wrote none."""
+        text = (f"{plural(self.results_found, 'results.json', 'results.json')} found, {self.results_used} used"
+                + (f" ({len(self.ignored)} ignored: not lowrank-ctr results)" if self.ignored else ""))
+        if self.jobs_without_results:
+            text += (f"; {plural(self.jobs_without_results, 'Hydra job')} without results.json "
+                     f"counted as failed")
+        return text
+
+    def undefined_auc_runs(self) -> int:
+        ok = self.runs[self.runs["status"] == "ok"]
+        return int(ok["undefined"].fillna("").str.split().map(lambda cols: "auc" in cols).sum())
+
+
+def plural(n: int, singular: str, plural_form: str | None = None) -> str:
+    """``1 run``, ``2 runs``."""
+    return f"{n} {singular if n == 1 else (plural_form or singular + 's')}"
 
 
 def check_dirs(dirs: Sequence[str | Path]) -> list[Path]:
@@ -389,8 +532,20 @@ def check_dirs(dirs: Sequence[str | Path]) -> list[Path]:
 def load_results(dirs: Sequence[str | Path]) -> Results:
     """Load every run below ``dirs`` (see :func:`find_run_dirs`); an empty result is fine here, the CLI refuses it."""
     roots = check_dirs(dirs)
-    records = [load_record(d) for d in find_run_dirs(roots)]
-    return Results(roots=roots, records=records, runs=runs_table(records), layers=layers_table(records))
+    records: list[dict[str, Any]] = []
+    found = 0
+    ignored: list[tuple[Path, str]] = []
+    for run_dir in find_run_dirs(roots):
+        has_results = (run_dir / RESULTS_FILE).is_file()
+        rec = load_record(run_dir)
+        found += has_results
+        why = not_a_record(run_dir, rec) if has_results else None
+        if why is not None:
+            ignored.append((run_dir / RESULTS_FILE, why))
+            continue
+        records.append(rec)
+    return Results(roots=roots, records=records, runs=runs_table(records), layers=layers_table(records),
+                   results_found=found, ignored=ignored)
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -420,10 +575,22 @@ def _formatter(col: str) -> Callable[[Any], str]:
     return fmt
 
 
+def _undefined_cells(df: pd.DataFrame) -> list[set[str]]:
+    """Per row, the columns whose value is undefined (from the ``undefined`` column of the run / grouped table)."""
+    if "undefined" not in df.columns:
+        return [set() for _ in range(len(df))]
+    return [set(str(v).split()) if isinstance(v, str) else set() for v in df["undefined"]]
+
+
 def display_table(df: pd.DataFrame, drop: Sequence[str] = ()) -> pd.DataFrame:
-    """Strings for people: rounded numbers, empty columns (e.g. no control runs) and ``drop`` left out."""
-    keep = [c for c in df.columns if c not in drop and not (df[c].isna() | (df[c].astype(str) == "")).all()]
-    return pd.DataFrame({c: [_formatter(c)(v) for v in df[c]] for c in keep}, index=df.index)
+    """Strings for people: rounded numbers, ``undefined`` for undefined metrics, empty columns (e.g. no control
+    runs) and ``drop`` left out."""
+    undefined = _undefined_cells(df)
+    shown_undefined = set().union(*undefined) if undefined else set()
+    keep = [c for c in df.columns if c not in drop and c != "undefined"
+            and (c in shown_undefined or not (df[c].isna() | (df[c].astype(str) == "")).all())]
+    return pd.DataFrame({c: [UNDEFINED if c in u else _formatter(c)(v) for v, u in zip(df[c], undefined)]
+                         for c in keep}, index=df.index)
 
 
 def display_grouped(grouped: pd.DataFrame) -> pd.DataFrame:
@@ -440,6 +607,8 @@ def display_grouped(grouped: pd.DataFrame) -> pd.DataFrame:
                   zip(grouped[f"{c}_mean"], grouped[f"{c}_std"])]
     for c in ("speedup@4096", "latency_ms@4096", "bytes"):
         out[c] = grouped[f"{c}_mean"].map(_formatter(c))
+    if "undefined" in grouped.columns:
+        out["undefined"] = grouped["undefined"]
     return display_table(out)
 
 
@@ -482,9 +651,12 @@ def render_html(res: Results, plots: Mapping[str, Path], skipped: Mapping[str, s
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>lowrank-ctr report</title>"
              f"<style>{_HTML_STYLE}</style></head><body>",
              "<h1>lowrank-ctr report</h1>",
-             f"<p>{len(res.runs)} runs ({res.n_ok} ok, {res.n_failed} failed) below {roots}. "
+             f"<p>{html.escape(res.counts())} below {roots}: {html.escape(res.sources())}. "
              "AUC deltas are final minus base model; std is over seeds (ddof=1). "
-             "Compression ratio = base bytes / compressed bytes.</p>",
+             "Compression ratio = base bytes / compressed bytes. "
+             f"<i>{UNDEFINED}</i>: the metric has no value in that run (e.g. the AUC of a one-class test split); "
+             "a group with such a seed has no mean.</p>",
+             *[f"<p class='note'>ignored {html.escape(str(path))}: {html.escape(why)}</p>" for path, why in res.ignored],
              "<h2>Grouped by setting (seeds aggregated)</h2>",
              _html_table(display_grouped(res.grouped)),
              "<h2>Plots</h2>"]
@@ -506,8 +678,10 @@ def render_html(res: Results, plots: Mapping[str, Path], skipped: Mapping[str, s
 
 def render_markdown(res: Results, plots: Mapping[str, Path], skipped: Mapping[str, str]) -> str:
     lines = ["# lowrank-ctr report", "",
-             f"{len(res.runs)} runs ({res.n_ok} ok, {res.n_failed} failed) below "
-             f"{', '.join(str(r) for r in res.roots)}. AUC deltas are final minus base; std over seeds (ddof=1).", "",
+             f"{res.counts()} below {', '.join(str(r) for r in res.roots)}: {res.sources()}. "
+             f"AUC deltas are final minus base; std over seeds (ddof=1). `{UNDEFINED}`: the metric has no value in "
+             "that run (e.g. the AUC of a one-class test split); a group with such a seed has no mean.", "",
+             *[f"- ignored {path}: {why}" for path, why in res.ignored],
              "## Grouped by setting (seeds aggregated)", "", markdown_table(display_grouped(res.grouped)),
              "## Plots", ""]
     lines += [f"![{name}]({path.name})" for name, path in plots.items()]
@@ -569,6 +743,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         res = load_results(args.dirs)
+        if res.runs.empty and res.ignored:
+            raise ReportError(f"no runs found below {', '.join(map(str, args.dirs))}: "
+                              f"{plural(res.results_found, 'results.json', 'results.json')} found, none written by "
+                              f"lowrank-ctr ({res.ignored[0][0]}: {res.ignored[0][1]})")
         if res.runs.empty:
             raise ReportError(f"no runs found below {', '.join(map(str, args.dirs))}: no results.json and no Hydra "
                               "job directory (.hydra/config.yaml). Point at the directory lowrank-ctr-train wrote "
@@ -585,7 +763,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    print(f"{len(res.runs)} runs ({res.n_ok} ok, {res.n_failed} failed), {len(res.grouped)} settings -> {out}")
+    print(res.sources())
+    for path, why in res.ignored:
+        print(f"  ignored: {path}: {why}")
+    print(f"{res.counts()}, {plural(len(res.grouped), 'setting')} -> {out}")
+    if res.undefined_auc_runs():
+        print(f"  {plural(res.undefined_auc_runs(), 'ok run')} with an undefined test AUC (null in results.json): "
+              "shown as undefined, not drawn in the AUC plots")
     for name in written:
         print(f"  {name}")
     if res.n_failed:
