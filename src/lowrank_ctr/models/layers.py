@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
@@ -10,12 +11,48 @@ from torch import nn
 from lowrank_ctr.data.schema import PAD_ID, Schema
 
 
+class _RowGradientLookup(torch.autograd.Function):
+    """``weight[flat_ids]`` whose weight gradient is a coalesced sparse tensor over the rows the batch touched.
+
+    Row-wise optimizers (lowrank_ctr.optim) update only those rows. The duplicate ids of a batch are summed here,
+    once, by sort + a 0/1 CSR matrix product: several times cheaper on CPU than ``index_add_`` into the unique rows
+    or ``Tensor.coalesce()`` (coalescing is why torch's ``sparse=True`` gradient + SparseAdam lost to dense Adam).
+    """
+
+    @staticmethod
+    def forward(ctx, flat_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(flat_ids)
+        ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
+        return nn.functional.embedding(flat_ids, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[None, torch.Tensor]:
+        (flat_ids,) = ctx.saved_tensors
+        ids = flat_ids.reshape(-1)
+        grad_rows = grad_out.reshape(ids.numel(), -1)
+        sorted_ids, order = torch.sort(ids)
+        rows, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+        crow = torch.zeros(rows.numel() + 1, dtype=torch.long, device=ids.device)
+        torch.cumsum(counts, 0, out=crow[1:])
+        ones = torch.ones(ids.numel(), dtype=grad_rows.dtype, device=ids.device)
+        with warnings.catch_warnings():  # torch flags CSR tensors as beta
+            warnings.simplefilter("ignore", UserWarning)
+            csr = torch.sparse_csr_tensor(crow, order, ones, (rows.numel(), ids.numel()), check_invariants=False)
+        summed = csr @ grad_rows
+        # Sorted unique rows; the autograd engine may drop the coalesced flag, lowrank_ctr.optim re-checks it cheaply.
+        grad = torch.sparse_coo_tensor(rows.unsqueeze(0), summed.to(ctx.weight_dtype), ctx.weight_shape,
+                                       is_coalesced=True, check_invariants=False)
+        return None, grad
+
+
 class FieldEmbedding(nn.Module):
     """All id-valued fields in ONE flat table with per-field offsets: one gather per batch.
 
     ``forward(ids)`` takes ids of shape (B, F) or (B, F, L) (field on dim 1, local ids per field) and returns
     (B, F, dim) or (B, F, L, dim). Compressed replacements (compression/) keep exactly this signature and the
     ``vocab_sizes`` / ``dim`` attributes, so models never know whether they were compressed.
+    With ``row_gradients = True`` (set by lowrank_ctr.optim for row-wise optimizers) training produces a sparse
+    gradient over the touched rows only; the forward result is identical.
     """
 
     def __init__(self, vocab_sizes: Sequence[int], dim: int, init_std: float = 0.01) -> None:
@@ -24,6 +61,7 @@ class FieldEmbedding(nn.Module):
             raise ValueError(f"embedding dim must be >= 1, got {dim}")
         self.vocab_sizes = [int(v) for v in vocab_sizes]
         self.dim = int(dim)
+        self.row_gradients = False
         offsets = torch.tensor([0] + self.vocab_sizes[:-1], dtype=torch.long).cumsum(0)
         self.register_buffer("offsets", offsets, persistent=False)
         self.weight = nn.Parameter(torch.empty(sum(self.vocab_sizes), self.dim))
@@ -38,7 +76,10 @@ class FieldEmbedding(nn.Module):
         return ids + self.offsets.view(shape)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return nn.functional.embedding(self.flat_ids(ids), self.weight)
+        flat = self.flat_ids(ids)
+        if self.row_gradients and self.weight.requires_grad and torch.is_grad_enabled():
+            return _RowGradientLookup.apply(flat, self.weight)
+        return nn.functional.embedding(flat, self.weight)
 
     def field_table(self, i: int) -> torch.Tensor:
         """The rows of field ``i`` (a view into the flat table)."""

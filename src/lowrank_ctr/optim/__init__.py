@@ -1,0 +1,49 @@
+"""Optimizers for CTR models (config group ``conf/optimizer/``): dense Adam, or row-wise updates of embedding tables.
+
+``build_optimizer(factory, model)`` is what the LightningModule calls: it switches the model's
+:class:`~lowrank_ctr.models.layers.FieldEmbedding` tables to sparse row gradients when the configured optimizer
+updates rows (``RowWiseOptimizer``), and back to dense gradients otherwise (a model trained row-wise and then
+fine-tuned with Adam gets ordinary gradients again).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from lowrank_ctr.models.layers import FieldEmbedding
+from lowrank_ctr.optim.rowwise import ROW_RULES, RowWiseOptimizer
+
+__all__ = ["ROW_RULES", "RowWiseOptimizer", "build_optimizer", "optimizer_name", "updates_rows"]
+
+
+def _target(factory: Callable[..., Any]) -> Any:
+    return getattr(factory, "func", factory)  # Hydra's _partial_ gives a functools.partial
+
+
+def updates_rows(factory: Callable[..., torch.optim.Optimizer]) -> bool:
+    """Whether ``factory`` builds an optimizer that wants sparse row gradients from embedding tables."""
+    target = _target(factory)
+    return isinstance(target, type) and issubclass(target, RowWiseOptimizer)
+
+
+def build_optimizer(factory: Callable[..., torch.optim.Optimizer], model: nn.Module) -> torch.optim.Optimizer:
+    """``factory(params=model.parameters())``, with the tables' gradient kind set to what the optimizer needs."""
+    rowwise = updates_rows(factory)
+    for module in model.modules():
+        if isinstance(module, FieldEmbedding):
+            module.row_gradients = rowwise
+    return factory(params=model.parameters())
+
+
+def optimizer_name(optimizer_cfg: Any) -> str | None:
+    """The ``train/optimizer`` results value: ``adam``, ``rowwise_adagrad``, ``rowwise_adam``, else the class name."""
+    if not optimizer_cfg:
+        return None
+    target = str(optimizer_cfg.get("_target_", ""))
+    short = target.rsplit(".", 1)[-1]
+    if short == RowWiseOptimizer.__name__:
+        return f"rowwise_{optimizer_cfg.get('rows', 'adagrad')}"
+    return short.lower() or None
