@@ -71,7 +71,7 @@ class ShardedBatches(IterableDataset):
     """Whole batches from one split's shards; see the module docstring for the work split."""
 
     def __init__(self, split_dir: str | Path, schema: Schema, batch_size: int, shuffle: bool = False, seed: int = 0,
-                 shuffle_buffer: int = 262_144, world: tuple[int, int] | None = None) -> None:
+                 shuffle_buffer: int = 262_144, world: tuple[int, int] | None = None, loader_workers: int = 1) -> None:
         super().__init__()
         if batch_size < 1:
             raise DataError(f"batch size must be >= 1, got {batch_size}")
@@ -83,7 +83,7 @@ class ShardedBatches(IterableDataset):
         self.shuffle_buffer = max(int(shuffle_buffer), 2 * self.batch_size)  # keeps half for mixing
         self.epoch = 0
         self._world = world  # (rank, world_size) override for tests; default: torch.distributed
-        self._num_workers = 1
+        self._num_workers = max(int(loader_workers), 1)  # the DataLoader's worker count: __len__ counts their batches
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -207,19 +207,19 @@ class CTRDataModule(pl.LightningDataModule):
         ebs = int(self.cfg.get("eval_batch_size") or bs)
         for split, size, shuffle in (("train", bs, True), ("valid", ebs, False), ("test", ebs, False)):
             self.datasets[split] = ShardedBatches(self.path / split, schema, size, shuffle=shuffle, seed=self.seed,
-                                                  shuffle_buffer=int(self.cfg.get("shuffle_buffer", 262_144)))
+                                                  shuffle_buffer=int(self.cfg.get("shuffle_buffer", 262_144)),
+                                                  loader_workers=int(self.cfg.get("num_workers", 0)))
 
     def _loader(self, split: str) -> DataLoader:
         ds = self.datasets[split]
         if ds.rows == 0:
             raise DataError(f"the {split} split of {self.path} has no rows: adjust data.split or the {split} file")
         workers = int(self.cfg.get("num_workers", 0))
-        ds._num_workers = max(workers, 1)
         return DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=bool(self.cfg.get("pin_memory", False)),
                           persistent_workers=False)
 
     def train_dataloader(self) -> DataLoader:
-        # The shuffle epoch is advanced by CTRModule.on_train_epoch_start (workers copy the dataset each epoch).
+        # The shuffle epoch is advanced by the DatasetEpoch callback (workers copy the dataset each epoch).
         return self._loader("train")
 
     def val_dataloader(self) -> DataLoader:
