@@ -22,20 +22,40 @@ from lowrank_ctr.compression import (
     model_size,
     module_groups,
 )
-from lowrank_ctr.compression.methods import (
-    afm_embedding,
-    afm_linear,
-    int8_embedding,
-    int8_linear,
-    svd_embedding,
-    svd_linear,
-    tt_embedding,
-)
+from lowrank_ctr.compression.methods import LayerContext, get_method
 from lowrank_ctr.compression.ranks import linear_break_even
 from lowrank_ctr.compression.stats import OutputStats
 from lowrank_ctr.data.batch import random_batch
 from lowrank_ctr.data.schema import PAD_ID, FieldSpec, Schema
 from lowrank_ctr.models.layers import MLP, FieldEmbedding
+
+
+def svd_linear(lin, rank, stats=None):
+    return get_method("svd").linear(lin, rank, LayerContext(stats=stats))
+
+
+def svd_embedding(emb, rank, stats=None):
+    return get_method("svd").embedding(emb, rank, LayerContext(stats=stats))
+
+
+def afm_linear(lin, rank, stats):
+    return get_method("afm").linear(lin, rank, LayerContext(stats=stats))
+
+
+def afm_embedding(emb, rank, stats, code_dtype="float32"):
+    return get_method("afm").embedding(emb, rank, LayerContext(stats=stats, code_dtype=code_dtype))
+
+
+def tt_embedding(emb, rank, stats=None):
+    return get_method("tt").embedding(emb, rank, LayerContext())
+
+
+def int8_embedding(emb, rank=None, stats=None):
+    return get_method("int8").embedding(emb, rank, LayerContext())
+
+
+def int8_linear(lin, rank=None, stats=None):
+    return get_method("int8").linear(lin, rank, LayerContext())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -422,7 +442,7 @@ def test_errors_name_the_layer():
         compress(Toy(schema), "svd", mlp_rank=99, targets=("mlp",))
     with pytest.raises(ValueError, match=r"embedding\.table.*rank 9.*1\.\.8"):
         compress(Toy(schema), "svd", embedding_rank=9, targets=("embedding",))
-    with pytest.raises(ValueError, match=r"unreachable.*'embedding\.table'"):
+    with pytest.raises(ValueError, match=r"unreachable.*'cross' \(not compressed\)"):
         compress(Toy(schema), "svd", target_ratio=1000.0, targets=("embedding",))
     with pytest.raises(ValueError, match=r"ratio 1\.5 is outside"):
         compress(Toy(schema), "svd", mlp_rank=1.5, targets=("mlp",))
@@ -430,7 +450,7 @@ def test_errors_name_the_layer():
         compress(Toy(schema), "pca")
     with pytest.raises(ValueError, match="calibration_batches"):
         compress(Toy(schema), "afm", [], embedding_rank=2, mlp_rank=2)
-    with pytest.raises(ValueError, match="embedding tables only"):
+    with pytest.raises(ValueError, match=r"tt compresses \['embedding'\] only"):
         compress(Toy(schema), "tt", embedding_rank=2, targets=("embedding", "mlp"))
 
 
@@ -465,22 +485,28 @@ def test_stats_all_reduce_single_process_group(tmp_path):
         dist.destroy_process_group()
 
 
-def test_fold_projection_into_following_linear():
-    from lowrank_ctr.compression.fold import fold_into_linear
+def test_fold_linear_reads_field_vectors_through_their_bases():
+    """Every vector a low-rank field produces (rows, pooled rows, 0) lies in span(P_i, mu_i): the folded Linear is
+    exact on them and physically smaller (no zero padding)."""
+    from lowrank_ctr.compression.fold import field_bases, fold_linear
 
     torch.manual_seed(0)
-    emb = FieldEmbedding([50, 4, 30], 6, init_std=1.0)
-    low, _ = svd_embedding(emb, [2, 4, 3])
-    with torch.no_grad():
-        low.bias.normal_()
-    lin = nn.Linear(2 + 3 * 6 + 1, 5)
-    fold = fold_into_linear(low, lin, start_column=2)
-    assert fold.in_features == 2 + 3 * 4 + 1
-    ids = torch.stack([torch.randint(0, v, (16,)) for v in emb.vocab_sizes], 1)
-    left, right = torch.randn(16, 2), torch.randn(16, 1)
-    ref = lin(torch.cat([left, low(ids).flatten(1), right], 1))
-    out = fold(torch.cat([left, low.lookup_codes(ids).flatten(1), right], 1))
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    emb = FieldEmbedding([50, 4, 30], 6, init_std=1.0).double()
+    ids = multihot_ids(emb.vocab_sizes, 64, 3)
+    stats = collect_output_stats(emb, {"t": emb}, [ids])[0]["t"]
+    low, _ = afm_embedding(emb, [2, 4, 0], stats)
+    lin = nn.Linear(3 * 6 + 2, 5).double()
+    bases = field_bases(low)
+    assert [b.shape[0] for b in bases] == [3, 5, 1]  # k_i + 1 (rank 0: the mean alone)
+    fold = fold_linear(lin, bases, 6)
+    assert fold.inner.weight.shape == (5, 3 + 5 + 1 + 2)
+    mask = (ids != PAD_ID).unsqueeze(-1).double()
+    pooled = (low(ids) * mask).sum(2) / mask.sum(2).clamp_min(1.0)  # mean-pooled multi-hot fields
+    pooled[0, 1] = 0.0  # an empty list pools to zero
+    x = torch.cat([pooled.flatten(1), torch.randn(64, 2, dtype=torch.float64)], 1)
+    torch.testing.assert_close(fold(x), lin(x), atol=1e-10, rtol=0)
+    torch.testing.assert_close(fold.effective_weight() @ x.T, lin.weight @ x.T, atol=1e-10, rtol=0)
+    assert sum(p.numel() for p in fold.parameters()) == 5 * 11 + 5 + 3 * 5 * 6  # inner + bias + bases
 
 
 @pytest.mark.parametrize("method", ["svd", "tt", "int8"])
@@ -513,3 +539,114 @@ def test_shared_module_replaced_under_every_name():
     report = compress(model, "svd", embedding_rank=2, targets="embedding")
     assert isinstance(model.alias, LowRankFieldEmbedding) and model.alias is model.embedding.table
     assert report.compressed["embedding"]["bytes"] < report.base["embedding"]["bytes"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# int8 codes, rank 0, first-order tables
+# ----------------------------------------------------------------------------------------------------------------
+def test_int8_codes_within_their_quantisation_bound():
+    torch.manual_seed(0)
+    emb = FieldEmbedding([300, 40, 7], 8, init_std=1.0).double()
+    ids = multihot_ids(emb.vocab_sizes, 200, 3)
+    stats = collect_output_stats(emb, {"t": emb}, [ids])[0]["t"]
+    ranks = [3, 8, 0]
+    flt, _ = afm_embedding(emb, ranks, stats)
+    q, info = afm_embedding(emb, ranks, stats, code_dtype="int8")
+    assert q.codes.dtype == torch.int8 and not q.codes.requires_grad and info["code_dtype"] == "int8"
+    for i, k in enumerate(ranks):
+        exact, approx = flt.field_codes(i), q.field_codes(i)
+        scale = exact.abs().amax(0) / 127 if k else torch.zeros(0, dtype=torch.float64)
+        assert torch.all((approx - exact).abs() <= scale / 2 + 1e-12)  # round to nearest: half a step at most
+        torch.testing.assert_close(q.code_scale[i, :k].double(), scale, rtol=1e-6, atol=0)
+    # the lookup uses exactly the dequantised codes
+    torch.testing.assert_close(q(ids[:, :, 0])[:, 0], q.field_table(0)[ids[:, 0, 0]])
+    # one byte per code, float projection / bias / scales
+    assert info["bytes_after"] == LowRankFieldEmbedding.num_bytes(emb.vocab_sizes, 8, ranks, "int8", 8)
+    assert info["bytes_after"] == 300 * 3 + 40 * 8 + 3 * 8 * 4 + 3 * 9 * 8 * 8
+
+
+def test_rank_zero_field_is_its_mean_and_first_order_table_becomes_int8():
+    schema = toy_schema(multihot=False, vocab=(400, 25, 300, 5))
+    model = trained_like(Toy(schema), schema)
+    data = batches(schema, 4)
+    report = compress(model, "afm", data, embedding_rank=2, targets=("embedding",), code_dtype="int8")
+    lin = next(l for l in report.layers if l["name"] == "linear.table")
+    assert lin["replaced"] and lin["field_ranks"] == [1, 1, 1, 1]  # dim 1: the rank only changes storage
+    assert lin["bytes_after"] < lin["bytes_before"] / 3  # int8 codes instead of float32 rows
+    fresh = Toy(schema)
+    stats = collect_output_stats(fresh, {"t": fresh.linear.table}, data)[0]["t"]
+    zero, _ = afm_embedding(fresh.linear.table, [0, 0, 0, 0], stats)
+    ids = data[0]["cat"]
+    torch.testing.assert_close(zero(ids).squeeze(-1), stats.mean().float().T.expand(len(ids), 4))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sequential calibration + least-squares correction; loss-aware budget
+# ----------------------------------------------------------------------------------------------------------------
+def _logit_mse(model, reference, data):
+    return float(((predict(model, data) - predict(reference, data)) ** 2).mean())
+
+
+def test_sequential_lstsq_lowers_logit_error_against_oneshot():
+    import copy
+
+    schema = toy_schema(vocab=(400, 150, 300, 5))
+    base = trained_like(Toy(schema, hidden=(64, 32)), schema)
+    calib, held_out = batches(schema, 16, 128, seed=3), batches(schema, 4, 128, seed=4)
+    kw = dict(embedding_rank=2, mlp_rank=6, other_rank=8, targets=("embedding", "mlp", "other"))
+    oneshot, seq = copy.deepcopy(base), copy.deepcopy(base)
+    compress(oneshot, "afm", calib, **kw)
+    report = compress(seq, "afm", calib, calibration="sequential", correction="lstsq", **kw)
+    assert report.spec == compress(copy.deepcopy(base), "afm", calib, **kw).spec  # same structure, other weights
+    assert _logit_mse(seq, base, held_out) < 0.9 * _logit_mse(oneshot, base, held_out)
+    # the refit layers kept their type: an uncompressed Linear downstream of the embedding was refit in place
+    assert isinstance(seq.mlp.net[6], nn.Linear) and not torch.equal(seq.mlp.net[6].weight, base.mlp.net[6].weight)
+
+
+def test_least_squares_refit_recovers_a_linear_exactly():
+    from lowrank_ctr.compression.calibrate import LinearMoments
+
+    torch.manual_seed(0)
+    x = torch.randn(500, 6, dtype=torch.float64) @ torch.randn(6, 6, dtype=torch.float64) + 3.0
+    w, b = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    m = LinearMoments(6, 4)
+    m.update(x[:250], x[:250] @ w.T + b)
+    m.update(x[250:], x[250:] @ w.T + b)
+    w_fit, b_fit = m.least_squares(ridge=0.0)
+    torch.testing.assert_close(w_fit, w, atol=1e-8, rtol=0)
+    torch.testing.assert_close(b_fit, b, atol=1e-8, rtol=0)
+    out = m.output_stats(w, b)  # statistics of W x + b from input moments alone
+    torch.testing.assert_close(out.covariance()[0], torch.cov((x @ w.T + b).T, correction=0), atol=1e-8, rtol=0)
+
+
+def test_budget_allocator_prefers_the_layer_cheaper_in_loss_per_byte():
+    """Two Linears of equal size and equal output variance; only the second one's output matters for the loss.
+    The loss allocator spends the budget on the second; the variance allocator cannot tell them apart."""
+    from lowrank_ctr.compression.ranks import allocate_budget, linear_budget_layer
+
+    var = torch.linspace(1.0, 0.1, 128)
+    layers_loss = [linear_budget_layer("a", var * 1e-6, 256, 128, 4), linear_budget_layer("b", var, 256, 128, 4)]
+    dense = sum(l.dense_bytes for l in layers_loss)
+    chosen, used = allocate_budget(layers_loss, dense, 3.0, {})
+    assert chosen["b"] > chosen["a"] and chosen["a"] == 1
+    budget = dense / 3.0
+    assert 0.98 * budget <= used <= budget  # spends the budget within 2%
+    layers_var = [linear_budget_layer(n, var / var.sum(), 256, 128, 4) for n in "ab"]
+    chosen, _ = allocate_budget(layers_var, dense, 3.0, {})
+    assert abs(chosen["a"] - chosen["b"]) <= 1
+
+
+def test_loss_allocator_on_a_model_hits_the_budget_and_reports_loss_weights():
+    schema = toy_schema(vocab=(400, 150, 300, 5))
+    model = trained_like(Toy(schema, hidden=(64, 32)), schema)
+    data = batches(schema, 8, 128)
+    report = compress(model, "afm", data, target_ratio=4.0, allocator="loss", code_dtype="int8",
+                      targets=("embedding", "mlp", "other"))
+    assert 4.0 <= report.ratio <= 4.0 / 0.98
+    assert report.policy["predicted_bytes"] == report.compressed["total"]["bytes"]
+    assert torch.isfinite(predict(model, data)).all()
+    fresh = trained_like(Toy(schema, hidden=(64, 32)), schema)
+    stats = collect_output_stats(fresh, {"m": fresh.mlp.net[0]}, data, gradients=True)[0]["m"]
+    assert all(p.grad is None and p.requires_grad for p in fresh.parameters())  # no parameter gradient left
+    loss = stats.component_loss()
+    assert loss.shape == (1, 64) and bool((loss >= 0).all()) and float(loss.sum()) > 0

@@ -108,13 +108,24 @@ def test_unknown_compression_method(tmp_path):
     assert r.returncode != 0 and "compression/pca" in r.stderr and "afm" in r.stderr
 
 
-@pytest.mark.parametrize("method", ["afm", "svd"])
-@pytest.mark.parametrize("targets", [["embedding"], ["embedding", "mlp"]])
-def test_folding_changes_no_prediction_and_removes_the_projection(method, targets):
+FOLDS = {"dnn": ["mlp.net.0"], "deepfm": ["mlp.net.0"], "widedeep": ["mlp.net.0"], "dcn": ["mlp.net.0"],
+         "dcnv2": ["cross.layers.0", "mlp.net.0"], "xdeepfm": ["mlp.net.0"], "autoint": ["mlp.net.0"]}
+
+
+@pytest.mark.parametrize("method,targets", [("afm", ["embedding"]), ("svd", ["embedding", "mlp"]),
+                                            ("afm", ["embedding", "mlp"])])
+@pytest.mark.parametrize("name", sorted(FOLDS))
+def test_folding_changes_no_prediction_and_shrinks_the_linear(name, method, targets):
+    """Every model whose DNN (or first cross layer) reads the embeddings through a Linear folds it; FM, cross and
+    CIN layers keep reading the reconstruction; predictions do not change; the spec rebuilds the folded model."""
     import copy
 
+    from lowrank_ctr.compression.fold import FieldFoldedLinear
+    from lowrank_ctr.models import model_arguments
+
     torch.manual_seed(0)
-    base = build_model("dnn", SCHEMA, embedding_dim=8, mlp=[32, 32]).eval()
+    args = {k: v for k, v in SMALL.items() if k in model_arguments(name)}
+    base = build_model(name, SCHEMA, embedding_dim=8, **args).eval()
     g = torch.Generator().manual_seed(1)
     batches = [random_batch(SCHEMA, 64, g) for _ in range(4)]
     plain, folded = copy.deepcopy(base), copy.deepcopy(base)
@@ -123,27 +134,44 @@ def test_folding_changes_no_prediction_and_removes_the_projection(method, target
                       fold=True)
     test = random_batch(SCHEMA, 128, torch.Generator().manual_seed(2))
     torch.testing.assert_close(folded(test), plain(test), atol=1e-5, rtol=1e-5)
-    assert type(folded.embedding.table).__name__ == "FoldedCodeEmbedding"
-    assert r_fold.compressed["total"]["bytes"] < r_plain.compressed["total"]["bytes"]
-    fresh = build_model("dnn", SCHEMA, embedding_dim=8, mlp=[32, 32]).eval()
+    folded_names = sorted(n for n, m in folded.named_modules() if isinstance(m, FieldFoldedLinear))
+    if "mlp" in targets:  # a thin low-rank ``down`` may not shrink by folding: then it stays as it is
+        assert {n.removesuffix(".down") for n in folded_names} <= set(FOLDS[name])
+    else:
+        assert folded_names == FOLDS[name]
+    assert r_fold.compressed["total"]["bytes"] <= r_plain.compressed["total"]["bytes"]
+    fresh = build_model(name, SCHEMA, embedding_dim=8, **args).eval()
     apply_spec(fresh, r_fold.spec)
     fresh.load_state_dict(folded.state_dict())
     assert torch.equal(fresh(test), folded(test))
 
 
-def test_folding_is_refused_where_embeddings_feed_more_than_the_mlp():
-    model = build_model("deepfm", SCHEMA, embedding_dim=8, mlp=[32]).eval()
-    batches = [random_batch(SCHEMA, 64)]
-    with pytest.raises(ValueError, match="e.g. dnn"):
-        compress(model, "afm", calibration_batches=batches, targets=["embedding"], embedding_rank=2, fold=True)
+def test_stacked_dcnv2_folds_its_first_cross_layer_only():
+    model = build_model("dcnv2", SCHEMA, embedding_dim=8, structure="stacked", cross_layers=1, mlp=[32]).eval()
+    report = compress(model, "afm", calibration_batches=[random_batch(SCHEMA, 64)], targets=["embedding"],
+                      embedding_rank=2, fold=True)
+    assert [m["name"] for m in report.spec["modules"]] == ["embedding.table", "cross.layers.0"]  # not its MLP
+
+
+@pytest.mark.parametrize("name,kwargs", [("fm", {}), ("autoint", {"mlp": []})])
+def test_folding_is_refused_where_no_linear_reads_the_embeddings(name, kwargs):
+    from lowrank_ctr.compression import check_config
+
+    model = build_model(name, SCHEMA, embedding_dim=8, **kwargs).eval()
+    batch = random_batch(SCHEMA, 64)
+    cfg = {"method": "afm", "targets": ["embedding"], "embedding_rank": 2, "fold": True}
+    with pytest.raises(ValueError, match="nothing to fold"):
+        check_config(model, cfg, batch)
+    with pytest.raises(ValueError, match="nothing to fold"):
+        compress(model, "afm", calibration_batches=[batch], targets=["embedding"], embedding_rank=2, fold=True)
 
 
 def test_train_dnn_with_folded_afm(tmp_path, data_dir):
     res = run(compose_cfg("train", TINY + ["model=dnn", "model.mlp=[32,32]", "compression=afm", "bench=false",
-                                           "compression.fold=true", "compression.calibration_batches=2"],
-                          tmp_path, data_dir))
-    assert res["compress/policy"]["fold"] is True
+                                           "compression.fold=true", "compression.calibration_batches=2",
+                                           "compression.targets=[embedding]"], tmp_path, data_dir))
+    assert res["compress/policy"]["fold"] is True and res["compress/policy"]["folded"] == ["mlp.net.0"]
     model, hp = load_model(res["compress/checkpoint"])
-    assert type(model.embedding.table).__name__ == "FoldedCodeEmbedding"
+    assert type(model.mlp.net[0]).__name__ == "FieldFoldedLinear"
     batch = random_batch(model_schema(hp), 16)
     assert torch.isfinite(model(batch)).all()

@@ -13,7 +13,11 @@ def cfg_with(tmp_path, *overrides):
 
 def test_shipped_configs_are_valid(tmp_path):
     for extra in ([], ["compression=afm"], ["compression=svd", "compression.target_ratio=3"],
-                  ["compression=tt", "compression.embedding_rank=4"], ["compression=int8"],
+                  ["compression=tt", "compression.embedding_rank=4"], ["compression=int8"], ["compression=qr"],
+                  ["compression=tt", "compression.from_scratch=true"],
+                  ["compression=afm", "compression.target_ratio=5", "compression.allocator=loss",
+                   "compression.code_dtype=int8", "compression.calibration=sequential", "compression.correction=lstsq",
+                   "compression.embedding_rank=null", "compression.mlp_rank=null"],
                   ["model=dnn", "compression=afm", "compression.fold=true"],
                   ["compression=svd", "compression.energy=0.9", "compression.embedding_rank=null",
                    "compression.mlp_rank=null"], ["experiment=criteo_dcnv2"]):
@@ -31,6 +35,8 @@ def test_shipped_configs_are_valid(tmp_path):
     (["compression=afm", "compression.target_ratio=0.5"], "compression.target_ratio=0.5", "> 1.0"),
     (["compression=afm", "compression.finetune_epochs=-1"], "compression.finetune_epochs=-1", ">= 0"),
     (["compression=afm", "compression.fold=maybe"], "compression.fold='maybe'", "true or false"),
+    (["compression=afm", "compression.code_dtype=int4"], "compression.code_dtype='int4'", "one of float32, int8"),
+    (["compression=afm", "compression.correction=yes"], "compression.correction='yes'", "one of none, lstsq"),
     (["early_stopping_patience=-1"], "early_stopping_patience=-1", "or null"),
 ])
 def test_wrong_types_and_ranges_name_the_key(tmp_path, overrides, key, need):
@@ -43,9 +49,15 @@ def test_wrong_types_and_ranges_name_the_key(tmp_path, overrides, key, need):
     (["compression=afm", "compression.energy=0.9"], "has no effect: every target group has a fixed rank"),
     (["compression=int8", "compression.energy=0.9"], "compression=int8 does not have"),
     (["compression=tt", "compression.embedding_rank=0.5"], "needs the TT-rank"),
-    (["compression=tt", "compression.targets=[embedding,mlp]"], "embedding tables only"),
+    (["compression=tt", "compression.targets=[embedding,mlp]"], "compression=tt compresses ['embedding'] only"),
     (["compression=afm", "compression.targets=[attention]"], "unknown group(s) ['attention']"),
-    (["compression=afm", "compression.fold=true"], "the next layer must be linear"),
+    (["compression=afm", "compression.fold=true", "compression.targets=[mlp]"], "add 'embedding'"),
+    (["compression=int8", "compression.code_dtype=int8"], "compression=int8 does not have"),
+    (["compression=afm", "compression.allocator=loss"], "needs compression=afm and compression.target_ratio"),
+    (["compression=svd", "compression.allocator=loss", "compression.target_ratio=3", "compression.embedding_rank=null",
+      "compression.mlp_rank=null"], "needs compression=afm"),
+    (["compression=afm", "compression.from_scratch=true"], "methods that can: ['tt', 'qr']"),
+    (["compression=qr", "compression.collisions=1"], "compression.collisions=1 must be an integer >= 2"),
     (["model=dnn", "compression=int8", "compression.fold=true"], "compression=int8 has none"),
     (["compression=afm", "compression.control=true", "compression.finetune_epochs=0"], "finetune_epochs >= 1"),
     (["trainer.max_epochs=1", "trainer.min_epochs=3"], "more than trainer.max_epochs=1"),

@@ -56,6 +56,12 @@ def boolean(v: Any) -> str | None:
     return None if isinstance(v, bool) else "true or false"
 
 
+def choice(*options: str) -> Check:
+    def check(v: Any) -> str | None:
+        return None if v in options else "one of " + ", ".join(options)
+    return check
+
+
 def rank(v: Any) -> str | None:
     if v is None or (_is_int(v) and v >= 1) or (isinstance(v, float) and (0 < v <= 1 or v.is_integer() and v > 1)):
         return None
@@ -89,8 +95,18 @@ RULES: dict[str, Check] = {
     "compression.finetune_lr": number(0.0, low_open=True),
     "compression.fold": boolean,
     "compression.control": boolean,
+    "compression.code_dtype": choice("float32", "int8"),
+    "compression.calibration": choice("oneshot", "sequential"),
+    "compression.correction": choice("none", "lstsq"),
+    "compression.allocator": choice("variance", "loss"),
+    "compression.from_scratch": boolean,
+    "compression.distill": number(0.0, 1.0),
+    "compression.temperature": number(0.0, low_open=True),
+    "compression.warmup": number(0.0, 1.0),
+    "compression.freeze_codes": boolean,
+    "compression.val_check_interval": number(0.0, low_open=True),
+    "trainer.val_check_interval": number(0.0, low_open=True, optional=True),
 }
-LOW_RANK = ("svd", "afm")
 GROUPS = ("embedding", "mlp", "other")
 
 
@@ -122,17 +138,30 @@ def problems(cfg: DictConfig) -> list[str]:
 
 
 def _compression_conflicts(cfg: DictConfig) -> list[str]:
+    """Contradictions between compression keys; what a method itself requires comes from its registry entry."""
+    from lowrank_ctr.compression.methods import METHODS
+
     comp = cfg.get("compression")
     if comp is None or comp.get("method", "none") == "none":
         return []
-    method = comp.method
+    name = str(comp.method)
+    if name not in METHODS:
+        return [f"compression.method={name!r} is not a known method; choose one of {list(METHODS)}"]
+    method = METHODS[name]
     out = []
+    for key, check in method.options.items():
+        need = check(comp.get(key))
+        if need:
+            out.append(f"compression.{key}={_fmt(comp.get(key))} must be {need} for compression={name}")
     energy, ratio = comp.get("energy"), comp.get("target_ratio")
-    if method not in LOW_RANK:
+    if not method.low_rank:
         for key, value in (("energy", energy), ("target_ratio", ratio)):
             if value is not None:
-                out.append(f"compression.{key}={_fmt(value)} chooses low ranks, which compression={method} does not "
+                out.append(f"compression.{key}={_fmt(value)} chooses low ranks, which compression={name} does not "
                            f"have: use compression=afm or svd, or set compression.{key}=null")
+        if comp.get("code_dtype", "float32") != "float32":
+            out.append(f"compression.code_dtype={_fmt(comp.code_dtype)} stores low-rank codes, which compression={name} "
+                       "does not have: use compression=afm or svd, or code_dtype=float32")
     if energy is not None and ratio is not None:
         out.append(f"compression.energy={_fmt(energy)} and compression.target_ratio={_fmt(ratio)} both choose the "
                    "ranks (target_ratio allocates them from the spectra and ignores energy): set one to null")
@@ -141,32 +170,29 @@ def _compression_conflicts(cfg: DictConfig) -> list[str]:
     unknown = [g for g in (groups or []) if g not in GROUPS]
     if unknown:
         out.append(f"compression.targets={_fmt(list(groups))}: unknown group(s) {unknown}; choose from {list(GROUPS)}")
-    if method in LOW_RANK and energy is not None and ratio is None:
-        active = groups if groups is not None else ["embedding", "mlp"]
+    elif groups is not None and any(g not in method.groups for g in groups):
+        out.append(f"compression.targets={_fmt(list(groups))}: compression={name} compresses {list(method.groups)} "
+                   f"only; use compression.targets={_fmt(list(method.groups))}")
+    active = groups if groups is not None else list(method.default_targets)
+    if method.low_rank and energy is not None and ratio is None:
         fixed = [f"compression.{g}_rank={_fmt(comp.get(f'{g}_rank'))}" for g in active if g in GROUPS]
         if fixed and all(comp.get(f"{g}_rank") is not None for g in active if g in GROUPS):
             out.append(f"compression.energy={_fmt(energy)} has no effect: every target group has a fixed rank "
                        f"({', '.join(fixed)}); set the ranks of the groups energy should choose to null")
-    if method == "tt":
-        r = comp.get("embedding_rank")
-        if not _is_int(r) and not (isinstance(r, float) and r.is_integer() and r >= 1):
-            out.append(f"compression.embedding_rank={_fmt(r)}: compression=tt needs the TT-rank, an integer >= 1")
-        if groups is not None and any(g != "embedding" for g in groups):
-            out.append(f"compression.targets={_fmt(list(groups))}: compression=tt factorises embedding tables "
-                       "only; use compression.targets=[embedding]")
+    out += method.problems(comp)
+    if comp.get("allocator", "variance") == "loss" and (ratio is None or not method.needs_calibration):
+        out.append("compression.allocator=loss weighs output components by their loss impact: it needs "
+                   "compression=afm and compression.target_ratio")
     if comp.get("fold"):
-        if method not in LOW_RANK:
-            out.append(f"compression.fold=true folds an SVD/AFM embedding projection; compression={method} has none")
-        model = OmegaConf.select(cfg, "model.name")
-        if model:
-            from lowrank_ctr.models.registry import MODELS
-
-            cls = MODELS.get(str(model))
-            if cls is not None and not getattr(cls, "embedding_sink", None):
-                with_sink = sorted(n for n, c in MODELS.items() if getattr(c, "embedding_sink", None))
-                out.append(f"compression.fold=true needs a model whose embeddings feed only a Linear layer "
-                           f"(the next layer must be linear to absorb the projection); model={model} is not one. "
-                           f"Models that can fold: {with_sink}")
+        if not method.low_rank:
+            out.append(f"compression.fold=true folds an SVD/AFM embedding projection; compression={name} has none")
+        elif "embedding" not in active:
+            out.append("compression.fold=true folds the low-rank embedding into the Linears that read it: add "
+                       "'embedding' to compression.targets")
+    if comp.get("from_scratch") and not method.from_scratch:
+        able = [n for n, m in METHODS.items() if m.from_scratch]
+        out.append(f"compression.from_scratch=true trains the compressed structure from random initialisation; "
+                   f"compression={name} cannot (methods that can: {able})")
     if comp.get("control") and int(comp.get("finetune_epochs", 1)) == 0:
         out.append("compression.control=true fine-tunes the base for compression.finetune_epochs as a baseline, "
                    "but compression.finetune_epochs=0: set finetune_epochs >= 1 or control=false")

@@ -1,37 +1,43 @@
 """``compress(model, method, ...)``: the one entry point; works on any model by module replacement by name.
 
-Steps: find targets (targets.py) -> for afm, one calibration pass with hooks on all targets at once (stats.py,
-statistics of the ORIGINAL model) -> choose ranks (ranks.py) -> build replacements (methods.py) -> swap them in
-by dotted name -> size accounting (size.py) and a spec (spec.py) that rebuilds the structure on a fresh model.
+Steps: find targets (targets.py) -> one calibration pass with hooks on all targets at once when the method or the
+allocator needs statistics of the ORIGINAL model (stats.py; with gradients for the loss-aware budget) -> choose
+ranks (ranks.py) -> build replacements (the method, from methods/) and swap them in by dotted name, all at once
+(one-shot) or layer by layer in forward order with re-measured statistics and a least-squares refit of every
+Linear downstream of a compressed layer (calibrate.py) -> optional folding (fold.py) -> size accounting (size.py)
+and a spec (spec.py) that rebuilds the structure on a fresh model.
 
 A replacement that would not be smaller than the layer it replaces (e.g. rank above the break-even
-k >= in*out/(in+out), or an embedding asked for rank = dim) is not made: the layer stays as it is and its report
-entry says why. Linears that no rank can shrink (an output Linear(d, 1)) are skipped the same way.
+k >= in*out/(in+out), or an embedding asked for rank = dim with float32 codes) is not made: the layer stays as it
+is and its report entry says why. Linears that no rank can shrink (an output Linear(d, 1)) are skipped the same way.
 """
 
 from __future__ import annotations
 
+import copy
+import itertools
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from lowrank_ctr.compression.methods import (
-    METHODS,
-    embedding_full_ranks,
-    embedding_spectra,
-    linear_full_rank,
-    linear_spectrum,
-)
-from lowrank_ctr.compression.fold import fold_model
+from lowrank_ctr.compression.calibrate import forward_order, linear_moments, refit_linear
+from lowrank_ctr.compression.fold import fold_model, find_field_readers
+from lowrank_ctr.compression.methods import CompressionMethod, LayerContext, get_method
+from lowrank_ctr.compression.methods.lowrank import LowRankMethod, embedding_full_ranks, linear_full_rank
+from lowrank_ctr.compression.modules import CODE_DTYPES, LowRankFieldEmbedding
 from lowrank_ctr.compression.ranks import (
+    ALLOCATORS,
     BudgetLayer,
     RankArg,
     allocate_budget,
     linear_break_even,
+    linear_budget_layer,
+    minimum_bytes,
     resolve_embedding_ranks,
     resolve_linear_rank,
+    unreachable_message,
 )
 from lowrank_ctr.compression.size import SIZE_GROUPS, compression_ratio, model_size, module_size
 from lowrank_ctr.compression.spec import make_spec
@@ -39,12 +45,8 @@ from lowrank_ctr.compression.stats import OutputStats, collect_output_stats
 from lowrank_ctr.compression.targets import Target, find_targets, module_groups, set_module
 from lowrank_ctr.models.layers import FieldEmbedding
 
-KNOWN_METHODS: tuple[str, ...] = ("none", "svd", "afm", "tt", "int8")
-#: targets used when ``targets`` is None (tt factorises embedding tables only)
-DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
-    "none": (), "svd": ("embedding", "mlp"), "afm": ("embedding", "mlp"), "tt": ("embedding",),
-    "int8": ("embedding", "mlp"),
-}
+CALIBRATIONS: tuple[str, ...] = ("oneshot", "sequential")
+CORRECTIONS: tuple[str, ...] = ("none", "lstsq")
 
 
 @dataclass
@@ -69,13 +71,14 @@ class CompressionReport:
         return asdict(self)
 
     def summary(self) -> str:
-        lines = [f"compression {self.method}: {self.base['total']['bytes']} -> {self.compressed['total']['bytes']} "
-                 f"bytes (ratio {self.ratio:.2f})"]
+        lines = [f"compression {self.method}: {self.base['total']['bytes']:,} -> {self.compressed['total']['bytes']:,} "
+                 f"bytes (ratio {self.ratio:.2f}); per layer: rank, retained share of the output variance, "
+                 f"parameters before -> after"]
         for l in self.layers:
             e = l.get("retained_energy")
             lines.append(f"  {l['name']:<32} {l['group']:<9} {l['method']:<5} rank={l.get('rank')!s:<6} "
-                         f"energy={'-' if e is None else f'{e:.4f}'} {l['params_before']}->{l['params_after']}"
-                         + (f"  ({l['note']})" if l.get("note") else ""))
+                         f"energy={'-' if e is None else f'{e:.4f}'} params {l['params_before']:,}->"
+                         f"{l['params_after']:,}" + (f"  ({l['note']})" if l.get("note") else ""))
         return "\n".join(lines)
 
 
@@ -102,6 +105,92 @@ def _fixed_parts(model: nn.Module, active: Sequence[Target]) -> dict[str, int]:
     return parts
 
 
+class _Plan:
+    """The choices of one ``compress`` call, checked before any work (also what ``check_config`` runs)."""
+
+    def __init__(self, model: nn.Module, method: str, targets: Sequence[str] | str | None, include: Sequence[str],
+                 exclude: Sequence[str], code_dtype: str, calibration: str, correction: str, allocator: str,
+                 energy: float | None, target_ratio: float | None, fold: bool, from_scratch: bool,
+                 options: Mapping[str, Any]) -> None:
+        self.method: CompressionMethod = get_method(method)
+        m = self.method
+        self.groups = tuple(m.default_targets if targets is None else [targets] if isinstance(targets, str)
+                            else targets)
+        outside = [g for g in self.groups if g not in m.groups]
+        if outside and m.name != "none":
+            raise ValueError(f"{m.name} compresses {list(m.groups)} only; use targets={list(m.groups)} "
+                             f"(got {list(self.groups)})")
+        for key, value in (("target_ratio", target_ratio), ("energy", energy)):
+            if value is not None and not m.low_rank:
+                raise ValueError(f"{key} chooses low ranks and needs a low-rank method (svd or afm), not {m.name!r}")
+        for key, value, allowed in (("code_dtype", code_dtype, CODE_DTYPES), ("calibration", calibration, CALIBRATIONS),
+                                    ("correction", correction, CORRECTIONS), ("allocator", allocator, ALLOCATORS)):
+            if value not in allowed:
+                raise ValueError(f"compression.{key}={value!r} is not one of {list(allowed)}")
+        if code_dtype != "float32" and not m.low_rank:
+            raise ValueError(f"code_dtype={code_dtype} stores low-rank codes; {m.name!r} has none (use svd or afm)")
+        if allocator == "loss" and (target_ratio is None or not m.needs_calibration or not m.low_rank):
+            raise ValueError("allocator=loss weighs output components by their loss impact: it needs "
+                             "target_ratio and method afm")
+        if fold and not m.low_rank:
+            raise ValueError(f"compression.fold=true folds an SVD/AFM embedding projection; {m.name!r} has none")
+        if from_scratch and not m.from_scratch:
+            raise ValueError(f"compression.from_scratch=true: {m.name!r} cannot be trained from scratch "
+                             f"(methods that can: tt, qr)")
+        for key, check in m.options.items():
+            need = check(options.get(key))
+            if need is not None:
+                raise ValueError(f"compression.{key}={options.get(key)!r} must be {need} for {m.name}")
+        self.code_dtype, self.calibration, self.correction, self.allocator = code_dtype, calibration, correction, allocator
+        self.fold, self.from_scratch, self.options = fold, from_scratch, dict(options)
+        self.found = (find_targets(model, self.groups, include, exclude, first_order=m.first_order)
+                      if self.groups and m.name != "none" else [])
+        if m.name != "none" and not self.found:
+            raise ValueError(f"no layer to compress: groups {list(self.groups)} with include={list(include)} "
+                             f"exclude={list(exclude)} match nothing in {type(model).__name__}")
+        self.skipped: list[dict[str, Any]] = []
+        self.active: list[Target] = []
+        for t in self.found:
+            if m.low_rank and isinstance(t.module, nn.Linear) \
+                    and linear_break_even(t.module.in_features, t.module.out_features) < 1:
+                self.skipped.append(_entry(t, "none", note=f"skipped: no rank shrinks Linear({t.module.in_features}, "
+                                                           f"{t.module.out_features})"))
+            else:
+                self.active.append(t)
+
+    @property
+    def needs_batches(self) -> bool:
+        return not self.from_scratch and (self.method.needs_calibration or self.allocator == "loss"
+                                          or self.calibration == "sequential" or self.correction == "lstsq"
+                                          or self.fold)
+
+    @property
+    def sequential(self) -> bool:
+        return self.calibration == "sequential" or self.correction == "lstsq"
+
+    def element_size(self, t: Target) -> int:
+        return next(iter(t.module.parameters())).element_size()
+
+    def budget_layers(self, stats: Mapping[str, OutputStats] | None,
+                      gains: Mapping[str, list[torch.Tensor]] | None) -> list[BudgetLayer]:
+        """The active targets as the allocator sees them (gains None: only sizes matter, e.g. for a check)."""
+        out = []
+        for t in self.active:
+            mod, es = t.module, self.element_size(t)
+            g = gains[t.name] if gains is not None else None
+            if isinstance(mod, FieldEmbedding):
+                vocab, dim, dtype = mod.vocab_sizes, mod.dim, self.code_dtype
+                out.append(BudgetLayer(
+                    t.name, g if g is not None else [torch.zeros(f) for f in embedding_full_ranks(mod)],
+                    lambda r, vocab=vocab, dim=dim, dtype=dtype, es=es: LowRankFieldEmbedding.num_bytes(
+                        vocab, dim, r, dtype, es),
+                    sum(vocab) * dim * es, [0] * mod.num_fields))
+            else:
+                out.append(linear_budget_layer(t.name, g[0] if g is not None else torch.zeros(linear_full_rank(mod)),
+                                               mod.in_features, mod.out_features, es, mod.bias is not None))
+        return out
+
+
 def compress(
     model: nn.Module,
     method: str,
@@ -117,141 +206,135 @@ def compress(
     forward_fn: Callable[[nn.Module, Any], Any] | None = None,
     max_calibration_batches: int | None = None,
     fold: bool = False,
+    code_dtype: str = "float32",
+    calibration: str = "oneshot",
+    correction: str = "none",
+    allocator: str = "variance",
+    from_scratch: bool = False,
+    options: Mapping[str, Any] | None = None,
 ) -> CompressionReport:
     """Compress ``model`` in place and report what was done.
 
-    method: "none" | "svd" | "afm" | "tt" | "int8".
-    targets: groups among "embedding", "mlp", "other" (None: DEFAULT_TARGETS[method]).
+    method: a registered method (methods/: "none", "svd", "afm", "tt", "int8", "qr").
+    targets: groups among "embedding", "mlp", "other" (None: the method's default targets).
     Rank policy for svd / afm, per group: ``<group>_rank`` int (fixed) or float in (0, 1] (ratio of full rank);
     a group without one uses ``energy`` (smallest rank keeping that share of the spectrum); ``target_ratio``
-    (the whole model N times smaller in bytes) overrides both and allocates ranks from the spectra.
-    tt: ``embedding_rank`` is the TT-rank (int). int8 / none ignore ranks.
-    calibration_batches: needed by afm (and then also run through ``forward_fn(model, batch)``, default
-    ``model(batch)``, under no_grad in eval mode, at most ``max_calibration_batches``).
-    fold: move the embedding projection into the Linear that reads the flattened embeddings (models that declare
-    ``embedding_sink``, e.g. dnn): same predictions, one batched matmul fewer per batch.
+    (the whole model N times smaller in bytes) overrides both and allocates ranks with ``allocator``
+    ("variance" or "loss"). tt: ``embedding_rank`` is the TT-rank; qr reads ``options["collisions"]``.
+    code_dtype: "float32" | "int8" storage of svd/afm embedding codes (first-order tables included).
+    calibration: "oneshot" (every layer measured on the original model) | "sequential" (forward order, each layer
+    measured after its upstream is compressed); correction: "none" | "lstsq" (refit every Linear downstream of a
+    compressed layer to reproduce the original outputs; implies forward order).
+    calibration_batches: training batches; needed by afm, sequential, lstsq, allocator=loss and fold (run through
+    ``forward_fn(model, batch)``, default ``model(batch)``, in eval mode, at most ``max_calibration_batches``).
+    fold: Linears that read the svd/afm field vectors read them through each field's small basis (fold.py).
+    from_scratch: build the method's structure with random initialisation (tt, qr), for training from scratch.
     """
-    if method not in KNOWN_METHODS:
-        raise ValueError(f"unknown compression method {method!r}; known methods: {list(KNOWN_METHODS)}")
-    groups = tuple(DEFAULT_TARGETS[method] if targets is None else [targets] if isinstance(targets, str) else targets)
-    if method == "tt" and any(g != "embedding" for g in groups):
-        raise ValueError(f"tt factorises embedding tables only; use targets=['embedding'] (got {list(groups)})")
-    if target_ratio is not None and method not in ("svd", "afm"):
-        raise ValueError(f"target_ratio allocates low ranks and needs method 'svd' or 'afm', not {method!r}")
-    if energy is not None and method not in ("svd", "afm"):
-        raise ValueError(f"energy chooses low ranks and needs method 'svd' or 'afm', not {method!r}")
-
+    plan = _Plan(model, method, targets, include, exclude, code_dtype, calibration, correction, allocator, energy,
+                 target_ratio, fold, from_scratch, options or {})
+    m = plan.method
     group_map = module_groups(model)
     base = model_size(model, group_map)
-    policy: dict[str, Any] = {"targets": list(groups), "include": list(include), "exclude": list(exclude),
+    policy: dict[str, Any] = {"targets": list(plan.groups), "include": list(include), "exclude": list(exclude),
                               "embedding_rank": embedding_rank, "mlp_rank": mlp_rank, "other_rank": other_rank,
-                              "energy": energy, "target_ratio": target_ratio,
+                              "energy": energy, "target_ratio": target_ratio, "code_dtype": code_dtype,
+                              "calibration": calibration, "correction": correction, "allocator": allocator,
+                              "from_scratch": from_scratch, "fold": fold, **plan.options,
                               "mode": "budget" if target_ratio is not None else
-                              ("per-group" if method in ("svd", "afm") else method)}
-    found = find_targets(model, groups, include, exclude) if groups else []
-    if method != "none" and not found:
-        raise ValueError(f"no layer to compress: groups {list(groups)} with include={list(include)} "
-                         f"exclude={list(exclude)} match nothing in {type(model).__name__}")
-
-    layers: list[dict[str, Any]] = []
-    active: list[Target] = []
-    for t in found:
-        if method in ("svd", "afm") and isinstance(t.module, nn.Linear) \
-                and linear_break_even(t.module.in_features, t.module.out_features) < 1:
-            layers.append(_entry(t, "none", note=f"skipped: no rank shrinks Linear({t.module.in_features}, "
-                                                 f"{t.module.out_features})"))
-        else:
-            active.append(t)
-
-    stats: dict[str, OutputStats] = {}
-    n_batches = 0
-    if method == "afm" and active:
+                              ("per-group" if m.low_rank else m.name)}
+    batches: list[Any] = []
+    if plan.needs_batches and plan.active:
         if calibration_batches is None:
-            raise ValueError("afm needs calibration_batches (an iterable of training batches)")
-        stats, n_batches = collect_output_stats(model, {t.name: t.module for t in active}, calibration_batches,
-                                                forward_fn, max_calibration_batches)
-
-    ranks = _choose_ranks(model, method, active, stats, base, policy,
-                          {"embedding": embedding_rank, "mlp": mlp_rank, "other": other_rank}, energy, target_ratio)
-
+            raise ValueError(f"{m.name} with these settings needs calibration_batches (an iterable of training "
+                             "batches)")
+        batches = list(itertools.islice(calibration_batches, max_calibration_batches))
+        if not batches:
+            raise ValueError("calibration_batches is empty: calibration needs at least one batch of (training) data")
+    group_ranks = {"embedding": embedding_rank, "mlp": mlp_rank, "other": other_rank}
+    layers = list(plan.skipped)
     replaced: dict[str, nn.Module] = {}
-    fns = METHODS.get(method)
-    for t in active:
-        is_emb = isinstance(t.module, FieldEmbedding)
-        rank = ranks.get(t.name)
-        if method in ("svd", "afm") and rank is None:
-            layers.append(_entry(t, "none", note="kept dense by the budget (its full spectrum was worth the bytes)",
-                                 full_rank=linear_full_rank(t.module)))
-            continue
-        fn = fns[0] if is_emb else fns[1]
-        new, info = fn(t.module, rank, stats.get(t.name))
-        entry = _entry(t, method)
-        entry.update(info)
-        if isinstance(t.module, nn.Linear) and method in ("svd", "afm"):
-            entry["break_even_rank"] = linear_break_even(t.module.in_features, t.module.out_features)
-        if info["bytes_after"] >= info["bytes_before"]:
-            for key in ("field_ranks", "field_retained_energy", "tt_fields"):
-                entry.pop(key, None)
-            entry.update(method="none", rank=None, requested_rank=info["rank"], retained_energy=1.0,
-                         params_after=info["params_before"], bytes_after=info["bytes_before"],
-                         note=f"kept dense: the {method} replacement ({info['bytes_after']} B) is not smaller than "
-                              f"the layer ({info['bytes_before']} B); lower the rank to save space")
-        else:
-            entry["replaced"] = True
-            replaced[t.name] = new
-        layers.append(entry)
 
-    for name, new in replaced.items():
-        set_module(model, name, new)
-    if fold:  # the embedding projection moves into the Linear that reads the flattened embeddings
-        if method not in ("svd", "afm"):
-            raise ValueError(f"compression.fold=true needs method 'svd' or 'afm', not {method!r}")
-        replaced.update(fold_model(model))
-        policy["fold"] = True
-    order = {t.name: i for i, t in enumerate(found)}
+    if plan.from_scratch:
+        for t in plan.active:
+            ctx = LayerContext(code_dtype=code_dtype, options=plan.options)
+            new = m.scratch_embedding(t.module, m.fixed_rank(t.group, group_ranks[t.group]), ctx)
+            set_module(model, t.name, new)
+            replaced[t.name] = new
+            pa, ba = module_size(new)
+            layers.append(_entry(t, m.name, params_after=pa, bytes_after=ba, replaced=True,
+                                 note="random initialisation (trained from scratch)"))
+    else:
+        stats: dict[str, OutputStats] = {}
+        if (m.needs_calibration or allocator == "loss") and plan.active:
+            stats, _ = collect_output_stats(model, {t.name: t.module for t in plan.active}, batches, forward_fn,
+                                            gradients=allocator == "loss")
+        ranks, orders = _choose_ranks(model, plan, stats, base, policy, group_ranks, energy, target_ratio)
+        teacher = copy.deepcopy(model).eval() if correction == "lstsq" else None
+        layers += _replace(model, plan, stats, ranks, orders, batches, forward_fn, teacher, replaced)
+        if fold:
+            tables = [n for n, mod in replaced.items() if isinstance(mod, LowRankFieldEmbedding) and mod.dim > 1]
+            if not tables:
+                raise ValueError("compression.fold=true needs an svd/afm embedding: include 'embedding' in targets")
+            folded: dict[str, nn.Module] = {}
+            for name in tables:
+                folded.update(fold_model(model, name, batches[0], forward_fn))
+            replaced.update(folded)
+            policy["folded"] = list(folded)
+    order = {t.name: i for i, t in enumerate(plan.found)}
     layers.sort(key=lambda l: order[l["name"]])
     after = model_size(model, group_map)
     return CompressionReport(
-        method=method, policy=policy, layers=layers, base=base, compressed=after,
+        method=m.name, policy=policy, layers=layers, base=base, compressed=after,
         ratio=compression_ratio(base["total"]["bytes"], after["total"]["bytes"]),
         group_ratios={g: compression_ratio(base[g]["bytes"], after[g]["bytes"])
                       for g in SIZE_GROUPS + ("total",) if base[g]["bytes"]},
-        spec=make_spec(method, replaced), calibration_batches=n_batches)
+        spec=make_spec(m.name, replaced), calibration_batches=len(batches))
 
 
-def _choose_ranks(model: nn.Module, method: str, active: Sequence[Target], stats: dict[str, OutputStats],
-                  base: dict[str, dict[str, int]], policy: dict[str, Any], group_ranks: dict[str, RankArg],
-                  energy: float | None, target_ratio: float | None) -> dict[str, Any]:
-    if method in ("none", "int8"):
-        return {}
-    if method == "tt":
-        r = group_ranks["embedding"]
-        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-            raise ValueError(f"tt needs embedding_rank = the TT-rank, an int >= 1 (got {r!r})")
-        return {t.name: r for t in active}
+def _loss_orders(stats: OutputStats, full_ranks: Sequence[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per group: the estimated loss of dropping each of its first ``full_ranks[g]`` eigen-components, descending,
+    and the component indices in that order (the order in which the loss allocator keeps them)."""
+    loss = stats.component_loss()
+    gains, orders = [], []
+    for g, f in enumerate(full_ranks):
+        order = torch.argsort(loss[g, :f], descending=True)
+        gains.append(loss[g, :f][order])
+        orders.append(order)
+    return gains, orders
+
+
+def _choose_ranks(model: nn.Module, plan: _Plan, stats: Mapping[str, OutputStats], base: dict[str, dict[str, int]],
+                  policy: dict[str, Any], group_ranks: dict[str, RankArg], energy: float | None,
+                  target_ratio: float | None) -> tuple[dict[str, Any], dict[str, list[torch.Tensor] | None]]:
+    """Ranks per active target, and for the loss allocator the order in which components are kept."""
+    m = plan.method
+    orders: dict[str, list[torch.Tensor] | None] = {t.name: None for t in plan.active}
+    if not m.low_rank:
+        return {t.name: m.fixed_rank(t.group, group_ranks[t.group]) for t in plan.active}, orders
+    assert isinstance(m, LowRankMethod)
 
     def spectra(t: Target) -> list[torch.Tensor]:
+        ctx = LayerContext(stats=stats.get(t.name))
         if isinstance(t.module, FieldEmbedding):
-            return embedding_spectra(method, t.module, stats.get(t.name))
-        return [linear_spectrum(method, t.module, stats.get(t.name))]
+            return m.embedding_spectra(t.module, ctx)
+        return [m.linear_spectrum(t.module, ctx)]
 
     if target_ratio is not None:
-        layers = []
-        for t in active:
-            m = t.module
-            es = next(iter(m.parameters())).element_size()
-            if isinstance(m, FieldEmbedding):
-                layers.append(BudgetLayer(t.name, "embedding", spectra(t), es, vocab_sizes=m.vocab_sizes, dim=m.dim))
-            else:
-                layers.append(BudgetLayer(t.name, "linear", spectra(t), es, in_features=m.in_features,
-                                          out_features=m.out_features, bias=method == "afm" or m.bias is not None))
-        chosen, predicted = allocate_budget(layers, base["total"]["bytes"], float(target_ratio),
-                                            _fixed_parts(model, active))
+        gains: dict[str, list[torch.Tensor]] = {}
+        for t in plan.active:
+            if plan.allocator == "loss":
+                full = embedding_full_ranks(t.module) if isinstance(t.module, FieldEmbedding) \
+                    else [linear_full_rank(t.module)]
+                gains[t.name], orders[t.name] = _loss_orders(stats[t.name], full)
+            else:  # each spectrum normalised to sum 1: shares of the layer's (field's) own variance
+                gains[t.name] = [s / s.sum() if float(s.sum()) > 0 else s for s in spectra(t)]
+        chosen, predicted = allocate_budget(plan.budget_layers(stats, gains), base["total"]["bytes"],
+                                            float(target_ratio), _fixed_parts(model, plan.active))
         policy["predicted_bytes"] = predicted
-        return chosen
+        return chosen, orders
 
     out: dict[str, Any] = {}
-    for t in active:
+    for t in plan.active:
         r = group_ranks[t.group]
         spec = spectra(t) if r is None else None
         if isinstance(t.module, FieldEmbedding):
@@ -260,9 +343,85 @@ def _choose_ranks(model: nn.Module, method: str, active: Sequence[Target], stats
         else:
             out[t.name] = resolve_linear_rank(t.name, r, energy, linear_full_rank(t.module),
                                               spec[0] if spec else None, group=t.group)
-    return out
+    return out, orders
 
 
+def _build(model: nn.Module, plan: _Plan, t: Target, rank: Any, ctx: LayerContext,
+           replaced: dict[str, nn.Module]) -> dict[str, Any]:
+    """Build one replacement, swap it in when it is smaller; returns the layer's report entry."""
+    m = plan.method
+    if m.low_rank and rank is None:
+        return _entry(t, "none", note="kept dense by the budget (its full spectrum was worth the bytes)",
+                      full_rank=linear_full_rank(t.module))
+    is_emb = isinstance(t.module, FieldEmbedding)
+    new, info = (m.embedding if is_emb else m.linear)(t.module, rank, ctx)
+    entry = _entry(t, m.name)
+    entry.update(info)
+    if isinstance(t.module, nn.Linear) and m.low_rank:
+        entry["break_even_rank"] = linear_break_even(t.module.in_features, t.module.out_features)
+    if info["bytes_after"] >= info["bytes_before"]:
+        for key in ("field_ranks", "field_retained_energy", "tt_fields", "field_collisions"):
+            entry.pop(key, None)
+        entry.update(method="none", rank=None, requested_rank=info["rank"], retained_energy=1.0,
+                     params_after=info["params_before"], bytes_after=info["bytes_before"],
+                     note=f"kept dense: the {m.name} replacement ({info['bytes_after']} B) is not smaller than "
+                          f"the layer ({info['bytes_before']} B); lower the rank to save space")
+    else:
+        entry["replaced"] = True
+        set_module(model, t.name, new)
+        replaced[t.name] = new
+    return entry
+
+
+def _replace(model: nn.Module, plan: _Plan, stats: Mapping[str, OutputStats], ranks: Mapping[str, Any],
+             orders: Mapping[str, list[torch.Tensor] | None], batches: Sequence[Any],
+             forward_fn: Callable[[nn.Module, Any], Any] | None, teacher: nn.Module | None,
+             replaced: dict[str, nn.Module]) -> list[dict[str, Any]]:
+    """Build and swap in every replacement: all from one-shot statistics, or layer by layer in forward order."""
+    ctx_of = lambda t, **kw: LayerContext(stats=stats.get(t.name), order=orders.get(t.name),  # noqa: E731
+                                          code_dtype=plan.code_dtype, options=plan.options, **kw)
+    if not plan.sequential:
+        return [_build(model, plan, t, ranks.get(t.name), ctx_of(t), replaced) for t in plan.active]
+
+    targets = {t.name: t for t in plan.active}
+    # Every Linear may need a refit (correction) once something upstream is compressed; MultiheadAttention reads
+    # its out_proj weights directly, so its Linears are left alone (as targets.py does).
+    groups = module_groups(model)
+    linears = [n for n, g in groups.items() if isinstance(model.get_submodule(n), nn.Linear)]
+    names = forward_order(model, list(dict.fromkeys(list(targets) + linears)), batches[0], forward_fn)
+    entries, upstream_changed = [], False
+    for name in names:
+        t = targets.get(name)
+        module = model.get_submodule(name)
+        if isinstance(module, FieldEmbedding):
+            if t is not None:  # nothing upstream of an embedding: its one-shot statistics are its sequential ones
+                entries.append(_build(model, plan, t, ranks.get(name), ctx_of(t), replaced))
+                upstream_changed |= name in replaced
+            continue
+        refit = plan.correction == "lstsq" and upstream_changed
+        if t is None and not refit:
+            continue
+        if refit or plan.calibration == "sequential":
+            moments = linear_moments(model, name, batches, teacher if refit else None, forward_fn)
+            if refit:
+                refit_linear(module, *moments.least_squares(intercept=module.bias is not None))
+        if t is not None:
+            ctx = ctx_of(t)
+            if plan.method.needs_calibration and (refit or plan.calibration == "sequential"):
+                layer_stats = moments.output_stats(module.weight, module.bias)
+                if plan.allocator == "loss":  # the loss weights of the original outputs, on the new basis
+                    layer_stats.grad_count, layer_stats.grad_sq = stats[name].grad_count, stats[name].grad_sq
+                    _, order = _loss_orders(layer_stats, [linear_full_rank(module)])
+                    ctx = ctx_of(t, order=order)
+                ctx.stats = layer_stats
+            entries.append(_build(model, plan, t, ranks.get(name), ctx, replaced))
+        upstream_changed |= refit or name in replaced
+    return entries
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config front end
+# ---------------------------------------------------------------------------------------------------------------
 def _rank_arg(value: Any) -> Any:
     """int rank, float ratio in (0, 1], or None (from YAML, 2 and 2.0 mean a rank of 2)."""
     if value is None or isinstance(value, bool):
@@ -273,9 +432,29 @@ def _rank_arg(value: Any) -> Any:
 
 
 #: compression config keys that ``compress`` reads (the rest of a ``compression`` config is the pipeline's:
-#: fine-tune, distillation, control)
+#: fine-tune, distillation, control); a method's own keys (``CompressionMethod.options``) come on top
 COMPRESS_KEYS: tuple[str, ...] = ("method", "targets", "embedding_rank", "mlp_rank", "other_rank", "energy",
-                                  "target_ratio", "include", "exclude", "fold")
+                                  "target_ratio", "include", "exclude", "fold", "code_dtype", "calibration",
+                                  "correction", "allocator", "from_scratch")
+
+
+def _compress_kwargs(cfg: Any) -> dict[str, Any]:
+    get = cfg.get if hasattr(cfg, "get") else (lambda k, d=None: d)
+    kw = {k: get(k) for k in COMPRESS_KEYS if get(k) is not None}
+    for k in ("embedding_rank", "mlp_rank", "other_rank"):
+        if k in kw:
+            kw[k] = _rank_arg(kw[k])
+    for k in ("targets", "include", "exclude"):
+        if k in kw:
+            kw[k] = list(kw[k])
+    for k in ("target_ratio", "energy"):
+        if k in kw:
+            kw[k] = float(kw[k])
+    for k in ("fold", "from_scratch"):
+        kw[k] = bool(kw.get(k, False))
+    method = get_method(str(kw.get("method", "none")))
+    kw["options"] = {k: get(k) for k in method.options}
+    return kw
 
 
 def compress_from_config(model: nn.Module, cfg: Any, calibration_batches: Iterable[Any] | None = None,
@@ -285,18 +464,54 @@ def compress_from_config(model: nn.Module, cfg: Any, calibration_batches: Iterab
     ``calibration_batches``: training batches (already on the model's device); at most
     ``cfg.calibration_batches`` of them are used.
     """
-    kw = {k: cfg[k] for k in COMPRESS_KEYS if k in cfg and cfg[k] is not None}
-    for k in ("embedding_rank", "mlp_rank", "other_rank"):
-        if k in kw:
-            kw[k] = _rank_arg(kw[k])
-    for k in ("targets", "include", "exclude"):
-        if k in kw:
-            kw[k] = list(kw[k])
-    if "target_ratio" in kw:
-        kw["target_ratio"] = float(kw["target_ratio"])
-    if "energy" in kw:
-        kw["energy"] = float(kw["energy"])
-    kw["fold"] = bool(kw.get("fold", False))
     limit = cfg.get("calibration_batches") if hasattr(cfg, "get") else None
     return compress(model, calibration_batches=calibration_batches, forward_fn=forward_fn,
-                    max_calibration_batches=int(limit) if limit else None, **kw)
+                    max_calibration_batches=int(limit) if limit else None, **_compress_kwargs(cfg))
+
+
+def check_config(model: nn.Module, cfg: Any, batch: Any | None = None,
+                 forward_fn: Callable[[nn.Module, Any], Any] | None = None) -> None:
+    """Raise ValueError (one line naming the key and the fix) for settings no training can make possible: an
+    unknown method or group, fixed ranks outside their layers' range, a budget below what the smallest ranks
+    need, folding where no Linear reads the field vectors. Needs only the (untrained) model and, for folding,
+    one batch: run it before the base is trained, not after hours."""
+    kw = _compress_kwargs(cfg)
+    if kw.get("method", "none") == "none":
+        return
+    plan = _Plan(model, kw["method"], kw.get("targets"), kw.get("include", ()), kw.get("exclude", ()),
+                 kw.get("code_dtype", "float32"), kw.get("calibration", "oneshot"), kw.get("correction", "none"),
+                 kw.get("allocator", "variance"), kw.get("energy"), kw.get("target_ratio"), kw["fold"],
+                 kw["from_scratch"], kw["options"])
+    m = plan.method
+    group_ranks = {g: kw.get(f"{g}_rank") for g in ("embedding", "mlp", "other")}
+    if kw.get("target_ratio") is not None:
+        base = model_size(model)["total"]["bytes"]
+        budget = int(base / kw["target_ratio"])
+        fixed = _fixed_parts(model, plan.active)
+        layers = plan.budget_layers(None, None)
+        minimum = minimum_bytes(layers) + sum(fixed.values())
+        if minimum > budget:
+            raise ValueError(unreachable_message(kw["target_ratio"], base, budget, minimum,
+                                                 {repr(l.name): l.bytes_of(l.min_ranks) for l in layers}, fixed))
+    elif m.low_rank:
+        for t in plan.active:
+            r = group_ranks[t.group]
+            if r is None and kw.get("energy") is None:
+                continue
+            if isinstance(t.module, FieldEmbedding):
+                resolve_embedding_ranks(t.name, r, kw.get("energy"), t.module.dim, embedding_full_ranks(t.module),
+                                        [torch.ones(f) for f in embedding_full_ranks(t.module)])
+            else:
+                resolve_linear_rank(t.name, r, kw.get("energy"), linear_full_rank(t.module),
+                                    torch.ones(linear_full_rank(t.module)), group=t.group)
+    else:
+        for t in plan.active:
+            m.fixed_rank(t.group, group_ranks[t.group])
+    if kw["fold"] and batch is not None:
+        tables = [t.name for t in plan.active if isinstance(t.module, FieldEmbedding) and t.module.dim > 1]
+        if not tables:
+            raise ValueError("compression.fold=true needs an svd/afm embedding: include 'embedding' in targets")
+        if not any(find_field_readers(model, name, batch, forward_fn) for name in tables):
+            raise ValueError(f"compression.fold=true: no Linear layer of {type(model).__name__} reads the embedded "
+                             "field vectors directly (e.g. a DNN fed by a cross network or by attention), so there is "
+                             "nothing to fold; set compression.fold=false")

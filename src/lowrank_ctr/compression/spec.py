@@ -18,7 +18,8 @@ from typing import Any, Mapping, Sequence
 
 from torch import nn
 
-from lowrank_ctr.compression.modules import EMBEDDING_TYPES, LINEAR_TYPES, MODULE_TYPES
+from lowrank_ctr.compression.methods import module_types
+from lowrank_ctr.compression.methods.base import place
 from lowrank_ctr.compression.targets import get_module, set_module
 from lowrank_ctr.models.layers import FieldEmbedding
 
@@ -27,8 +28,9 @@ SPEC_FORMAT = "lowrank_ctr.compression/1"
 
 def module_entry(name: str, module: nn.Module) -> dict[str, Any]:
     cls = type(module).__name__
-    if cls not in MODULE_TYPES:
-        raise TypeError(f"{name!r}: {cls} is not a compressed module type ({sorted(MODULE_TYPES)})")
+    known = module_types()
+    if cls not in known:
+        raise TypeError(f"{name!r}: {cls} is not a compressed module type ({sorted(known)})")
     return {"name": name, "class": cls, "args": module.spec_args()}
 
 
@@ -38,20 +40,20 @@ def make_spec(method: str, replaced: Mapping[str, nn.Module]) -> dict[str, Any]:
 
 
 def _check_compatible(name: str, old: nn.Module, cls: type, args: dict) -> None:
-    if cls in EMBEDDING_TYPES:
+    if cls.replaces == "embedding":
         ok = isinstance(old, FieldEmbedding) and old.vocab_sizes == list(args["vocab_sizes"]) \
             and old.dim == int(args["dim"])
         want = f"a FieldEmbedding with vocab sizes {list(args['vocab_sizes'])} and dim {args['dim']}"
         have = (f"FieldEmbedding(vocab sizes {old.vocab_sizes}, dim {old.dim})" if isinstance(old, FieldEmbedding)
                 else type(old).__name__)
-    elif cls in LINEAR_TYPES:
+    elif cls.replaces == "linear":
         ok = isinstance(old, nn.Linear) and old.in_features == int(args["in_features"]) \
             and old.out_features == int(args["out_features"])
         want = f"an nn.Linear({args['in_features']}, {args['out_features']})"
         have = (f"nn.Linear({old.in_features}, {old.out_features})" if isinstance(old, nn.Linear)
                 else type(old).__name__)
-    else:  # pragma: no cover - MODULE_TYPES and the type tuples are defined together
-        ok, want, have = True, "", ""
+    else:
+        raise ValueError(f"{cls.__name__} declares replaces={cls.replaces!r}; expected 'embedding' or 'linear'")
     if not ok:
         raise ValueError(f"compression spec expects {want} at {name!r} but the model has {have}: build the base "
                          f"model from the same data schema and model config as the compressed checkpoint")
@@ -67,17 +69,13 @@ def apply_spec(model: nn.Module, spec: Mapping[str, Any] | Sequence[Mapping[str,
         raise ValueError(f"unknown compression spec format {spec.get('format')!r}; this version reads {SPEC_FORMAT}")
     for entry in entries:
         name, cls_name, args = entry["name"], entry["class"], dict(entry["args"])
-        cls = MODULE_TYPES.get(cls_name)
+        known = module_types()
+        cls = known.get(cls_name)
         if cls is None:
             raise ValueError(f"compression spec names unknown module class {cls_name!r} at {name!r}; "
-                             f"known: {sorted(MODULE_TYPES)}")
+                             f"known: {sorted(known)}")
         old = get_module(model, name)
         _check_compatible(name, old, cls, args)
-        ref = next(iter(old.parameters()))
-        new = cls(**args)
-        if cls_name.startswith("Int8"):
-            new = new.to(device=ref.device)  # keep int8 / fp16 storage dtypes
-        else:
-            new = new.to(device=ref.device, dtype=ref.dtype)
+        new = place(cls(**args), next(iter(old.parameters())))
         set_module(model, name, new)
     return model

@@ -1,7 +1,8 @@
 """Which modules to compress, found by type and dotted name on ANY model (one mechanism for every model).
 
 Groups:
-    embedding  every ``FieldEmbedding`` with dim > 1 (the dim-1 linear-term tables are skipped)
+    embedding  every ``FieldEmbedding`` with dim > 1, and the dim-1 first-order (linear-term) tables for methods
+               that compress them (svd / afm: int8 codes or rank 0)
     mlp        every ``nn.Linear`` inside an ``MLP`` (models/layers.py)
     other      every other ``nn.Linear`` (cross networks, attention projections, gates, ...)
 ``include`` / ``exclude`` are fnmatch globs on dotted module names ("mlp.net.*", "*.attention.*").
@@ -17,7 +18,6 @@ from typing import Iterable, Sequence
 
 from torch import nn
 
-from lowrank_ctr.compression.modules import EMBEDDING_TYPES, LINEAR_TYPES
 from lowrank_ctr.models.layers import MLP, FieldEmbedding
 
 GROUPS: tuple[str, ...] = ("embedding", "mlp", "other")
@@ -56,8 +56,8 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def module_groups(model: nn.Module) -> dict[str, str]:
     """Dotted name -> group for every embedding / linear module, original or already compressed.
 
-    Compressed modules are leaves here (their inner ``nn.Linear`` parts belong to them), and a compressed
-    linear is "mlp" when it sits inside an ``MLP`` just like the Linear it replaced.
+    Compressed modules (classes that declare ``replaces``) are leaves here (their inner ``nn.Linear`` parts belong
+    to them), and a compressed linear is "mlp" when it sits inside an ``MLP`` just like the Linear it replaced.
     """
     groups: dict[str, str] = {}
     mlp_prefixes: list[str] = []
@@ -70,10 +70,11 @@ def module_groups(model: nn.Module) -> dict[str, str]:
         if isinstance(m, nn.MultiheadAttention):
             leaf_prefixes.append(name)
             continue
-        if isinstance(m, (FieldEmbedding,) + EMBEDDING_TYPES):
+        replaces = getattr(type(m), "replaces", None)
+        if isinstance(m, FieldEmbedding) or replaces == "embedding":
             groups[name] = "embedding"
             leaf_prefixes.append(name)
-        elif isinstance(m, (nn.Linear,) + LINEAR_TYPES):
+        elif isinstance(m, nn.Linear) or replaces == "linear":
             inside_mlp = any(p == "" or name.startswith(p + ".") for p in mlp_prefixes)
             groups[name] = "mlp" if inside_mlp else "other"
             leaf_prefixes.append(name)
@@ -81,8 +82,11 @@ def module_groups(model: nn.Module) -> dict[str, str]:
 
 
 def find_targets(model: nn.Module, groups: Iterable[str] = ("embedding", "mlp"), include: Sequence[str] = (),
-                 exclude: Sequence[str] = ()) -> list[Target]:
-    """Uncompressed modules of the requested groups, filtered by include / exclude globs, in model order."""
+                 exclude: Sequence[str] = (), first_order: bool = False) -> list[Target]:
+    """Uncompressed modules of the requested groups, filtered by include / exclude globs, in model order.
+
+    ``first_order``: include the dim-1 (linear-term) tables in the embedding group.
+    """
     groups = tuple(groups)
     unknown = [g for g in groups if g not in GROUPS]
     if unknown:
@@ -92,8 +96,8 @@ def find_targets(model: nn.Module, groups: Iterable[str] = ("embedding", "mlp"),
         m = get_module(model, name)
         if group not in groups or not isinstance(m, (FieldEmbedding, nn.Linear)):
             continue  # already compressed, or not asked for
-        if isinstance(m, FieldEmbedding) and m.dim <= 1:
-            continue  # linear-term table: nothing to factorise
+        if isinstance(m, FieldEmbedding) and m.dim <= 1 and not first_order:
+            continue  # linear-term table: this method has nothing for it
         found.append(Target(name, group, m))
     for pattern in include:
         if not any(fnmatch(t.name, pattern) for t in found):

@@ -13,10 +13,6 @@ from lowrank_ctr.models.registry import register_model
 
 @register_model("dnn")
 class DNN(CTRModel):
-    # The flattened field embeddings feed nothing but this layer (a structural fact that lets a low-rank
-    # embedding's projection be folded into it).
-    embedding_sink = "mlp.net.0"
-
     def __init__(self, schema: Schema, embedding_dim: int = 16, mlp: Sequence[int] = (400, 400, 400),
                  dropout: float = 0.0, batch_norm: bool = False, activation: str = "relu",
                  numeric: str = "embed") -> None:

@@ -1,0 +1,59 @@
+"""The registry of compression methods: ``compression.method=NAME`` looks a method up here.
+
+Each method is one file in this package that defines a ``CompressionMethod`` subclass (and the module classes it
+produces) and registers an instance with ``@register_method``; its config is ``conf/compression/NAME.yaml``.
+Everything else — validation, target defaults, rank policies, spec rebuilding, report names and colours — asks the
+registry, so a new method touches no other file.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from torch import nn
+
+from lowrank_ctr.compression.methods.base import CompressionMethod, Info, LayerContext
+
+METHODS: dict[str, CompressionMethod] = {}
+
+C = TypeVar("C", bound=type[CompressionMethod])
+
+
+def register_method(cls: C) -> C:
+    """Class decorator: register one instance of a method under its ``name`` (registration order = report order)."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    if cls.name in METHODS and type(METHODS[cls.name]) is not cls:
+        raise ValueError(f"compression method {cls.name!r} is already registered to {type(METHODS[cls.name]).__name__}")
+    METHODS[cls.name] = cls()
+    return cls
+
+
+def get_method(name: str) -> CompressionMethod:
+    if name not in METHODS:
+        raise ValueError(f"unknown compression method {name!r}; known methods: {list(METHODS)}")
+    return METHODS[name]
+
+
+def method_names() -> list[str]:
+    """Registered methods in registration order (the order of reports and plots)."""
+    return list(METHODS)
+
+
+def module_types() -> dict[str, type[nn.Module]]:
+    """Every compressed module class any method produces, by class name (what a spec's "class" refers to)."""
+    from lowrank_ctr.compression.fold import FieldFoldedLinear
+    from lowrank_ctr.compression.modules import MODULE_TYPES
+
+    out = dict(MODULE_TYPES)
+    out[FieldFoldedLinear.__name__] = FieldFoldedLinear
+    for m in METHODS.values():
+        out.update({c.__name__: c for c in m.module_types})
+    return out
+
+
+# The built-in methods register themselves on import (order: the order of reports).
+from lowrank_ctr.compression.methods import none, svd, afm, tt, int8, qr  # noqa: E402,F401
+
+__all__ = ["METHODS", "CompressionMethod", "Info", "LayerContext", "get_method", "method_names", "module_types",
+           "register_method"]
