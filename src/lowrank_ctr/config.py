@@ -10,6 +10,8 @@ from typing import Iterator
 
 from omegaconf import OmegaConf
 
+import lowrank_ctr.quiet  # noqa: F401  (filters dependency messages a user cannot act on; see quiet.py)
+
 _PACKAGE_DIR = Path(__file__).resolve().parent
 _SOURCE_ROOT = _PACKAGE_DIR.parents[1]  # the checkout, for an editable install
 
