@@ -251,6 +251,63 @@ def test_cin_and_bilinear() -> None:
         assert BilinearInteraction(5, DIM, kind)(x).shape == (3, 10, DIM)
 
 
+def _cin_by_formula(x0: torch.Tensor, cin: CIN) -> torch.Tensor:
+    """x^l_h = act(sum_ij W^l_h[i, j] x0_i * x^{l-1}_j + b_h) per embedding dim, sum-pooled; split_half as in the paper."""
+    h, outs = x0, []
+    for i, layer in enumerate(cin.layers):
+        w = layer.weight.view(layer.out_features, x0.shape[1], h.shape[1])
+        z = torch.einsum("hij,bid,bjd->bhd", w, x0, h) + layer.bias.view(1, -1, 1)
+        z = cin.activation(z)
+        if cin.split_half and i < len(cin.layers) - 1:
+            h, keep = torch.chunk(z, 2, dim=1)
+        else:
+            h = keep = z
+        outs.append(keep.sum(2))
+    return torch.cat(outs, dim=1)
+
+
+@pytest.mark.parametrize("split_half", [True, False])
+def test_cin_matches_its_formula_in_value_and_gradient(split_half: bool) -> None:
+    torch.manual_seed(0)
+    cin = CIN(5, [6, 4], split_half=split_half, activation="tanh").double()
+    x = torch.randn(3, 5, DIM, dtype=torch.float64, requires_grad=True)
+    out = cin(x)  # training path: the custom outer-product backward
+    expected = _cin_by_formula(x, cin)
+    torch.testing.assert_close(out, expected)
+    upstream = torch.randn_like(out)
+    got = torch.autograd.grad((out * upstream).sum(), [x, *cin.parameters()])
+    want = torch.autograd.grad((expected * upstream).sum(), [x, *cin.parameters()])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    with torch.no_grad():  # inference path (no custom Function), e.g. for export
+        torch.testing.assert_close(cin(x), expected)
+
+
+def test_cin_outer_product_linear_gradcheck() -> None:
+    from lowrank_ctr.models.layers import _OuterProductLinear
+
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True),
+            torch.randn(4, 2, generator=g, dtype=torch.float64, requires_grad=True),
+            torch.randn(5, 6, generator=g, dtype=torch.float64, requires_grad=True),
+            torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)]
+    assert torch.autograd.gradcheck(lambda *a: _OuterProductLinear.apply(*a, torch.float64), args)
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_logits_stay_float32_under_bf16_autocast(name: str) -> None:
+    """AUC ranks logits: bf16 would round them to 8 bits of mantissa (ties). Output layers compute in float32."""
+    schema = SCHEMAS["criteo_like"]
+    model = tiny_model(name, schema).eval()
+    batch = random_batch(schema, 32)
+    with torch.no_grad():
+        full = model(batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = model(batch)
+    assert mixed.dtype == torch.float32
+    assert torch.allclose(mixed, full, atol=0.05, rtol=0.05)  # same model, bf16 inner layers
+
+
 def test_linear_term_uses_every_field() -> None:
     schema = Schema("mixed", _num(2) + _cat([5]) + [FieldSpec("m", "multihot", vocab_size=7, max_len=3)])
     lt = LinearTerm(schema)

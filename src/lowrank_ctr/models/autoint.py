@@ -9,7 +9,7 @@ from torch import nn
 
 from lowrank_ctr.data.schema import Schema
 from lowrank_ctr.models.base import CTRModel
-from lowrank_ctr.models.layers import InteractingLayer
+from lowrank_ctr.models.layers import InteractingLayer, OutputLinear
 from lowrank_ctr.models.registry import register_model
 
 
@@ -33,7 +33,7 @@ class AutoInt(CTRModel):
             InteractingLayer(dims[i], att_dim, heads, residual=self._bool("residual", residual),
                              scale=self._bool("scale", scale))
             for i in range(n_layers)))
-        self.attention_head = nn.Linear(self.embedding.num_fields * att_dim + self.embedding.dense_dim, 1)
+        self.attention_head = OutputLinear(self.embedding.num_fields * att_dim + self.embedding.dense_dim, 1)
         hidden = self._sizes("mlp", mlp)
         self.mlp = (self._mlp(self.embedding.flat_dim, hidden, activation, batch_norm, dropout, out_dim=1)
                     if hidden else None)

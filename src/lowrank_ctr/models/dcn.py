@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from torch import nn
 
 from lowrank_ctr.data.schema import Schema
 from lowrank_ctr.models.base import CTRModel
-from lowrank_ctr.models.layers import CrossNetwork
+from lowrank_ctr.models.layers import CrossNetwork, OutputLinear
 from lowrank_ctr.models.registry import register_model
 
 
@@ -26,7 +25,7 @@ class DCN(CTRModel):
         self.cross = CrossNetwork(in_dim, self._int("cross_layers", cross_layers))
         hidden = self._sizes("mlp", mlp)
         self.mlp = self._mlp(in_dim, hidden, activation, batch_norm, dropout, out_dim=None) if hidden else None
-        self.head = nn.Linear(in_dim + (self.mlp.out_dim if self.mlp is not None else 0), 1)
+        self.head = OutputLinear(in_dim + (self.mlp.out_dim if self.mlp is not None else 0), 1)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         x0 = self.embedding.flatten(*self.embedding(batch))

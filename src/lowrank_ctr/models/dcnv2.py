@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from torch import nn
 
 from lowrank_ctr.data.schema import Schema
 from lowrank_ctr.models.base import CTRModel
-from lowrank_ctr.models.layers import CrossNetworkV2
+from lowrank_ctr.models.layers import CrossNetworkV2, OutputLinear
 from lowrank_ctr.models.registry import register_model
 
 STRUCTURES = ("parallel", "stacked")
@@ -34,7 +33,7 @@ class DCNv2(CTRModel):
             head_dim = deep_dim or in_dim
         else:
             head_dim = in_dim + deep_dim
-        self.head = nn.Linear(head_dim, 1)
+        self.head = OutputLinear(head_dim, 1)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         x0 = self.embedding.flatten(*self.embedding(batch))

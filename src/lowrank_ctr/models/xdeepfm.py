@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from torch import nn
 
 from lowrank_ctr.data.schema import Schema
 from lowrank_ctr.models.base import CTRModel
-from lowrank_ctr.models.layers import CIN, LinearTerm
+from lowrank_ctr.models.layers import CIN, LinearTerm, OutputLinear
 from lowrank_ctr.models.registry import register_model
 
 
@@ -24,7 +23,7 @@ class XDeepFM(CTRModel):
         self.linear = LinearTerm(schema)
         self.cin = CIN(self.embedding.num_fields, self._sizes("cin_layers", cin_layers, allow_empty=False),
                        split_half=self._bool("split_half", split_half), activation=cin_activation)
-        self.cin_head = nn.Linear(self.cin.out_dim, 1)
+        self.cin_head = OutputLinear(self.cin.out_dim, 1)
         self.mlp = self._mlp(self.embedding.flat_dim, mlp, activation, batch_norm, dropout, out_dim=1)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
