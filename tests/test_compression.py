@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -509,27 +510,87 @@ def test_fold_linear_reads_field_vectors_through_their_bases():
     assert sum(p.numel() for p in fold.parameters()) == 5 * 11 + 5 + 3 * 5 * 6  # inner + bias + bases
 
 
-@pytest.mark.parametrize("method", ["svd", "tt", "int8"])
-def test_embedding_replacements_export_to_onnx(method):
+#: one setting per registered method (and the variants worth their own check); a new method adds its line here
+CONTRACT_SETTINGS = {
+    "svd": dict(embedding_rank=3, mlp_rank=4, targets=("embedding", "mlp")),
+    "afm": dict(embedding_rank=3, mlp_rank=4, targets=("embedding", "mlp")),
+    "afm-int8-fold": dict(method="afm", embedding_rank=3, targets=("embedding",), code_dtype="int8", fold=True),
+    "afm-budget-loss-lstsq": dict(method="afm", target_ratio=3.0, allocator="loss", code_dtype="int8",
+                                  calibration="sequential", correction="lstsq", targets=("embedding", "mlp", "other")),
+    "tt": dict(embedding_rank=2),
+    "tt-scratch": dict(method="tt", embedding_rank=2, from_scratch=True),
+    "int8": dict(targets=("embedding", "mlp", "other")),
+    "qr": dict(options={"collisions": 4}),
+    "qr-scratch": dict(method="qr", options={"collisions": 4}, from_scratch=True),
+}
+
+
+class BatchInputs(nn.Module):
+    """A zoo model with tensor inputs (what torch.onnx.export takes)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, cat, num, multi):
+        return self.model({"cat": cat, "num": num, "multi": multi})
+
+
+def test_every_registered_method_has_a_contract_setting_and_a_config():
+    from lowrank_ctr.compression import method_names
+    from lowrank_ctr.config import CONF_DIR
+
+    for name in method_names():
+        assert name in CONTRACT_SETTINGS or name == "none", f"add a CONTRACT_SETTINGS entry for method {name!r}"
+        assert (Path(CONF_DIR) / "compression" / f"{name}.yaml").exists(), f"conf/compression/{name}.yaml missing"
+
+
+@pytest.mark.parametrize("setting", sorted(CONTRACT_SETTINGS))
+def test_method_registry_contract(tmp_path, setting):
+    """Every registered method: compresses a model, names itself for reports, its spec rebuilds the compressed
+    structure with identical predictions, and the compressed model exports to ONNX with the same outputs."""
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
     import io
     import warnings
 
+    from lowrank_ctr.compression import get_method
+
+    kw = dict(CONTRACT_SETTINGS[setting])
+    name = kw.pop("method", setting)
+    method = get_method(name)
+    assert method.label and method.color.startswith("#") and isinstance(method.setting({}, ""), str)
+    from lowrank_ctr.models import build_model
+
+    schema = toy_schema(multihot=True, vocab=(400, 150, 300, 5))
     torch.manual_seed(0)
-    emb = FieldEmbedding([500, 6, 300], 16, init_std=1.0)
-    fn = {"svd": svd_embedding, "tt": tt_embedding, "int8": int8_embedding}[method]
-    new, _ = fn(emb, 4)
-    new.eval()
-    ids = multihot_ids(emb.vocab_sizes, 4, 3)
+    model = build_model("deepfm", schema, embedding_dim=8, mlp=[32, 32]).eval()
+    data = batches(schema, 4)
+    report = compress(model, name, data, **kw)
+    assert report.ratio > 1.0 and report.method == name
+    assert isinstance(method.setting(report.policy, ""), str)
+    after = predict(model, data)
+    assert torch.isfinite(after).all()
+    spec = json.loads(json.dumps(report.spec))
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    fresh = build_model("deepfm", schema, embedding_dim=8, mlp=[32, 32]).eval()
+    apply_spec(fresh, spec)
+    fresh.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True))
+    torch.testing.assert_close(predict(fresh, data), after, atol=0, rtol=0)
+
+    wrapped = BatchInputs(fresh.eval())
+    b = data[0]
     f = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(new, (ids,), f, input_names=["ids"], output_names=["out"], dynamo=False,
-                          dynamic_axes={"ids": {0: "batch"}, "out": {0: "batch"}}, opset_version=17)
-    other = multihot_ids(emb.vocab_sizes, 9, 3, seed=5)  # other batch size, other ids: nothing frozen in
-    out = ort.InferenceSession(f.getvalue()).run(None, {"ids": other.numpy()})[0]
-    torch.testing.assert_close(torch.from_numpy(out), new(other).detach(), atol=1e-5, rtol=1e-5)
+        torch.onnx.export(wrapped, (b["cat"], b["num"], b["multi"]), f, input_names=["cat", "num", "multi"],
+                          output_names=["logit"], dynamo=False, opset_version=17,
+                          dynamic_axes={k: {0: "batch"} for k in ("cat", "num", "multi", "logit")})
+    other = random_batch(schema, 37, torch.Generator().manual_seed(11))  # other size, other ids
+    got = ort.InferenceSession(f.getvalue()).run(None, {k: other[k].numpy() for k in ("cat", "num", "multi")})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), wrapped(other["cat"], other["num"], other["multi"]),
+                                   atol=1e-4, rtol=1e-4)
 
 
 def test_shared_module_replaced_under_every_name():
@@ -650,3 +711,44 @@ def test_loss_allocator_on_a_model_hits_the_budget_and_reports_loss_weights():
     assert all(p.grad is None and p.requires_grad for p in fresh.parameters())  # no parameter gradient left
     loss = stats.component_loss()
     assert loss.shape == (1, 64) and bool((loss >= 0).all()) and float(loss.sum()) > 0
+
+
+def test_readme_new_method_example(tmp_path):
+    """The README's worked example of a new method, run as written: it registers, compresses a zoo model, is
+    rebuilt from its spec and is checked by config validation like a built-in method."""
+    import re
+    import types
+
+    from lowrank_ctr.compression import METHODS
+    from lowrank_ctr.config import CONF_DIR
+    from lowrank_ctr.models import build_model
+    from lowrank_ctr.validate import problems
+    from omegaconf import OmegaConf
+
+    readme = (Path(CONF_DIR).parent / "README.md").read_text()
+    section = readme.split("### How to extend: a new compression method", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n# src/lowrank_ctr/compression/methods/fp16.py\n(.*?)```", section, re.S).group(1)
+    yaml_text = re.search(r"```yaml\n# conf/compression/fp16.yaml\n(.*?)```", section, re.S).group(1)
+    module = types.ModuleType("lowrank_ctr.compression.methods.fp16")
+    try:
+        exec(compile(code, "README fp16 example", "exec"), module.__dict__)
+        assert "fp16" in METHODS
+        schema = toy_schema(multihot=True, vocab=(400, 150, 300, 5))
+        model = build_model("deepfm", schema, embedding_dim=8, mlp=[32, 32]).eval()
+        data = batches(schema, 2)
+        before = predict(model, data)
+        report = compress(model, "fp16", data)
+        table = next(l for l in report.layers if l["name"] == "embedding.table")
+        assert table["replaced"] and table["bytes_after"] * 2 == table["bytes_before"]  # float16 rows
+        torch.testing.assert_close(predict(model, data), before, atol=1e-3, rtol=1e-3)
+        fresh = build_model("deepfm", schema, embedding_dim=8, mlp=[32, 32]).eval()
+        apply_spec(fresh, json.loads(json.dumps(report.spec)))
+        fresh.load_state_dict(model.state_dict())
+        torch.testing.assert_close(predict(fresh, data), predict(model, data), atol=0, rtol=0)
+        comp = OmegaConf.merge(OmegaConf.load(Path(CONF_DIR) / "compression" / "none.yaml"),
+                               OmegaConf.create(yaml_text.replace("defaults:\n  - none\n  - _self_\n", "")))
+        assert problems(OmegaConf.create({"compression": comp})) == []
+        comp.targets = ["embedding", "mlp"]
+        assert "compression=fp16 compresses ['embedding'] only" in problems(OmegaConf.create({"compression": comp}))[0]
+    finally:
+        METHODS.pop("fp16", None)

@@ -378,8 +378,10 @@ def _replace(model: nn.Module, plan: _Plan, stats: Mapping[str, OutputStats], ra
              forward_fn: Callable[[nn.Module, Any], Any] | None, teacher: nn.Module | None,
              replaced: dict[str, nn.Module]) -> list[dict[str, Any]]:
     """Build and swap in every replacement: all from one-shot statistics, or layer by layer in forward order."""
-    ctx_of = lambda t, **kw: LayerContext(stats=stats.get(t.name), order=orders.get(t.name),  # noqa: E731
-                                          code_dtype=plan.code_dtype, options=plan.options, **kw)
+    def ctx_of(t: Target, **overrides: Any) -> LayerContext:
+        kw = dict(stats=stats.get(t.name), order=orders.get(t.name), code_dtype=plan.code_dtype, options=plan.options)
+        return LayerContext(**{**kw, **overrides})
+
     if not plan.sequential:
         return [_build(model, plan, t, ranks.get(t.name), ctx_of(t), replaced) for t in plan.active]
 

@@ -52,8 +52,19 @@ def module_types() -> dict[str, type[nn.Module]]:
     return out
 
 
-# The built-in methods register themselves on import (order: the order of reports).
-from lowrank_ctr.compression.methods import none, svd, afm, tt, int8, qr  # noqa: E402,F401
+def _import_all() -> None:
+    """Import every method module of this package: the built-in ones first, in the order of reports, then any other
+    file dropped here (that is all a new method needs)."""
+    import importlib
+    import pkgutil
+
+    builtin = ["none", "svd", "afm", "tt", "int8", "qr"]
+    others = sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in builtin + ["base", "lowrank"])
+    for name in builtin + others:
+        importlib.import_module(f"{__name__}.{name}")
+
+
+_import_all()
 
 __all__ = ["METHODS", "CompressionMethod", "Info", "LayerContext", "get_method", "method_names", "module_types",
            "register_method"]

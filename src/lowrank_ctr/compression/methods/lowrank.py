@@ -120,7 +120,7 @@ class LowRankMethod(CompressionMethod):
         retained = sum(s * t for s, t in zip(kept, totals)) / sum(totals) if sum(totals) > 0 else 1.0
         info = layer_info(self.name, emb, new, max(ranks), emb.dim, retained, field_ranks=list(ranks),
                           field_full_ranks=embedding_full_ranks(emb), field_retained_energy=kept,
-                          code_dtype=ctx.code_dtype, spectrum=[[float(x) for x in s] for s in spectra])
+                          code_dtype=ctx.code_dtype, field_spectra=[[float(x) for x in s] for s in spectra])
         return new, info
 
     def linear(self, linear: nn.Linear, rank: Any, ctx: LayerContext) -> tuple[LowRankLinear, Info]:
