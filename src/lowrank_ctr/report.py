@@ -28,7 +28,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-RESULTS_FILE = "results.json"
+from lowrank_ctr.pipeline.results import RESULTS_FILE  # the one definition of the results schema's file name
+
 HYDRA_CONFIG = Path(".hydra") / "config.yaml"
 BATCH_SIZES: tuple[int, ...] = (1, 256, 4096)
 #: directories never searched: version control and Python caches. Everything else is searched whatever its name, so
