@@ -9,6 +9,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import matplotlib.colors
 import numpy as np
 import pandas as pd
 import pytest
@@ -399,3 +400,11 @@ def test_one_panel_titles_fit_and_labels_clear_the_markers(tmp_path):
         assert len(fig.axes) == 1 and title_fits(fig)
         assert len([t for t in fig.axes[0].texts]) == 8
         assert label_overlaps(fig) == []
+        # method names and colours come from the compression-method registry (one place)
+        from lowrank_ctr.compression import get_method
+
+        legend = {t.get_text(): h for t, h in zip(fig.legends[0].get_texts(), fig.legends[0].legend_handles)}
+        for method in ("afm", "svd"):
+            registered = get_method(method)
+            assert registered.label in legend
+            assert matplotlib.colors.to_hex(legend[registered.label].get_color()) == registered.color

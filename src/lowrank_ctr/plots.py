@@ -26,12 +26,10 @@ from matplotlib.text import Annotation
 from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import Bbox
 
-#: fixed colours so a method looks the same in every plot and report (the method order of the report is
-#: ``lowrank_ctr.report.METHOD_ORDER``; both move to the compression-method registry once it exists)
-METHOD_COLORS: dict[str, str] = {"none": "#555555", "svd": "#1f77b4", "afm": "#d62728", "tt": "#2ca02c",
-                                 "int8": "#ff7f0e", "qr": "#9467bd", "mixed_dim": "#8c564b"}
+# method order, labels and colours come from the compression-method registry, through the report
+from lowrank_ctr.report import method_color, method_label, method_rank
+
 GROUP_COLORS: dict[str, str] = {"embedding": "#1f77b4", "mlp": "#d62728", "other": "#2ca02c"}
-_EXTRA_COLORS = ["#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#9467bd", "#8c564b"]
 DPI = 110
 
 _SKIP_REASONS: dict[str, str] = {
@@ -47,15 +45,8 @@ def why_skipped(filename: str) -> str:
     return _SKIP_REASONS.get(filename, "no data")
 
 
-def method_color(method: str) -> str:
-    if method not in METHOD_COLORS:
-        METHOD_COLORS[method] = _EXTRA_COLORS[len(METHOD_COLORS) % len(_EXTRA_COLORS)]
-    return METHOD_COLORS[method]
-
-
-def _method_key(method: str) -> int:
-    order = list(METHOD_COLORS)
-    return order.index(method) if method in order else len(order)
+def _method_key(method: str) -> tuple[int, str]:
+    return method_rank(method), method
 
 
 def pareto_front(x: Sequence[float], y: Sequence[float], x_higher_better: bool = True) -> list[int]:
@@ -236,7 +227,7 @@ def _tradeoff(runs: pd.DataFrame, x: str, xlabel: str, x_higher_better: bool, ba
             raw = df[df["method"] == method]
             ax.scatter(raw[x], raw["auc"], s=10, color=color, alpha=0.3, linewidths=0)
             ax.errorbar(m["x"], m["auc"], yerr=m["std"].fillna(0.0), fmt="o", ms=5, color=color, capsize=2,
-                        label=method)
+                        label=method_label(method))
         points = means[["x", "auc", "setting", "method"]].copy()
         base_auc = df["base_auc"].astype(float)
         if base_x is not None and np.isfinite(base_auc).any():
@@ -260,7 +251,7 @@ def _tradeoff(runs: pd.DataFrame, x: str, xlabel: str, x_higher_better: bool, ba
     wrapped_title(fig, title)
     figure_legend(fig, axes)
     for ax, labelled in to_label:
-        texts = (labelled["method"].astype(str) + " " + labelled["setting"].astype(str)).tolist()
+        texts = (labelled["method"].astype(str).map(method_label) + " " + labelled["setting"].astype(str)).tolist()
         place_labels(ax, labelled["x"].tolist(), labelled["auc"].tolist(), texts)
     return fig
 
@@ -348,7 +339,8 @@ def retained_energy(layers: pd.DataFrame, max_layer_legend: int = 8) -> Figure |
         else:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylim(top=1.02)
-        ax.set_title(f"{data} / {model}: {method}" if several_models else f"method {method}", fontsize=10)
+        ax.set_title(f"{data} / {model}: {method_label(method)}" if several_models else method_label(method),
+                     fontsize=10)
         ax.set_xlabel("rank (components kept)")
         ax.set_ylabel("retained energy (share of spectrum)")
         ax.grid(alpha=0.3)

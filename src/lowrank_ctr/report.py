@@ -38,7 +38,6 @@ BATCH_SIZES: tuple[int, ...] = (1, 256, 4096)
 NEVER_SEARCHED = frozenset({".git", "__pycache__"})
 #: keys every results.json that lowrank-ctr writes has at least one of (ok, failed and older records)
 RECORD_KEYS: tuple[str, ...] = ("status", "test/auc", "config_hash")
-METHOD_ORDER: tuple[str, ...] = ("none", "svd", "afm", "tt", "int8")
 
 #: columns of results.csv, in order (one row per run; failed runs included)
 RUN_COLUMNS: list[str] = [
@@ -422,8 +421,42 @@ def layers_table(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=LAYER_COLUMNS)
 
 
-def _method_rank(method: str) -> int:
-    return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+#: colours of methods the registry does not know (results of a method since removed), assigned in first-seen order
+_UNREGISTERED_COLORS = ["#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#8c564b", "#9467bd"]
+_unregistered: dict[str, str] = {}
+
+
+def _registry() -> Mapping[str, Any]:
+    """The compression-method registry: its order is the order of reports, and each method's label and colour are
+    the ones every table and plot uses (one place: ``lowrank_ctr/compression/methods/``)."""
+    from lowrank_ctr.compression.methods import METHODS
+
+    return METHODS
+
+
+def method_rank(method: str) -> int:
+    """Position of a method in reports (registration order); unregistered methods after all registered ones."""
+    names = list(_registry())
+    return names.index(method) if method in names else len(names)
+
+
+def method_label(method: str) -> str:
+    """How plots name a method (``AFM``, ``SVD``, ``base``); its name when the registry does not know it."""
+    registered = _registry().get(method)
+    return str(getattr(registered, "label", "") or method)
+
+
+def method_color(method: str) -> str:
+    """A method's colour, the same in every plot."""
+    registered = _registry().get(method)
+    if registered is not None and getattr(registered, "color", None):
+        return str(registered.color)
+    if method not in _unregistered:
+        _unregistered[method] = _UNREGISTERED_COLORS[len(_unregistered) % len(_UNREGISTERED_COLORS)]
+    return _unregistered[method]
+
+
+_method_rank = method_rank
 
 
 def grouped_table(runs: pd.DataFrame) -> pd.DataFrame:
