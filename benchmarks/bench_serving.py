@@ -76,10 +76,10 @@ def predict_throughput(data_config: dict, work: Path, rows: int, threads: int) -
     """Raw Criteo TSV -> probabilities CSV through ``lowrank-ctr-predict``'s code (read, encode, score, write)."""
     if not rows or data_config.get("format") != "synthetic":
         return {}
-    from lowrank_ctr.data.prepare import _synthetic
+    from lowrank_ctr.data.formats.synthetic import generator as synthetic_generator
     from lowrank_ctr.predict import load_served_model, predict_file
 
-    generator = _synthetic({**data_config, "rows": rows})
+    generator = synthetic_generator({**data_config, "rows": rows})
     raw = generator.write_criteo_tsv(work / "raw.tsv", raw_ids=True, label=False)
     out = {}
     for name in ("base", "compressed"):

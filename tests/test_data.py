@@ -17,7 +17,8 @@ from lowrank_ctr.data.encoding import bucketize
 from lowrank_ctr.data.errors import DataError
 from lowrank_ctr.data.prepare import prepare
 from lowrank_ctr.data.schema import OOV_ID, Schema
-from lowrank_ctr.data.synthetic import SyntheticCriteo, binary_auc
+from lowrank_ctr.data.synthetic import SyntheticCriteo
+from lowrank_ctr.metrics import binary_metrics
 
 
 def criteo_cfg(out, **kw):
@@ -108,7 +109,8 @@ def write_csv(path, lines):
 
 def tabular_cfg(path, out, **kw):
     cfg = dict(name="t", format="tabular", train_path=str(path), label_col="y", positive_labels=["yes"],
-               categorical_cols=["color"], numeric_cols=["size"], out_dir=str(out), split=[0.6, 0.2, 0.2])
+               negative_labels=["no"], categorical_cols=["color"], numeric_cols=["size"], out_dir=str(out),
+               split=[0.6, 0.2, 0.2])
     cfg.update(kw)
     return cfg
 
@@ -152,13 +154,20 @@ def test_synthetic_vocabularies_are_zipf_and_span_orders_of_magnitude():
     assert counts[0] > 50 * np.median(counts[counts > 0])  # heavy head, long tail
 
 
-def test_binary_auc_matches_pairwise_definition():
+def test_teacher_auc_is_the_pairwise_auc_of_the_teacher_logits():
+    """The synthetic teacher's AUC comes from the project's one AUC implementation (metrics.py), which matches the
+    pairwise definition, ties counted half."""
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 300)
-    s = rng.integers(0, 20, 300).astype(float)  # many ties
+    s = rng.integers(-10, 10, 300).astype(float)  # many ties
     pos, neg = s[y == 1], s[y == 0]
     pair = ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (len(pos) * len(neg))
-    assert binary_auc(y, s) == pytest.approx(pair, abs=1e-12)
+    assert binary_metrics(torch.tensor(s), torch.tensor(y))["auc"] == pytest.approx(pair, abs=1e-6)
+    g = SyntheticCriteo(rows=3000, seed=2, max_vocab=100)
+    labels, _, _, logits = g.chunk(0)
+    pos, neg = logits[labels == 1], logits[labels == 0]
+    pair = ((pos[:, None] > neg[None, :]).mean())
+    assert g.teacher_auc(3000) == pytest.approx(pair, abs=1e-5)
 
 
 # Cache -----------------------------------------------------------------------------------------------------
@@ -220,7 +229,8 @@ def test_non_numeric_value_in_numeric_column(tmp_path):
 
 def test_bad_label_and_header_errors(tmp_path):
     f = write_csv(tmp_path / "c.txt", [CRITEO_OK, "\t".join(["x"] + ["3"] * 13 + ["ab"] * 26)])
-    with pytest.raises(DataError, match=r"c\.txt:2: label column 'label' must be 0 or 1"):
+    with pytest.raises(DataError, match=r"c\.txt:2: label column 'label' must be 1 \(click\) or 0 \(no click\); "
+                                        r"unexpected values in the file: 'x' \(1 row\)"):
         prepare(dict(name="c", format="criteo", train_path=str(f), out_dir=str(tmp_path / "o")), progress=False)
     csv = write_csv(tmp_path / "t.csv", ["y,colour,size", "yes,red,1"])
     with pytest.raises(DataError, match=r"column\(s\) \['color'\] not found"):

@@ -75,3 +75,47 @@ def test_criteo_reader_encodes_or_stops_clearly(tmp_path_factory, rows, skip):
         vocab = pq.read_table(tmp / "out" / "vocab" / f"C{j + 1}.parquet").column("value").to_pylist()
         decoded = [vocab[i - 2] for i in table[f"C{j + 1}"]]
         assert decoded == [r[14 + j] for r in good]
+
+
+NOT_UTF8 = st.sampled_from([b"\xff", b"\xc3", b"\x80\x80", b"\xed\xa0\x80", b"\xf8\x88\x80\x80\x80", b"\xfe\xfe"])
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(st.tuples(any_row, st.one_of(st.none(), NOT_UTF8), st.integers(0, 44)), min_size=1, max_size=10),
+       skip=st.booleans())
+def test_lines_that_are_not_utf8_are_bad_rows_with_their_line(tmp_path_factory, rows, skip):
+    """Invalid UTF-8 bytes anywhere in a line make that line a bad row: skipped and counted, or the run stops naming
+    the file and the line; the other rows encode exactly as without the bad lines."""
+    tmp = tmp_path_factory.mktemp("bytes")
+    lines, expected, first_bad = [], [], None
+    for i, (row, garbage, where) in enumerate(rows, start=1):
+        cells = [c.encode("utf-8") for c in row]
+        if garbage is not None:
+            cells[where % len(cells)] += garbage
+        lines.append(b"\t".join(cells))
+        usable = garbage is None and valid(row)
+        if usable:
+            expected.append(row)
+        elif first_bad is None and not (row == [""] and garbage is None):  # a blank line is no row
+            first_bad = i
+    path = tmp / "train.txt"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    cfg = dict(name="p", format="criteo", train_path=str(path), out_dir=str(tmp / "out"), numeric_mode="dense",
+               split=[1.0, 0.0, 0.0], on_bad_rows="skip" if skip else "error")
+    try:
+        result = prepare(cfg, progress=False)
+    except DataError as exc:
+        msg = str(exc)
+        assert not (tmp / "out").exists()
+        if skip or first_bad is None:
+            assert not expected and "no training rows" in msg and str(path) in msg
+        else:
+            assert msg.startswith(f"{path}:{first_bad}: ") and "on_bad_rows" in msg  # the first bad line, named
+        return
+    nonblank = [r for (r, g, _) in rows if not (r == [""] and g is None)]
+    assert result.summary["rows"]["train"] == len(expected)
+    assert result.summary["bad_rows_skipped"] == len(nonblank) - len(expected)
+    table = pq.read_table(tmp / "out" / "train").to_pandas().sort_values("row_id")
+    assert table["label"].tolist() == [int(r[0]) for r in expected]
+    vocab = pq.read_table(tmp / "out" / "vocab" / "C26.parquet").column("value").to_pylist()
+    assert [vocab[i - 2] for i in table["C26"]] == [r[39] for r in expected]

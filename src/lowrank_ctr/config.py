@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -62,17 +64,92 @@ class UserError(ValueError):
     """A mistake in a command line or config; the message names the key and the fix."""
 
 
-@contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Report a user's mistake as one line on stderr with exit code 2 instead of a traceback.
+DEBUG_ENV = "LOWRANK_CTR_DEBUG"
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # the shell's convention for a process ended by SIGINT
+_OS_REASONS = {
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EROFS: "the file system is read-only",
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EISDIR: "it is a directory, but a file is needed",
+    errno.ENOTDIR: "a part of the path is a file, not a directory",
+    errno.ENOENT: "it does not exist",
+    errno.ENAMETOOLONG: "the name is too long",
+    errno.EMFILE: "too many open files",
+}
+_SIZE_MISMATCH = re.compile(r"size mismatch for ([\w.]+): copying a param with shape (torch\.Size\(\[[^\]]*\]\)) "
+                            r"from checkpoint, the shape in current model is (torch\.Size\(\[[^\]]*\]\))")
 
-    Set LOWRANK_CTR_DEBUG=1 to get the full traceback.
+
+def _os_message(exc: OSError, where: str) -> str:
+    """An operating-system error as one line: what failed, on which file, and what to do."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = f"free some space, or write to another disk ({where})"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = f"check the permissions, or choose a location you can write to ({where})"
+    elif exc.errno == errno.EISDIR:
+        fix = "give a file path, not a directory"
+    else:
+        fix = f"check the path ({where})"
+    if exc.filename is not None:
+        reason = _OS_REASONS.get(exc.errno or -1) or exc.strerror or str(exc)
+        return f"{exc.filename}: {reason}: {fix}"
+    # pyarrow names the file in the message itself ("Failed to open local file '...'. Detail: ...")
+    return f"{(exc.strerror or str(exc)).strip().rstrip('.')}: {fix}"
+
+
+def user_message(exc: BaseException, where: str = "the output path settings") -> str | None:
+    """The one-line message for an error a user can cause, or None for a bug (which keeps its traceback).
+
+    ``where`` names the settings (and paths) a command writes to, for the fix of an OS error that names no file."""
+    if isinstance(exc, KeyError):
+        return str(exc.args[0]) if exc.args else str(exc)
+    if isinstance(exc, UnicodeDecodeError):
+        return (f"an input is not UTF-8 text ({exc.reason} at byte {exc.start}): give the raw text file (is it "
+                "binary or compressed?)")
+    if isinstance(exc, OSError):
+        return str(exc) if exc.errno is None else _os_message(exc, where)  # errno None: raised by us, with the fix
+    if isinstance(exc, ValueError):
+        return str(exc)
+    if isinstance(exc, RuntimeError) and "size mismatch for" in str(exc):
+        found = _SIZE_MISMATCH.findall(str(exc))
+        shown = "; ".join(f"{name}: checkpoint {a[11:-1]} vs config {b[11:-1]}" for name, a, b in found[:2])
+        more = f" (and {len(found) - 2} more)" if len(found) > 2 else ""
+        source = getattr(exc, "checkpoint", None) or "the checkpoint"
+        return (f"{source} does not fit the model this config builds ({shown or 'tensor shapes differ'}{more}): use "
+                "the model settings it was trained with (model=..., model.embedding_dim, model.mlp, ...), or another "
+                "checkpoint")
+    return None
+
+
+def in_checkpoint(exc: BaseException, path: str | os.PathLike) -> BaseException:
+    """Attach the checkpoint a shape mismatch came from, so its one-line message names the file."""
+    exc.checkpoint = str(path)
+    return exc
+
+
+@contextlib.contextmanager
+def user_errors(where: str = "the output path settings") -> Iterator[None]:
+    """Report a user's mistake as one line on stderr instead of a traceback: config and data mistakes, operating
+    system errors (permissions, read-only or full disks, a directory where a file belongs), a checkpoint whose
+    shapes do not fit the config, and Ctrl-C. Exit code 2 (130 for Ctrl-C).
+
+    Commands leave nothing half-written when interrupted (they write under temporary names and rename when
+    complete), so Ctrl-C only needs its one line. Set LOWRANK_CTR_DEBUG=1 to get the full traceback.
     """
     try:
         yield
-    except (ValueError, FileNotFoundError, KeyError) as exc:
-        if os.environ.get("LOWRANK_CTR_DEBUG"):
+    except KeyboardInterrupt:
+        if os.environ.get(DEBUG_ENV):
             raise
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"error: {msg}", file=sys.stderr)
-        sys.exit(2)
+        print("interrupted (Ctrl-C): nothing half-written was kept; run the same command again to redo it",
+              file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as exc:  # noqa: BLE001 - classified below; anything else is re-raised with its traceback
+        message = user_message(exc, where)
+        if message is None or os.environ.get(DEBUG_ENV):
+            raise
+        print(f"error: {' '.join(message.split())}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)

@@ -3,27 +3,39 @@
 Writes ``OUT/model.onnx`` (or ``model.pt``), ``OUT/schema.json``, the vocabularies (``OUT/vocab/``, copied from
 the prepared dataset) and the data config (``OUT/data_config.json``: how raw rows are read) so the model can be
 served without this package's training code, and prints the max abs difference between the exported model and
-PyTorch on real test rows.
+PyTorch on a batch of another size.
+
+An export is complete or refused: it is written into a fresh temporary folder and renamed into place, it is
+refused when the checkpoint's vocabularies are missing or are not the ones it was trained with, and it never merges
+into an existing folder (a non-empty ``out=`` is refused unless ``overwrite=true``, which replaces an earlier export
+only once the new one is complete). ``export.json`` records a fingerprint of the model file, schema, vocabularies
+and data config; ``lowrank-ctr-predict`` checks it, so a folder whose files were replaced is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import hydra
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from lowrank_ctr.config import CONF_DIR, UserError, user_errors
+from lowrank_ctr.config import CONF_DIR, UserError, in_checkpoint, user_errors, user_message
 from lowrank_ctr.data.batch import random_batch
+from lowrank_ctr.data.encoding import check_vocabularies, id_fields, vocab_fingerprint
 from lowrank_ctr.data.schema import Schema
-from lowrank_ctr.lightning.module import load_model
 
 INPUTS = ("cat", "num", "multi")
 FORMATS = ("onnx", "torchscript")
+MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.pt"}
+EXPORT_FILE = "export.json"
+DATA_CONFIG_FILE = "data_config.json"
 
 
 class TensorInputs(nn.Module):
@@ -37,54 +49,137 @@ class TensorInputs(nn.Module):
         return torch.sigmoid(self.model({"cat": cat, "num": num, "multi": multi}))
 
 
-def export(ckpt_path: str, fmt: str, out: Path, batch_size: int = 64) -> dict:
+def _file_digest(path: Path) -> bytes:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(block)
+    return digest.digest()
+
+
+def export_fingerprint(directory: Path, model_file: Path) -> str:
+    """Hash of what must belong together in an export: model file, schema, vocabularies and data config."""
+    directory = Path(directory)
+    schema = Schema.load(directory)
+    digest = hashlib.sha256(json.dumps(schema.signature(), sort_keys=True).encode())
+    digest.update(vocab_fingerprint(directory / "vocab", id_fields(schema)).encode())
+    digest.update(_file_digest(model_file))
+    data_config = directory / DATA_CONFIG_FILE
+    digest.update(_file_digest(data_config) if data_config.exists() else b"")
+    return digest.hexdigest()[:32]
+
+
+def check_destination(out: Path, overwrite: bool, ckpt_path: Path) -> None:
+    """Refuse, before any work, an ``out`` that would mix two models or destroy something that is not an export."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"out={out} is a file: give a directory for the export")
+    ckpt = ckpt_path.expanduser().resolve()
+    if out.resolve() in ckpt.parents:
+        raise UserError(f"out={out} holds the checkpoint being exported ({ckpt_path}): choose another directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"out={out} already exists and is not empty: an export never merges into an old folder "
+                            "(it would keep the other model's files); choose a new out=, or overwrite=true to replace "
+                            "that export")
+        if not (out / EXPORT_FILE).exists():
+            raise UserError(f"out={out} is not a lowrank-ctr-export folder (no {EXPORT_FILE}): overwrite=true replaces "
+                            "only an earlier export; choose a new out=")
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished export to ``out``; an existing (empty, or overwritten) folder is removed only after."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        if old is not None:
+            old.rename(out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export(ckpt_path: str | Path, fmt: str, out: str | Path, batch_size: int = 64, overwrite: bool = False
+           ) -> dict[str, Any]:
     if fmt not in FORMATS:
         raise UserError(f"format={fmt!r} is not supported; use one of {list(FORMATS)}")
-    model, hp = load_model(ckpt_path)
+    from lowrank_ctr.lightning.module import load_model
+
+    out, ckpt_path = Path(out).expanduser(), Path(ckpt_path)
+    check_destination(out, overwrite, ckpt_path)
+    try:
+        model, hp = load_model(ckpt_path)
+    except RuntimeError as exc:  # tensor shapes that do not fit the model the checkpoint describes
+        message = user_message(in_checkpoint(exc, ckpt_path))
+        if message is None:
+            raise
+        raise UserError(message) from None
     schema = Schema.from_dict(hp["schema"])
+    data_config = dict(hp.get("data_config") or {})
+    data_dir = data_config.get("out_dir")
+    vocab_src = Path(data_dir).expanduser() / "vocab" if data_dir else Path("<no data.out_dir in the checkpoint>")
+    check_vocabularies(vocab_src, schema, fix=(
+        f"the exported model could not encode raw rows. Prepare the dataset again from the raw files it was "
+        f"trained on (lowrank-ctr-prepare data={data_config.get('name', 'NAME')} data.out_dir={data_dir} plus the "
+        "data overrides of the training run), then export again"))
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        info = _write_export(tmp, model, hp, schema, data_config, vocab_src, fmt, batch_size)
+        info["checkpoint"] = str(ckpt_path)
+        (tmp / EXPORT_FILE).write_text(json.dumps(info, indent=2))
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    info["model"] = str(out / MODEL_FILES[fmt])
+    return info
+
+
+def _write_export(directory: Path, model: nn.Module, hp: dict[str, Any], schema: Schema, data_config: dict,
+                  vocab_src: Path, fmt: str, batch_size: int) -> dict[str, Any]:
     wrapper = TensorInputs(model).eval()
-    out.mkdir(parents=True, exist_ok=True)
     example = random_batch(schema, batch_size, torch.Generator().manual_seed(0))
     check = random_batch(schema, batch_size + 17, torch.Generator().manual_seed(1))  # another batch size
     args = tuple(example[k] for k in INPUTS)
+    path = directory / MODEL_FILES[fmt]
     with torch.no_grad():
         expected = wrapper(*(check[k] for k in INPUTS)).numpy()
         if fmt == "onnx":
-            path = out / "model.onnx"
             torch.onnx.export(wrapper, args, str(path), input_names=list(INPUTS), output_names=["probability"],
                               dynamic_axes={**{k: {0: "batch"} for k in INPUTS}, "probability": {0: "batch"}},
                               opset_version=17, dynamo=False)
             import onnxruntime as ort
 
             session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-            declared = [i.name for i in session.get_inputs()]  # inputs the model never reads are dropped
-            got = session.run(None, {k: check[k].numpy() for k in declared})[0]
+            inputs = [i.name for i in session.get_inputs()]  # inputs the model never reads are dropped
+            got = session.run(None, {k: check[k].numpy() for k in inputs})[0]
         else:
-            path = out / "model.pt"
             traced = torch.jit.trace(wrapper, args)
             traced.save(str(path))
+            inputs = list(INPUTS)
             got = torch.jit.load(str(path))(*(check[k] for k in INPUTS)).numpy()
-    max_diff = float(abs(got - expected).max())
-    schema.save(out)
-    data_config = dict(hp.get("data_config") or {})  # how raw rows are read, for lowrank-ctr-predict
-    (out / "data_config.json").write_text(json.dumps(data_config, indent=2, default=str))
-    data_dir = Path(data_config.get("out_dir", ""))
-    if (data_dir / "vocab").is_dir():
-        shutil.copytree(data_dir / "vocab", out / "vocab", dirs_exist_ok=True)
-    inputs = declared if fmt == "onnx" else list(INPUTS)
-    info = {"format": fmt, "model": str(path), "max_abs_diff": max_diff, "inputs": inputs,
-            "compression": (hp.get("compression_spec") or {}).get("method", "none"), "checkpoint": str(ckpt_path)}
-    (out / "export.json").write_text(json.dumps(info, indent=2))
-    return info
+    schema.save(directory)
+    (directory / DATA_CONFIG_FILE).write_text(json.dumps(data_config, indent=2, default=str))
+    shutil.copytree(vocab_src, directory / "vocab")
+    check_vocabularies(directory / "vocab", schema, fix="the copy is incomplete; export again")
+    return {"format": fmt, "max_abs_diff": float(abs(got - expected).max()), "inputs": inputs,
+            "compression": (hp.get("compression_spec") or {}).get("method", "none"),
+            "fingerprint": export_fingerprint(directory, path)}
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="export")
 def _main(cfg: DictConfig) -> None:
-    with user_errors():
+    with user_errors(where=f"out={cfg.get('out')}"):
         if not cfg.get("ckpt_path"):
             raise UserError("ckpt_path is required: lowrank-ctr-export ckpt_path=RUN/checkpoints/best.ckpt out=DIR")
-        info = export(str(cfg.ckpt_path), str(cfg.format), Path(cfg.out))
-    print(f"exported {info['format']} -> {info['model']}  max abs diff vs PyTorch: {info['max_abs_diff']:.3g}")
+        info = export(str(cfg.ckpt_path), str(cfg.format), Path(cfg.out), overwrite=bool(cfg.get("overwrite", False)))
+        print(f"exported {info['format']} -> {info['model']}  max abs diff vs PyTorch: {info['max_abs_diff']:.3g}")
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -27,17 +27,16 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 from omegaconf import DictConfig
 
-from lowrank_ctr.config import CONF_DIR, UserError, user_errors
+from lowrank_ctr.config import CONF_DIR, UserError, in_checkpoint, user_errors, user_message
 from lowrank_ctr.data import readers
 from lowrank_ctr.data.batch import batch_arrays
-from lowrank_ctr.data.encoding import Layout, encode_table, load_vocabularies
+from lowrank_ctr.data.encoding import Layout, check_vocabularies, encode_table, load_vocabularies
+from lowrank_ctr.data.formats import get_format
 from lowrank_ctr.data.schema import Schema
-from lowrank_ctr.data.synthetic import binary_auc
-from lowrank_ctr.export import INPUTS, TensorInputs
+from lowrank_ctr.export import INPUTS, TensorInputs, export_fingerprint
 
 log = logging.getLogger(__name__)
 
-READABLE_FORMATS = ("criteo", "avazu", "tabular", "synthetic")
 Scorer = Callable[[dict[str, np.ndarray]], np.ndarray]
 
 
@@ -50,6 +49,7 @@ class ServedModel:
     data_config: dict[str, Any]
     vocab_dir: Path
     source: str  # what was loaded, for messages
+    files: list[Path] = field(default_factory=list)  # what it was loaded from: predictions never overwrite these
 
 
 # Loading ------------------------------------------------------------------------------------------------------
@@ -110,9 +110,20 @@ def _load_checkpoint(path: Path, threads: int | None) -> ServedModel:
         model, hp = load_model(path)
     except (FileNotFoundError, ValueError) as exc:
         raise UserError(str(exc)) from None
+    except RuntimeError as exc:  # tensor shapes that do not fit the model the checkpoint describes
+        message = user_message(in_checkpoint(exc, path))
+        if message is None:
+            raise
+        raise UserError(message) from None
     data_config = dict(hp.get("data_config") or {})
-    return ServedModel(torch_scorer(TensorInputs(model).eval()), Schema.from_dict(hp["schema"]), data_config,
-                       Path(data_config.get("out_dir", "")) / "vocab", f"checkpoint {path}")
+    schema = Schema.from_dict(hp["schema"])
+    data_dir = data_config.get("out_dir")
+    vocab_dir = Path(data_dir).expanduser() / "vocab" if data_dir else Path("<no data.out_dir in the checkpoint>")
+    check_vocabularies(vocab_dir, schema, fix=f"the prepared dataset of checkpoint {path} is gone or was prepared "
+                       "again; score with the model's lowrank-ctr-export directory (it carries its vocabularies), or "
+                       "prepare the dataset again from the raw files it was trained on")
+    return ServedModel(torch_scorer(TensorInputs(model).eval()), schema, data_config, vocab_dir, f"checkpoint {path}",
+                       [path, vocab_dir])
 
 
 def _load_export(path: Path, threads: int | None) -> ServedModel:
@@ -120,15 +131,25 @@ def _load_export(path: Path, threads: int | None) -> ServedModel:
     schema = Schema.load(path)
     data_file = path / "data_config.json"
     data_config = json.loads(data_file.read_text()) if data_file.exists() else {"format": schema.extra.get("format")}
+    model_file = path / ("model.onnx" if info["format"] == "onnx" else "model.pt")
+    again = "export the checkpoint again into a new folder (lowrank-ctr-export ckpt_path=... out=NEW_DIR)"
+    check_vocabularies(path / "vocab", schema, fix=again)
+    if "fingerprint" not in info:
+        log.warning("export %s has no fingerprint (written by an older lowrank-ctr-export): its vocabularies cannot be "
+                    "checked against the model; export it again to get one", path)
+    elif export_fingerprint(path, model_file) != info["fingerprint"]:
+        raise UserError(f"export {path}: the model, schema, vocabularies and data config in it do not belong together "
+                        "(their fingerprint differs from export.json's: files were replaced or merged from another "
+                        f"export), so raw values could get another model's ids: {again}")
     if info["format"] == "onnx":
-        score = onnx_scorer(path / "model.onnx", threads)
+        score = onnx_scorer(model_file, threads)
     else:
         import torch
 
         if threads:
             torch.set_num_threads(int(threads))
-        score = torch_scorer(torch.jit.load(str(path / "model.pt"), map_location="cpu").eval())
-    return ServedModel(score, schema, data_config, path / "vocab", f"{info['format']} export {path}")
+        score = torch_scorer(torch.jit.load(str(model_file), map_location="cpu").eval())
+    return ServedModel(score, schema, data_config, path / "vocab", f"{info['format']} export {path}", [path])
 
 
 # Reading raw rows ---------------------------------------------------------------------------------------------
@@ -141,23 +162,12 @@ def raw_columns(schema: Schema) -> readers.RawColumns:
                               multihot=[f.name for f in schema.multihot])
 
 
-def raw_chunks(path: str, data_config: dict[str, Any], bad: readers.BadRows, block_size: int = 16 << 20
-               ) -> Iterator[pa.Table]:
+def raw_chunks(path: str, data_config: dict[str, Any], bad: readers.BadRows) -> Iterator[pa.Table]:
     """Reader chunks of a raw file in the format the model was trained on; the label column is optional."""
-    fmt = data_config.get("format")
-    if fmt not in READABLE_FORMATS:
-        raise UserError(f"lowrank-ctr-predict reads raw {list(READABLE_FORMATS)} files; this model was trained on "
-                        f"data.format={fmt!r}. Prepare the rows with lowrank-ctr-prepare and score the prepared "
-                        "dataset with lowrank-ctr-compress / evaluate instead")
-    if fmt in ("criteo", "synthetic"):  # the synthetic generator writes Criteo-format rows (write_criteo_tsv)
-        return readers.criteo_reader(path, bad, block_size=block_size, label_optional=True)[1]
-    if fmt == "avazu":
-        return readers.avazu_reader(path, bad, block_size=block_size, label_optional=True)[1]
-    return readers.tabular_reader(
-        path, bad, label_col=data_config["label_col"], positive_labels=list(data_config.get("positive_labels") or []),
-        categorical_cols=list(data_config.get("categorical_cols") or []),
-        numeric_cols=list(data_config.get("numeric_cols") or []), delimiter=data_config.get("delimiter", ","),
-        block_size=block_size, label_optional=True)[1]
+    fmt = get_format(data_config.get("format"))
+    if fmt.cannot_predict:
+        raise UserError(f"lowrank-ctr-predict cannot score raw data.format={fmt.name} rows: {fmt.cannot_predict}")
+    return fmt.read(data_config, path, bad, label_optional=True)
 
 
 # Prediction ---------------------------------------------------------------------------------------------------
@@ -169,8 +179,44 @@ def _score(scorer: Scorer, arrays: dict[str, np.ndarray], n: int, batch_size: in
     return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
+def check_output(output_path: str | Path, input_path: str | Path, model_files: list[Path], overwrite: bool) -> Path:
+    """Where predictions may go: never the input, never a file the model was loaded from, never a directory, and
+    an existing file only with ``overwrite``. Checked before any work."""
+    output = Path(output_path).expanduser()
+    if output.is_dir():
+        raise UserError(f"output={output} is a directory: give a file path, e.g. output={output / 'predictions.csv'}")
+    target = output.resolve()
+    if target == Path(input_path).expanduser().resolve():
+        raise UserError(f"output={output} is the input file: the predictions would replace the rows they are "
+                        "computed from; write them to another file")
+    for f in model_files:
+        f = f.expanduser().resolve()
+        if target == f or f in target.parents:
+            raise UserError(f"output={output} is part of the model being served ({f}): write the predictions "
+                            "somewhere else")
+    if output.exists() and not overwrite:
+        raise UserError(f"output={output} already exists: choose another file, or overwrite=true to replace it")
+    return output
+
+
+def label_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:
+    """AUC and logloss of the rows with a known label (NaN: unknown), by the project's one implementation
+    (``lowrank_ctr.metrics``); ``auc`` is None when those rows hold one class."""
+    import torch
+
+    from lowrank_ctr.metrics import binary_metrics
+
+    known = ~np.isnan(labels)
+    out: dict[str, Any] = {"labeled_rows": int(known.sum())}
+    if out["labeled_rows"]:
+        p = np.clip(probabilities[known].astype(np.float64), 1e-7, 1 - 1e-7)
+        logits = torch.from_numpy(np.log(p) - np.log1p(-p))
+        out.update(binary_metrics(logits, torch.from_numpy(labels[known]), "the labeled input rows"))
+    return out
+
+
 def predict_file(served: ServedModel, input_path: str | Path, output_path: str | Path, batch_size: int = 4096,
-                 on_bad_rows: str = "error") -> dict[str, Any]:
+                 on_bad_rows: str = "error", overwrite: bool = False) -> dict[str, Any]:
     """Score every row of a raw file into a CSV (``probability``, plus ``label`` when the file has labels)."""
     if batch_size < 1:
         raise UserError(f"batch_size={batch_size} must be >= 1")
@@ -178,6 +224,7 @@ def predict_file(served: ServedModel, input_path: str | Path, output_path: str |
         raise UserError("on_bad_rows=skip would drop rows, but lowrank-ctr-predict writes one probability per input "
                         "row: use on_bad_rows=error (stop at the first bad row) or missing (read unparseable values "
                         "as missing)")
+    output = check_output(output_path, input_path, served.files, overwrite)
     t0 = time.perf_counter()
     schema = served.schema
     layout = Layout(raw_columns(schema), {"numeric_mode": schema.extra.get("numeric_mode", "dense"),
@@ -185,7 +232,6 @@ def predict_file(served: ServedModel, input_path: str | Path, output_path: str |
     vocabs = load_vocabularies(served.vocab_dir, layout.categorical + layout.multihot)
     max_len = {f.name: f.max_len for f in schema.multihot}
     bad = readers.BadRows(on_bad_rows)
-    output = Path(output_path).expanduser()
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     rows, labeled = 0, False
@@ -224,35 +270,45 @@ def predict_file(served: ServedModel, input_path: str | Path, output_path: str |
     seconds = time.perf_counter() - t0
     summary: dict[str, Any] = {"rows": rows, "output": str(output), "model": served.source, "seconds": seconds,
                                "rows_per_second": rows / seconds if seconds else None,
-                               "values_read_as_missing_rows": bad.repaired, "bad_value_examples": bad.examples}
+                               "values_read_as_missing_rows": bad.repaired, "unknown_label_rows": bad.unknown_labels,
+                               "bad_value_examples": bad.examples}
     if labeled and labels:
-        y, p = np.concatenate(labels), np.concatenate(scores)
-        known = ~np.isnan(y)  # rows whose label could not be read (on_bad_rows=missing) are left out
-        summary["labeled_rows"] = int(known.sum())
-    if summary.get("labeled_rows"):
-        summary["auc"] = binary_auc(y[known], p[known])
-        clipped = np.clip(p[known].astype(np.float64), 1e-7, 1 - 1e-7)
-        summary["logloss"] = float(-np.mean(y[known] * np.log(clipped) + (1 - y[known]) * np.log(1 - clipped)))
+        summary.update(label_metrics(np.concatenate(labels), np.concatenate(scores)))
     return summary
+
+
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    """What lowrank-ctr-predict prints: the output, the metrics of labeled rows (undefined AUC said as such), and
+    the rows whose values or labels were read as missing."""
+    line = (f"wrote {summary['rows']:,} probabilities -> {summary['output']} "
+            f"({summary['rows_per_second']:,.0f} rows/s, {summary['model']})")
+    if "logloss" in summary:
+        auc = "AUC undefined (one class)" if summary["auc"] is None else f"AUC {summary['auc']:.5f}"
+        line += f"  labeled rows: {auc}  logloss {summary['logloss']:.5f}"
+    lines = [line]
+    if summary["values_read_as_missing_rows"]:
+        lines.append(f"warning: {summary['values_read_as_missing_rows']} rows had values that could not be parsed and "
+                     f"were read as missing (on_bad_rows=missing), e.g. {summary['bad_value_examples'][0]}")
+    if summary["unknown_label_rows"]:
+        lines.append(f"warning: {summary['unknown_label_rows']} rows had a label that is neither a click nor a "
+                     "no-click value of the model's data config; they are scored but left out of the AUC and logloss")
+    return lines
 
 
 @hydra.main(version_base="1.3", config_path=str(Path(CONF_DIR) / "serving"), config_name="predict")
 def _main(cfg: DictConfig) -> None:
-    with user_errors():
+    with user_errors(where=f"output={cfg.get('output')}"):
         for key in ("model", "input", "output"):
             if not cfg.get(key):
                 raise UserError(f"{key} is required: lowrank-ctr-predict model=EXPORT_DIR input=RAW_FILE "
                                 "output=OUT.csv")
+        overwrite = bool(cfg.get("overwrite", False))
+        check_output(str(cfg.output), str(cfg.input), [], overwrite)  # before the model is loaded
         served = load_served_model(str(cfg.model), cfg.get("threads"))
-        summary = predict_file(served, str(cfg.input), str(cfg.output), int(cfg.batch_size), str(cfg.on_bad_rows))
-    line = (f"wrote {summary['rows']:,} probabilities -> {summary['output']} "
-            f"({summary['rows_per_second']:,.0f} rows/s, {served.source})")
-    if "auc" in summary:
-        line += f"  labeled rows: AUC {summary['auc']:.5f}  logloss {summary['logloss']:.5f}"
-    print(line)
-    if summary["values_read_as_missing_rows"]:
-        print(f"warning: {summary['values_read_as_missing_rows']} rows had values that could not be parsed and were "
-              f"read as missing (on_bad_rows=missing), e.g. {summary['bad_value_examples'][0]}")
+        summary = predict_file(served, str(cfg.input), str(cfg.output), int(cfg.batch_size), str(cfg.on_bad_rows),
+                               overwrite=overwrite)
+        for line in summary_lines(summary):
+            print(line)
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ value's id or numeric 0).
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -18,7 +19,7 @@ import pyarrow.parquet as pq
 
 from lowrank_ctr.data import readers
 from lowrank_ctr.data.errors import DataError
-from lowrank_ctr.data.schema import FIRST_VALUE_ID, OOV_ID
+from lowrank_ctr.data.schema import FIRST_VALUE_ID, OOV_ID, Schema
 
 MISSING_INT = np.int64(-(2**62))  # stands for "missing" in integer-valued categorical columns
 INTEGER_RE = r"^\s*[-+]?\d{1,18}\s*$"
@@ -117,6 +118,49 @@ def encode_table(table: pa.Table, layout: Layout, vocabs: dict[str, pa.Array], m
     for name in layout.numeric:
         cols[name] = pa.array(dense(table.column(name).combine_chunks(), layout.transform))
     return pa.table(cols)
+
+
+VOCAB_FINGERPRINT = "vocab_fingerprint"  # schema.extra key: fingerprint of the vocabularies the ids come from
+
+
+def vocab_fingerprint(vocab_dir: str | Path, names: list[str]) -> str:
+    """Hash of the vocabulary files of ``names``: the same ids mean the same values exactly when it matches."""
+    digest = hashlib.sha256()
+    for name in sorted(names):
+        digest.update(name.encode() + b"\0")
+        digest.update(hashlib.sha256((Path(vocab_dir) / f"{name}.parquet").read_bytes()).digest())
+    return digest.hexdigest()[:32]
+
+
+def id_fields(schema: Schema) -> list[str]:
+    """Fields whose values are encoded through a vocabulary."""
+    return [f.name for f in schema.fields if f.kind != "numeric"]
+
+
+def check_vocabularies(vocab_dir: str | Path, schema: Schema, fix: str) -> None:
+    """The vocabularies in ``vocab_dir`` are the ones the schema's model was trained with, or one clear error.
+
+    A schema written by preparation records the vocabularies' fingerprint; an older one is checked by sizes."""
+    vocab_dir = Path(vocab_dir)
+    names = id_fields(schema)
+    missing = [n for n in names if not (vocab_dir / f"{n}.parquet").is_file()]
+    if missing:
+        shown = missing if len(missing) <= 5 else missing[:5] + [f"... {len(missing) - 5} more"]
+        raise DataError(f"vocabularies {shown} are missing from {vocab_dir}: {fix}")
+    expected = schema.extra.get(VOCAB_FINGERPRINT)
+    if expected:
+        found = vocab_fingerprint(vocab_dir, names)
+        if found != expected:
+            raise DataError(f"the vocabularies in {vocab_dir} are not the ones the model was trained with "
+                            f"(fingerprint {found} != {expected}; the dataset was prepared again or the files were "
+                            f"replaced), so raw values would get other ids: {fix}")
+        return
+    sizes = {f.name: f.vocab_size for f in schema.fields if f.kind != "numeric"}
+    wrong = [n for n in names if pq.ParquetFile(vocab_dir / f"{n}.parquet").metadata.num_rows + FIRST_VALUE_ID
+             != sizes[n]]
+    if wrong:
+        raise DataError(f"the vocabularies {wrong[:5]} in {vocab_dir} do not have the sizes the model was trained "
+                        f"with (the dataset was prepared again or the files were replaced): {fix}")
 
 
 def load_vocabularies(vocab_dir: str | Path, names: list[str]) -> dict[str, pa.Array]:

@@ -10,13 +10,16 @@ class DataError(ValueError):
 
 
 class BadRowError(DataError):
-    def __init__(self, path: str | Path, line: int | None, problem: str, repairable: bool = True) -> None:
+    def __init__(self, path: str | Path, line: int | None, problem: str, repairable: bool = True,
+                 fix: str | None = None) -> None:
         where = f"{path}:{line}" if line is not None else str(path)
-        fix = ("set data.on_bad_rows=skip to skip such rows in training (their count is reported in summary.json "
-               "as bad_rows_skipped)")
-        if repairable:
-            fix += ", or on_bad_rows=missing in lowrank-ctr-predict to read the unparseable value as missing"
-        super().__init__(f"{where}: {problem}. Fix the row, or {fix}.")
+        if fix is None:
+            fix = ("set data.on_bad_rows=skip to skip such rows in training (their count is reported in summary.json "
+                   "as bad_rows_skipped)")
+            if repairable:
+                fix += ", or on_bad_rows=missing in lowrank-ctr-predict to read the unparseable value as missing"
+            fix = "Fix the row, or " + fix
+        super().__init__(f"{where}: {problem}. {fix[0].upper() + fix[1:]}.")
         self.path, self.line = str(path), line
 
 

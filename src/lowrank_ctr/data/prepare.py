@@ -21,7 +21,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -29,20 +29,19 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lowrank_ctr.data import readers
-from lowrank_ctr.data.encoding import Layout, categorical_values, encode_table
+from lowrank_ctr.data.encoding import VOCAB_FINGERPRINT, Layout, categorical_values, encode_table, vocab_fingerprint
 from lowrank_ctr.data.errors import DataError, check_input_file
+from lowrank_ctr.data.formats import DatasetFormat, as_list, check_config
 from lowrank_ctr.data.schema import FIRST_VALUE_ID, FieldSpec, Schema
-from lowrank_ctr.data.synthetic import SyntheticCriteo, _splitmix64
+from lowrank_ctr.data.split import SPLITS, RowSplitter
 
 log = logging.getLogger(__name__)
 
 PREPARE_VERSION = 2  # 2: "NaN"/"NULL" are category values, not missing
 SUMMARY_FILE = "summary.json"
-SPLITS = ("train", "valid", "test")
 # Keys of the data config that only affect loading, not the prepared files (excluded from the cache hash).
 LOADER_KEYS = {"batch_size", "eval_batch_size", "num_workers", "shuffle_buffer", "pin_memory", "out_dir",
                "drop_last", "persistent_workers"}
-FORMATS = ("criteo", "avazu", "movielens", "tabular", "synthetic")
 
 
 @dataclass
@@ -57,14 +56,9 @@ class Prepared:
 
 def prepare(cfg: Mapping[str, Any], force: bool = False, progress: bool = True) -> Prepared:
     """Prepare the dataset described by a data config (``conf/data/*.yaml``), or reuse a finished cache."""
-    cfg = dict(cfg)
-    fmt = cfg.get("format")
-    if fmt not in FORMATS:
-        raise DataError(f"data.format={fmt!r} is not known; use one of {list(FORMATS)}")
-    out_dir = cfg.get("out_dir")
-    if not out_dir:
-        raise DataError("data.out_dir is not set: give the directory for the prepared dataset")
-    out = Path(out_dir).expanduser()
+    cfg = plain_config(cfg)
+    fmt = check_config(cfg)
+    out = Path(cfg["out_dir"]).expanduser()
     key = config_hash(cfg)
     if not force and is_finished(out, key):
         summary = json.loads((out / SUMMARY_FILE).read_text())
@@ -73,9 +67,9 @@ def prepare(cfg: Mapping[str, Any], force: bool = False, progress: bool = True) 
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
-        summary = _prepare_into(tmp, cfg, key, progress)
+        tmp.mkdir(parents=True)
+        summary = _prepare_into(tmp, fmt, cfg, key, progress)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -83,6 +77,13 @@ def prepare(cfg: Mapping[str, Any], force: bool = False, progress: bool = True) 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Prepared(out, Schema.load(out), summary, reused=False)
+
+
+def plain_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """A data config as plain Python values (an OmegaConf config is resolved)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
 
 
 def is_finished(out: Path, key: str) -> bool:
@@ -97,9 +98,11 @@ def is_finished(out: Path, key: str) -> bool:
 
 def config_hash(cfg: Mapping[str, Any]) -> str:
     """Hash of everything that changes the prepared files: data config, raw files' size and mtime, code version."""
+    from lowrank_ctr.data.formats import get_format
+
     relevant = {k: v for k, v in sorted(cfg.items()) if k not in LOADER_KEYS}
     files = []
-    for p in _all_input_paths(cfg):
+    for p in get_format(cfg.get("format")).input_paths(cfg):
         path = Path(p).expanduser()
         st = path.stat() if path.exists() else None
         files.append([str(path.resolve()), st.st_size if st else None, st.st_mtime_ns if st else None])
@@ -109,101 +112,70 @@ def config_hash(cfg: Mapping[str, Any]) -> str:
 
 # Sources ------------------------------------------------------------------------------------------------------
 
-def _as_list(p: Any) -> list:
-    if p is None or p == "":
-        return []
-    return [str(x) for x in p] if isinstance(p, (list, tuple)) or type(p).__name__ == "ListConfig" else [str(p)]
+Stream = Callable[[], Iterator[tuple[pa.Table, "np.ndarray | int"]]]
 
 
-def _all_input_paths(cfg: Mapping[str, Any]) -> list[str]:
-    paths = _as_list(cfg.get("train_path")) + _as_list(cfg.get("valid_path")) + _as_list(cfg.get("test_path"))
-    return paths + _as_list(cfg.get("users_path")) + _as_list(cfg.get("items_path"))
+def _split_streams(fmt: DatasetFormat, cfg: Mapping[str, Any], bad: readers.BadRows) -> Stream:
+    """A factory of (chunk, split) streams; split is an int (whole chunk) or a per-row array."""
+    ratios, seed = cfg.get("split", [0.8, 0.1, 0.1]), int(cfg.get("seed", 0))
+    if not fmt.reads_files:
+        def generated() -> Iterator[tuple[pa.Table, np.ndarray]]:
+            splitter = RowSplitter(ratios, seed)
+            for t in fmt.generate(cfg):
+                yield t, splitter.assign(t.num_rows)
 
+        return generated
 
-def _open(cfg: Mapping[str, Any], path: str, bad: readers.BadRows) -> tuple[readers.RawColumns, Iterator[pa.Table]]:
-    fmt = cfg["format"]
-    block = int(cfg.get("block_size", 16 << 20))
-    if fmt == "criteo":
-        return readers.criteo_reader(path, bad, block_size=block)
-    if fmt == "avazu":
-        return readers.avazu_reader(path, bad, block_size=block)
-    if fmt == "movielens":
-        return readers.movielens_reader(path, bad, users_path=cfg.get("users_path"), items_path=cfg.get("items_path"),
-                                        positive_rating=int(cfg.get("positive_rating", 4)))
-    if fmt == "tabular":
-        for key in ("label_col",):
-            if not cfg.get(key):
-                raise DataError(f"data=tabular needs data.{key}")
-        return readers.tabular_reader(path, bad, label_col=cfg["label_col"],
-                                      positive_labels=list(cfg.get("positive_labels") or []),
-                                      categorical_cols=list(cfg.get("categorical_cols") or []),
-                                      numeric_cols=list(cfg.get("numeric_cols") or []),
-                                      delimiter=cfg.get("delimiter", ","), block_size=block)
-    raise AssertionError(fmt)
-
-
-def _synthetic(cfg: Mapping[str, Any]) -> SyntheticCriteo:
-    keys = {k for k in SyntheticCriteo.__dataclass_fields__}
-    return SyntheticCriteo(**{k: cfg[k] for k in keys if k in cfg and cfg[k] is not None})
-
-
-class _Splitter:
-    """Deterministic random split of a stream by a hash of (seed, global row index): no row order needed."""
-
-    def __init__(self, ratios: Sequence[float], seed: int) -> None:
-        r = np.asarray(list(ratios), dtype=np.float64)
-        if r.shape != (3,) or (r < 0).any() or abs(r.sum() - 1.0) > 1e-6 or r[0] <= 0:
-            raise DataError(f"data.split={list(ratios)} must be three non-negative fractions "
-                            "[train, valid, test] summing to 1 with train > 0")
-        self.edges = np.cumsum(r)[:2]
-        self.seed = np.uint64(seed & 0xFFFFFFFF)
-        self.next_row = 0
-
-    def assign(self, n: int) -> np.ndarray:
-        idx = np.arange(self.next_row, self.next_row + n, dtype=np.uint64)
-        self.next_row += n
-        u = (_splitmix64(idx ^ (self.seed << np.uint64(40))) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-        return np.searchsorted(self.edges, u, side="right").astype(np.int8)  # 0 train, 1 valid, 2 test
-
-
-def _split_streams(cfg: Mapping[str, Any], bad: readers.BadRows
-                   ) -> tuple[readers.RawColumns, Callable[[], Iterator[tuple[pa.Table, np.ndarray | int]]]]:
-    """Raw columns and a factory of (chunk, split) streams; split is an int (whole chunk) or a per-row array."""
-    if cfg["format"] == "synthetic":
-        gen = _synthetic(cfg)
-        splitter_args = (cfg.get("split", [0.8, 0.1, 0.1]), int(cfg.get("seed", 0)))
-
-        def synth() -> Iterator[tuple[pa.Table, np.ndarray]]:
-            s = _Splitter(*splitter_args)
-            for t in gen.tables():
-                yield t, s.assign(t.num_rows)
-
-        return gen.raw_columns, synth
-
-    train = _as_list(cfg.get("train_path"))
-    if not train:
-        raise DataError(f"no data file given for data={cfg.get('name')}: set data.train_path=/path/to/file")
-    valid, test = _as_list(cfg.get("valid_path")), _as_list(cfg.get("test_path"))
+    train, valid, test = as_list(cfg.get("train_path")), as_list(cfg.get("valid_path")), as_list(cfg.get("test_path"))
     for p in train + valid + test:
         check_input_file(p, "data file")
-    if bool(valid) != bool(test):
-        raise DataError("give both data.valid_path and data.test_path, or neither (then data.split splits the "
-                        "train file)")
-    raw, _ = _open(cfg, train[0], bad)
 
     def stream() -> Iterator[tuple[pa.Table, np.ndarray | int]]:
         if valid:
-            for split, paths in enumerate((train, valid, test)):
-                for p in paths:
-                    for t in _open(cfg, p, bad)[1]:
+            for split, files in enumerate((train, valid, test)):
+                for p in files:
+                    for t in fmt.read(cfg, p, bad):
                         yield t, split
         else:
-            s = _Splitter(cfg.get("split", [0.8, 0.1, 0.1]), int(cfg.get("seed", 0)))
+            splitter = RowSplitter(ratios, seed)
             for p in train:
-                for t in _open(cfg, p, bad)[1]:
-                    yield t, s.assign(t.num_rows)
+                for t in fmt.read(cfg, p, bad):
+                    yield t, splitter.assign(t.num_rows)
 
-    return raw, stream
+    return stream
+
+
+def write_raw_rows(cfg: Mapping[str, Any], path: str | Path, split: str | None = None, label: bool = True,
+                   overwrite: bool = False) -> int:
+    """Raw rows of a generated dataset (``lowrank-ctr-prepare raw_out=``), e.g. its test split for
+    ``lowrank-ctr-predict``: the same rows, split the same way, as preparation reads from the generator.
+
+    Written under a temporary name and renamed when complete; an existing file is kept unless ``overwrite``."""
+    cfg = plain_config(cfg)
+    fmt = check_config(cfg)
+    if split not in (None, "all", *SPLITS):
+        raise DataError(f"split={split!r} is not valid: use one of {list(SPLITS)} or all")
+    out = Path(path).expanduser()
+    if out.is_dir():
+        raise DataError(f"raw_out={out} is a directory: give a file path, e.g. raw_out={out / 'rows.tsv'}")
+    if out.exists() and not overwrite:
+        raise DataError(f"raw_out={out} already exists: choose another file, or overwrite=true to replace it")
+    select = None
+    if split not in (None, "all"):
+        splitter = RowSplitter(cfg.get("split", [0.8, 0.1, 0.1]), int(cfg.get("seed", 0)))
+        wanted = SPLITS.index(split)
+
+        def select(n: int) -> np.ndarray:
+            return splitter.assign(n) == wanted
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        rows = fmt.write_raw(cfg, tmp, select, label)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return rows
 
 
 # Pass 1: vocabularies -----------------------------------------------------------------------------------------
@@ -271,16 +243,11 @@ class _ShardWriter:
             self.writer.close()
 
 
-def _prepare_into(out: Path, cfg: Mapping[str, Any], key: str, progress: bool) -> dict:
+def _prepare_into(out: Path, fmt: DatasetFormat, cfg: Mapping[str, Any], key: str, progress: bool) -> dict:
     t0 = time.perf_counter()
     min_count = int(cfg.get("min_count", 1))
-    if cfg.get("on_bad_rows", "error") == "missing":
-        raise DataError("data.on_bad_rows=missing keeps rows whose label may be unusable, so it is for "
-                        "lowrank-ctr-predict only; preparation takes 'error' or 'skip'")
-    if min_count < 1:
-        raise DataError(f"data.min_count={min_count} must be >= 1")
-    raw, fit_stream = _split_streams(cfg, readers.BadRows(cfg.get("on_bad_rows", "error")))
-    layout = Layout(raw, cfg)
+    fit_stream = _split_streams(fmt, cfg, readers.BadRows(cfg.get("on_bad_rows", "error")))
+    layout = Layout(fmt.raw_columns(cfg), cfg)
 
     # Pass 1 ------------------------------------------------------------------------------------------------
     counters = {name: _Counter() for name in layout.categorical + layout.multihot}
@@ -311,7 +278,7 @@ def _prepare_into(out: Path, cfg: Mapping[str, Any], key: str, progress: bool) -
 
     # Pass 2 ------------------------------------------------------------------------------------------------
     bad = readers.BadRows(cfg.get("on_bad_rows", "error"))
-    _, enc_stream = _split_streams(cfg, bad)
+    enc_stream = _split_streams(fmt, cfg, bad)
     compression = cfg.get("compression", "snappy")
     writers = [_ShardWriter(out / s, int(cfg.get("shard_rows", 1_000_000)), compression) for s in SPLITS]
     vocab_values = {name: v.column("value").combine_chunks() for name, v in vocabs.items()}
@@ -335,17 +302,18 @@ def _prepare_into(out: Path, cfg: Mapping[str, Any], key: str, progress: bool) -
 
     rows = {s: w.rows for s, w in zip(SPLITS, writers)}
     if rows["train"] == 0:
-        source = ", ".join(_as_list(cfg.get("train_path"))) or f"the {cfg['format']} generator"
+        source = ", ".join(as_list(cfg.get("train_path"))) or f"the {fmt.name} generator"
         raise DataError(f"no training rows were read from {source} for data={cfg.get('name')} "
                         f"({bad.skipped} bad rows skipped): the file holds no usable data rows, or data.split "
                         "gives train no share")
     fields = ([FieldSpec(n, "categorical", vocabs[n].num_rows + FIRST_VALUE_ID) for n in layout.categorical]
               + [FieldSpec(n, "multihot", vocabs[n].num_rows + FIRST_VALUE_ID, max_len[n]) for n in layout.multihot]
               + [FieldSpec(n, "numeric") for n in layout.numeric])
-    schema = Schema(name=str(cfg.get("name", cfg["format"])), fields=fields,
-                    extra={"format": cfg["format"], "numeric_mode": cfg.get("numeric_mode", "dense"),
+    schema = Schema(name=str(cfg.get("name", fmt.name)), fields=fields,
+                    extra={"format": fmt.name, "numeric_mode": cfg.get("numeric_mode", "dense"),
                            "numeric_transform": layout.transform, "min_count": min_count,
-                           "bucketized": layout.bucketized})
+                           "bucketized": layout.bucketized,
+                           VOCAB_FINGERPRINT: vocab_fingerprint(vocab_dir, list(vocabs))})
     schema.save(out)
     summary = {
         "name": schema.name,
@@ -359,9 +327,7 @@ def _prepare_into(out: Path, cfg: Mapping[str, Any], key: str, progress: bool) -
         "config_hash": key,
         "prepare_version": PREPARE_VERSION,
     }
-    if cfg["format"] == "synthetic":
-        summary["teacher_auc"] = _synthetic(cfg).teacher_auc(min(rows["test"] + rows["valid"] + rows["train"],
-                                                                 200_000))
+    summary.update(fmt.summary_extra(cfg, rows))
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))  # written last: marks the cache finished
     return summary
 

@@ -1,23 +1,25 @@
-"""Raw-format readers: each streams a raw file as pyarrow tables in one standard shape.
+"""Reader machinery shared by every dataset format: streaming delimited text and parquet as standard chunks.
 
-Every chunk a reader yields has the columns ``label`` (int8, 0/1), then the raw feature columns named in
-``RawColumns``: categorical columns as strings (null = missing) or non-null integers, numeric columns as
-float64 (null = missing), multi-hot columns as list<string>. Preparation (prepare.py) only sees this shape,
-so adding a format means writing one reader, nothing else.
+Every chunk a reader yields has the columns ``label`` (int8, 0/1; of the null type for a file without labels), then
+the raw feature columns named in ``RawColumns``: categorical columns as strings (null = missing) or non-null
+integers, numeric columns as float64 (null = missing), multi-hot columns as list<string>. Preparation and
+``lowrank-ctr-predict`` only see this shape; which columns a format has, how its labels read and which values its
+fields may hold are declared by the format (``data/formats/``).
 
 Readers never hold a whole file: delimited text goes through pyarrow's streaming CSV reader in blocks.
-Malformed rows (wrong column count, non-numeric value in a numeric column, bad label) either stop with the
-file and line number, or are skipped and counted (``on_bad_rows: skip``).
+Malformed rows (wrong column count, non-numeric value in a numeric column, a label that is neither positive nor
+negative, bytes that are not UTF-8 text) either stop with the file and line number, or are skipped and counted
+(``on_bad_rows: skip``).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -26,6 +28,9 @@ import pyarrow.parquet as pq
 from lowrank_ctr.data.errors import BadRowError, DataError, check_input_file
 
 NUMBER_RE = r"^\s*[-+]?((\d+\.?\d*)|(\.\d+))([eE][-+]?\d+)?\s*$|^\s*[-+]?(nan|NaN|NAN|inf|Inf|INF|infinity|Infinity)\s*$"
+NOT_TEXT = "holds bytes that are not UTF-8 text"
+# (table) -> (table with derived columns, mask of rows with invalid values, why they are invalid, derived columns)
+Derive = Callable[[pa.Table], tuple[pa.Table, np.ndarray, str, list[str]]]
 
 
 @dataclass
@@ -52,26 +57,158 @@ class BadRows:
             raise DataError(f"on_bad_rows={policy!r} is not valid: use one of {list(self.POLICIES)}")
         self.policy = policy
         self.skipped = 0
-        self.repaired = 0
+        self.repaired = 0  # rows whose unparseable values were read as missing (policy "missing")
+        self.unknown_labels = 0  # rows whose label was neither positive nor negative (policy "missing")
         self.examples: list[str] = []
 
     def found(self, path: str | Path, line: int | None, problem: str, count: int = 1) -> None:
-        """A row that cannot be used at all (wrong column count, unknown user, ...)."""
+        """A row that cannot be used at all (wrong column count, unknown user, not text, ...)."""
         if self.policy != "skip":
             raise BadRowError(path, line, problem, repairable=False)
         self.skipped += count
         self._example(path, line, problem)
 
-    def found_values(self, path: str | Path, line: int, problem: str) -> None:
+    def found_values(self, path: str | Path, line: int, problem: str, fix: str | None = None) -> None:
         """Rows with values that cannot be parsed (``line`` is the first): raise, or leave the count to the caller."""
         if self.policy == "error":
-            raise BadRowError(path, line, problem, repairable=True)
+            raise BadRowError(path, line, problem, repairable=True, fix=fix)
         self._example(path, line, problem)
 
     def _example(self, path: str | Path, line: int | None, problem: str) -> None:
         if len(self.examples) < 5:
             self.examples.append(f"{path}:{line}: {problem}" if line is not None else f"{path}: {problem}")
 
+
+# Labels ------------------------------------------------------------------------------------------------------
+
+def label_text(value: Any) -> str:
+    """A configured label value as the text it is compared with (YAML's 1 and 1.0 both mean the text "1")."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value).strip()
+
+
+@dataclass(frozen=True)
+class LabelRule:
+    """Which raw label values mean a click (1) and which mean none (0); any other value is a bad row.
+
+    ``negative=None`` counts every other non-empty value as no click, which a user asks for explicitly
+    (``data.negative_labels=other``); the default is to stop and name the unexpected values.
+    """
+
+    positive: tuple[str, ...]
+    negative: tuple[str, ...] | None
+    fix: str = "fix the label"  # how a user makes an unexpected value acceptable
+
+    @classmethod
+    def of(cls, positive: Sequence[Any], negative: Sequence[Any] | str | None, fix: str) -> "LabelRule":
+        neg = None if isinstance(negative, str) else tuple(label_text(v) for v in negative or ())
+        return cls(tuple(label_text(v) for v in positive), neg, fix)
+
+    def expected(self) -> str:
+        neg = "any other value" if self.negative is None else " / ".join(self.negative) or "(none)"
+        return f"{' / '.join(self.positive)} (click) or {neg} (no click)"
+
+    def encode(self, col: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        """Label column -> (int8 0/1 labels, mask of rows whose label is neither positive nor negative)."""
+        text = pc.utf8_trim_whitespace(col if pa.types.is_string(col.type) else pc.cast(col, pa.string()))
+        pos = _mask(pc.is_in(text, value_set=pa.array(list(self.positive), pa.string())))
+        if self.negative is None:
+            neg = ~pos & _mask(pc.not_equal(text, ""))
+        else:
+            neg = _mask(pc.is_in(text, value_set=pa.array(list(self.negative), pa.string())))
+        return pos.astype(np.int8), ~(pos | neg)
+
+
+def _mask(values: pa.Array) -> np.ndarray:
+    return np.asarray(values.fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _unexpected_labels_message(label_col: str, rule: LabelRule, counts: Counter, exact: bool) -> str:
+    shown = ", ".join(f"{'(empty)' if v in ('', None) else repr(v)} ({n:,} row{'s' if n != 1 else ''})"
+                      for v, n in counts.most_common(5))
+    more = f" and {len(counts) - 5} more values" if len(counts) > 5 else ""
+    where = "in the file" if exact else "in the rows read"
+    return (f"label column {label_col!r} must be {rule.expected()}; unexpected values {where}: {shown}{more}")
+
+
+def _label_fix(rule: LabelRule) -> str:
+    return (f"{rule.fix}, or set data.on_bad_rows=skip to drop such rows (counted in summary.json), or "
+            "on_bad_rows=missing in lowrank-ctr-predict to read such labels as unknown")
+
+
+# Text that is not UTF-8 ---------------------------------------------------------------------------------------
+
+class Utf8Lines:
+    """A file's bytes as the CSV parser reads them, with every line that is not valid UTF-8 made readable.
+
+    pyarrow decodes a rejected row's text for its error callback and fails on invalid UTF-8 without naming the
+    file (and no ``on_bad_rows`` can apply after that). Here each such line keeps its columns (invalid bytes become
+    U+FFFD) and its physical line number goes to ``non_text_lines``, so the reader reports it as a bad row like
+    any other: ``file:line``, skippable.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._raw = pa.input_stream(str(path))  # decompresses .gz / .bz2 by extension, as pyarrow's reader does
+        self._carry = b""
+        self._out = bytearray()
+        self._line = 1  # physical line number of the first line in _carry
+        self._eof = False
+        self.non_text_lines: set[int] = set()
+        self.closed = False
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        while not self._eof and (n < 0 or len(self._out) < n):
+            block = self._raw.read(max(n, 1 << 20) if n > 0 else 1 << 24)
+            if not block:
+                self._eof = True
+                data, self._carry = self._carry, b""
+            else:
+                data = self._carry + block
+                cut = data.rfind(b"\n") + 1
+                if cut == 0:
+                    self._carry = data
+                    continue
+                data, self._carry = data[:cut], data[cut:]
+            self._out += self._checked(data)
+        take = len(self._out) if n < 0 else min(n, len(self._out))
+        out = bytes(self._out[:take])
+        del self._out[:take]
+        return out
+
+    def _checked(self, data: bytes) -> bytes:
+        first = self._line
+        self._line += data.count(b"\n")
+        if data.isascii():
+            return data
+        try:
+            data.decode("utf-8")
+            return data
+        except UnicodeDecodeError:
+            pass
+        lines = data.split(b"\n")
+        for i, line in enumerate(lines):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                self.non_text_lines.add(first + i)
+                lines[i] = line.decode("utf-8", errors="replace").encode("utf-8")
+        return b"\n".join(lines)
+
+    def close(self) -> None:
+        self._raw.close()
+        self.closed = True
+
+
+def not_text_problem(path: Path, line: int | None) -> str:
+    hint = f" (is {path.name} binary or compressed? give the raw text file)" if line == 1 else ""
+    return NOT_TEXT + hint
+
+
+# Delimited text -----------------------------------------------------------------------------------------------
 
 def _to_float(col: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, np.ndarray | None]:
     """Strings -> float64 (non-finite -> null); returns (values, mask of unparseable rows or None)."""
@@ -92,17 +229,13 @@ def _to_float(col: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, np.ndarray | N
     return values, bad
 
 
-def _label(col: pa.Array, positive: Sequence[str] | None) -> tuple[np.ndarray, np.ndarray]:
-    """Label column -> (int8 0/1 labels, mask of rows whose label is invalid)."""
-    s = pc.utf8_trim_whitespace(pc.cast(col, pa.string()))
-    if positive is not None:
-        pos = np.asarray(pc.is_in(s, value_set=pa.array([str(p) for p in positive])).fill_null(False).to_numpy(
-            zero_copy_only=False), dtype=bool)
-        bad = np.asarray(pc.is_null(s).to_numpy(zero_copy_only=False), dtype=bool)
-        return pos.astype(np.int8), bad
-    arr = np.asarray(s.fill_null("").to_numpy(zero_copy_only=False))
-    is1, is0 = arr == "1", arr == "0"
-    return is1.astype(np.int8), ~(is1 | is0)
+def header_names(path: str | Path, delimiter: str) -> list[str]:
+    stream = pa.input_stream(str(path))
+    try:
+        first = stream.read(1 << 20).split(b"\n", 1)[0]
+    finally:
+        stream.close()
+    return first.decode("utf-8", errors="replace").rstrip("\r").split(delimiter)
 
 
 def read_delimited(
@@ -113,8 +246,8 @@ def read_delimited(
     label_col: str | None,
     raw: RawColumns,
     bad_rows: BadRows,
-    positive_labels: Sequence[str] | None = None,
-    derive: Callable[[pa.Table], pa.Table] | None = None,
+    labels: LabelRule,
+    derive: Derive | None = None,
     block_size: int = 16 << 20,
 ) -> Iterator[pa.Table]:
     """Stream a delimited text file as standard chunks.
@@ -132,96 +265,156 @@ def read_delimited(
     if missing:
         raise DataError(f"{path}: column(s) {missing} not found; the file has columns {names}. "
                         "Check the column names in the data config.")
-
     offset = 1 if header else 0
+    include = list(dict.fromkeys(needed + (raw.multihot or []))) if derive is None else None
+
+    def open_reader(text: Utf8Lines, include_columns: list[str] | None, on_invalid: Callable) -> Any:
+        return pacsv.open_csv(
+            text,
+            read_options=pacsv.ReadOptions(column_names=names, skip_rows=offset, block_size=block_size,
+                                           use_threads=False),
+            parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid, quote_char=False),
+            # only an empty field is missing: pyarrow's default null spellings ("NaN", "NULL", "n/a", ...) are
+            # legitimate category values
+            convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
+                                                 strings_can_be_null=True, null_values=[""],
+                                                 include_columns=include_columns))
+
+    def label_census() -> Counter:
+        """Unexpected label values of the whole file and their counts (read only when they stop the run)."""
+        census_text = Utf8Lines(path)
+        counts: Counter = Counter()
+        try:
+            for batch in open_reader(census_text, [label_col], lambda row: "skip"):
+                col = batch.column(0)
+                counts.update(pc.utf8_trim_whitespace(col).filter(pa.array(labels.encode(col)[1])).to_pylist())
+        finally:
+            census_text.close()
+        return counts
+
     invalid: list[int] = []  # physical line numbers of rows the parser rejected, not yet passed
     rejected: list[tuple[int | None, str]] = []  # not yet reported (an exception cannot leave the parser's hook)
 
     def on_invalid(row: pacsv.InvalidRow) -> str:
         line = None if row.number is None else row.number + offset
-        rejected.append((line, f"expected {row.expected_columns} columns, got {row.actual_columns}"))
+        problem = f"expected {row.expected_columns} columns, got {row.actual_columns}"
+        if line is not None and line in text.non_text_lines:
+            problem = f"{not_text_problem(path, line)}; {problem}"
+        rejected.append((line, problem))
         if line is not None:
             invalid.append(line)
         return "skip"
 
-    def report_rejected() -> None:
-        for line, problem in rejected:
+    def report(rows: list[tuple[int | None, str]]) -> None:
+        for line, problem in rows:
             bad_rows.found(path, line, problem)
-        rejected.clear()
 
-    reader = pacsv.open_csv(
-        path,
-        read_options=pacsv.ReadOptions(column_names=names, skip_rows=offset, block_size=block_size,
-                                       use_threads=False),
-        parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid, quote_char=False),
-        # only an empty field is missing: pyarrow's default null spellings ("NaN", "NULL", "n/a", ...) are
-        # legitimate category values
-        convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names}, strings_can_be_null=True,
-                                             null_values=[""],
-                                             include_columns=list(dict.fromkeys(needed + (raw.multihot or [])))
-                                             if derive is None else None),
-    )
+    text = Utf8Lines(path)  # before the parser starts: it reads (and rejects rows) as soon as it is opened
     next_line = offset + 1  # physical line of the next row the parser accepts, unless rejected
-    for batch in reader:
-        report_rejected()
-        if batch.num_rows == 0:
-            continue
-        # The parser reports rejected rows as it reads ahead, so every rejection before this batch's last row is
-        # known here: the batch's rows are the next lines that were not rejected.
-        ahead = np.asarray([x for x in invalid if x >= next_line], dtype=np.int64)
-        invalid[:] = ahead.tolist()
-        lines = np.arange(next_line, next_line + batch.num_rows + len(ahead), dtype=np.int64)
-        lines = lines[~np.isin(lines, ahead)][: batch.num_rows]
-        next_line = int(lines[-1]) + 1
-        yield _standardise(pa.Table.from_batches([batch]), path, lines, label_col, raw, bad_rows, positive_labels,
-                           derive)
-    report_rejected()
+    try:
+        for batch in open_reader(text, include, on_invalid):
+            if batch.num_rows == 0:
+                continue
+            # The parser reports rejected rows as it reads ahead, so every rejection before this batch's last row
+            # is known here: the batch's rows are the next lines that were not rejected.
+            ahead = np.asarray([x for x in invalid if x >= next_line], dtype=np.int64)
+            invalid[:] = ahead.tolist()
+            lines = np.arange(next_line, next_line + batch.num_rows + len(ahead), dtype=np.int64)
+            lines = lines[~np.isin(lines, ahead)][: batch.num_rows]
+            next_line = int(lines[-1]) + 1
+            due = [r for r in rejected if r[0] is None or r[0] <= lines[-1]]
+            rejected[:] = [r for r in rejected if not (r[0] is None or r[0] <= lines[-1])]
+            not_text = (np.isin(lines, np.fromiter(text.non_text_lines, np.int64)) if text.non_text_lines
+                        else None)
+            try:
+                chunk = standardise(pa.Table.from_batches([batch]), path, lines, label_col, raw, bad_rows, labels,
+                                    derive=derive, not_text=not_text, label_census=label_census)
+            except BadRowError as exc:  # a rejected row above it is the first bad row
+                report([r for r in due if r[0] is not None and exc.line is not None and r[0] < exc.line])
+                raise
+            report(due)
+            yield chunk
+        report(rejected)
+    finally:
+        text.close()
 
 
-def header_names(path: str | Path, delimiter: str) -> list[str]:
-    with open(path, "r", encoding="utf-8", errors="replace") as fh:
-        return fh.readline().rstrip("\r\n").split(delimiter)
+@dataclass
+class _Problem:
+    rows: np.ndarray  # mask of the chunk's rows that have it
+    what: str
+    repairable: bool = True  # under "missing", its values can be read as missing (``columns`` nulled)
+    columns: list[str] = field(default_factory=list)
+    fix: str | None = None
+    describe: Callable[[int], str] | None = None  # the message for a row's line, when it depends on more
 
 
-def _standardise(table: pa.Table, path: Path, lines: np.ndarray, label_col: str | None, raw: RawColumns,
-                 bad_rows: BadRows, positive_labels: Sequence[str] | None,
-                 derive: Callable[[pa.Table], pa.Table] | None) -> pa.Table:
-    """Reader columns -> the standard chunk; rows with unparseable values raise, are dropped, or keep the value as
-    missing (``bad_rows.policy``). ``lines`` holds each row's line in the file, for messages."""
+def standardise(table: pa.Table, path: Path, lines: np.ndarray, label_col: str | None, raw: RawColumns,
+                bad_rows: BadRows, labels: LabelRule, *, derive: Derive | None = None,
+                not_text: np.ndarray | None = None, label_census: Callable[[], Counter] | None = None) -> pa.Table:
+    """Reader columns -> the standard chunk; rows with unusable values raise (at the chunk's first bad line,
+    whatever its problem), are dropped and counted, or keep the value as missing (``bad_rows.policy``). ``lines``
+    holds each row's line in the file, for messages; ``not_text`` marks rows that were not UTF-8 text (never
+    usable)."""
     n = table.num_rows
-    problems: list[tuple[np.ndarray, str, list[str]]] = []  # (rows, problem, columns to null under "missing")
+    problems: list[_Problem] = []
+    if not_text is not None:
+        problems.append(_Problem(not_text, NOT_TEXT, repairable=False,
+                                 describe=lambda line: not_text_problem(path, line)))
+    out: dict[str, pa.Array] = {}
     if label_col is None:
-        labels = pa.nulls(n)  # of the null type: the file has no labels (not: its labels are unknown)
+        out["label"] = pa.nulls(n)  # of the null type: the file has no labels (not: its labels are unknown)
     else:
-        values, bad_label = _label(table.column(label_col), positive_labels)
+        label_col_values = table.column(label_col).combine_chunks()
+        values, bad_label = labels.encode(label_col_values)
         if bad_rows.policy == "missing":  # prediction keeps the row; its label is unknown (null)
-            labels = pa.array(values, pa.int8(), mask=bad_label)
+            out["label"] = pa.array(values, pa.int8(), mask=bad_label)
+            if bad_label.any():
+                bad_rows.unknown_labels += int(bad_label.sum())
+                bad_rows._example(path, int(lines[np.flatnonzero(bad_label)[0]]),
+                                  f"label column {label_col!r} must be {labels.expected()}")
         else:
-            labels = pa.array(values, pa.int8())
-            problems.append((bad_label, f"label column {label_col!r} must be 0 or 1" if positive_labels is None
-                             else f"label column {label_col!r} is empty", []))
+            out["label"] = pa.array(values, pa.int8())
+
+            def label_message(line: int) -> str:  # the values and their counts (whole file when it can be read)
+                counts = label_census() if label_census is not None else None
+                if counts is None:
+                    text = pc.utf8_trim_whitespace(pc.cast(label_col_values, pa.string()))
+                    counts = Counter(text.filter(pa.array(bad_label)).to_pylist())
+                return _unexpected_labels_message(label_col, labels, counts, exact=label_census is not None)
+
+            problems.append(_Problem(bad_label, f"label column {label_col!r} must be {labels.expected()}",
+                                     fix=_label_fix(labels), describe=label_message))
     if derive is not None:
         table, bad_derived, why, derived_cols = derive(table)
-        problems.append((bad_derived, why, derived_cols))
-    out: dict[str, pa.Array] = {"label": labels}
+        problems.append(_Problem(bad_derived, why, columns=derived_cols))
     for name in raw.numeric:
-        values, bad_num = _to_float(table.column(name))  # unparseable values are already null here
-        out[name] = values
+        out[name], bad_num = _to_float(table.column(name))  # unparseable values are already null here
         if bad_num is not None:
-            problems.append((bad_num, f"column {name!r} is numeric but holds a non-numeric value", []))
+            problems.append(_Problem(bad_num, f"column {name!r} is numeric but holds a non-numeric value"))
     for name in raw.categorical + raw.multihot:
         col = table.column(name)
         out[name] = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    bad = np.zeros(n, dtype=bool)
-    for mask, problem, columns in problems:
-        if mask is not None and mask.any():
-            bad_rows.found_values(path, int(lines[np.flatnonzero(mask)[0]]), problem)  # raises under "error"
-            if bad_rows.policy == "missing":
-                for c in columns:
-                    out[c] = pc.if_else(pa.array(mask), pa.scalar(None, out[c].type), out[c])
-            bad |= mask
-    if not bad.any():
+    problems = [p for p in problems if p.rows is not None and p.rows.any()]
+    if not problems:
         return pa.table(out)
+    # the first bad line of the chunk, whatever its problem, is what "error" reports
+    first = min(problems, key=lambda p: int(np.flatnonzero(p.rows)[0]))
+    stopping = {"error": [first], "missing": [p for p in problems if not p.repairable], "skip": []}[bad_rows.policy]
+    for p in stopping:
+        line = int(lines[np.flatnonzero(p.rows)[0]])
+        what = p.describe(line) if p.describe is not None else p.what
+        if p.repairable:
+            bad_rows.found_values(path, line, what, p.fix)  # raises (policy "error")
+        else:
+            bad_rows.found(path, line, what, count=0)  # raises (not "skip")
+    bad = np.zeros(n, dtype=bool)
+    for p in problems:
+        bad_rows._example(path, int(lines[np.flatnonzero(p.rows)[0]]), p.what)
+        if bad_rows.policy == "missing":
+            for c in p.columns:
+                out[c] = pc.if_else(pa.array(p.rows), pa.scalar(None, out[c].type), out[c])
+        bad |= p.rows
     if bad_rows.policy == "missing":
         bad_rows.repaired += int(bad.sum())
         return pa.table(out)
@@ -230,162 +423,60 @@ def _standardise(table: pa.Table, path: Path, lines: np.ndarray, label_col: str 
     return pa.table({k: pc.filter(v, keep) for k, v in out.items()})
 
 
-# Formats ---------------------------------------------------------------------------------------------------
+# Parquet ------------------------------------------------------------------------------------------------------
 
-CRITEO_NUMERIC = [f"I{i}" for i in range(1, 14)]
-CRITEO_CATEGORICAL = [f"C{i}" for i in range(1, 27)]
-
-
-def criteo_reader(path: str | Path, bad_rows: BadRows, block_size: int = 16 << 20, label_optional: bool = False
-                  ) -> tuple[RawColumns, Iterator]:
-    """Criteo Kaggle display-advertising TSV: label, I1..I13 (integers, may be empty), C1..C26 (hex, may be empty).
-
-    ``label_optional``: a file whose first line has one column fewer is read as unlabeled (Kaggle's test.txt).
-    """
-    raw = RawColumns(categorical=list(CRITEO_CATEGORICAL), numeric=list(CRITEO_NUMERIC))
-    features = CRITEO_NUMERIC + CRITEO_CATEGORICAL
-    labeled = not (label_optional and len(header_names(check_input_file(path, "data file"), "\t")) == len(features))
-    return raw, read_delimited(path, delimiter="\t", columns=(["label"] if labeled else []) + features,
-                               label_col="label" if labeled else None, raw=raw, bad_rows=bad_rows,
-                               block_size=block_size)
-
-
-AVAZU_CATEGORICAL = ["C1", "banner_pos", "site_id", "site_domain", "site_category", "app_id", "app_domain",
-                     "app_category", "device_id", "device_ip", "device_model", "device_type", "device_conn_type",
-                     "C14", "C15", "C16", "C17", "C18", "C19", "C20", "C21"]
-
-
-def _avazu_derive(table: pa.Table) -> tuple[pa.Table, np.ndarray, str, list[str]]:
-    """``hour`` = YYMMDDHH -> ``hour_of_day`` and ``weekday`` (the raw hour itself never repeats across days)."""
-    hour = pc.utf8_trim_whitespace(table.column("hour").combine_chunks())
-    ok = np.asarray(pc.match_substring_regex(hour, r"^\d{8}$").fill_null(False).to_numpy(zero_copy_only=False))
-    safe = pc.if_else(pa.array(ok), hour, pa.scalar("14102100"))
-    ts = pc.strptime(pc.binary_join_element_wise(pa.scalar("20"), pc.utf8_slice_codeunits(safe, 0, 6), ""),
-                     format="%Y%m%d", unit="s", error_is_null=True)
-    ok &= np.asarray(pc.is_valid(ts).to_numpy(zero_copy_only=False))
-    weekday = pc.cast(pc.day_of_week(ts), pa.string())
-    table = table.append_column("hour_of_day", pc.utf8_slice_codeunits(safe, 6, 8))
-    table = table.append_column("weekday", weekday)
-    return table, ~ok, "column 'hour' must be YYMMDDHH", ["hour_of_day", "weekday"]
-
-
-def avazu_reader(path: str | Path, bad_rows: BadRows, block_size: int = 16 << 20, label_optional: bool = False
-                 ) -> tuple[RawColumns, Iterator]:
-    """Avazu CTR CSV with header: drops ``id``, label ``click``, derives hour-of-day and weekday from ``hour``.
-
-    ``label_optional``: a file whose header has no ``click`` column is read as unlabeled (Kaggle's test file).
-    """
-    raw = RawColumns(categorical=AVAZU_CATEGORICAL + ["hour_of_day", "weekday"])
-    labeled = not label_optional or "click" in header_names(check_input_file(path, "data file"), ",")
-    return raw, read_delimited(path, delimiter=",", columns=None, label_col="click" if labeled else None, raw=raw,
-                               bad_rows=bad_rows, derive=_avazu_derive, block_size=block_size)
-
-
-def tabular_reader(path: str | Path, bad_rows: BadRows, *, label_col: str, positive_labels: Sequence,
-                   categorical_cols: Sequence[str], numeric_cols: Sequence[str], delimiter: str = ",",
-                   block_size: int = 16 << 20, label_optional: bool = False) -> tuple[RawColumns, Iterator]:
-    """Any CSV (with header) or parquet file: columns and label meaning come from the data config.
-
-    ``label_optional``: a file without the label column is read as unlabeled (serving rows).
-    """
-    raw = RawColumns(categorical=list(categorical_cols), numeric=list(numeric_cols))
-    if not raw.categorical and not raw.numeric:
-        raise DataError("data=tabular needs data.categorical_cols and/or data.numeric_cols (both are empty)")
-    positive = [str(p) for p in positive_labels]
-    if not positive:
-        raise DataError("data.positive_labels is empty: list the label values that count as a click, e.g. [1]")
-    path = check_input_file(path, "data file")
-    is_parquet = str(path).endswith((".parquet", ".pq"))
-    if label_optional:
-        names = _parquet_file(path).schema_arrow.names if is_parquet else header_names(path, delimiter)
-        label_col = label_col if label_col in names else None
-    if is_parquet:
-        return raw, _read_parquet(path, label_col, positive, raw, bad_rows)
-    return raw, read_delimited(path, delimiter=delimiter, columns=None, label_col=label_col, raw=raw,
-                               bad_rows=bad_rows, positive_labels=positive, block_size=block_size)
-
-
-def _parquet_file(path: Path) -> pq.ParquetFile:
+def parquet_file(path: Path) -> pq.ParquetFile:
     try:
         return pq.ParquetFile(path)
-    except pa.ArrowInvalid as exc:
+    except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(f"{path} is not a readable parquet file ({exc}); convert it or check the path") from None
 
 
-def _read_parquet(path: Path, label_col: str | None, positive: list[str], raw: RawColumns, bad_rows: BadRows,
-                  batch_rows: int = 1 << 18) -> Iterator[pa.Table]:
-    pf = _parquet_file(path)
+def _as_text(col: pa.Array) -> tuple[pa.Array, np.ndarray | None]:
+    """Any column as strings; binary cells that are not UTF-8 become null and are returned as a mask."""
+    try:
+        return pc.cast(col, pa.string()), None
+    except pa.ArrowInvalid:
+        values = col.to_pylist()
+        bad = np.zeros(len(values), dtype=bool)
+        for i, v in enumerate(values):
+            if isinstance(v, bytes):
+                try:
+                    values[i] = v.decode("utf-8")
+                except UnicodeDecodeError:
+                    values[i], bad[i] = None, True
+        return pa.array(values, pa.string()), bad
+
+
+def read_parquet(path: Path, label_col: str | None, labels: LabelRule, raw: RawColumns, bad_rows: BadRows,
+                 batch_rows: int = 1 << 18) -> Iterator[pa.Table]:
+    """Stream a parquet file as standard chunks (rows are numbered from 1 in messages)."""
+    pf = parquet_file(path)
     names = pf.schema_arrow.names
     label = [label_col] if label_col else []
     missing = [c for c in label + raw.categorical + raw.numeric if c not in names]
     if missing:
         raise DataError(f"{path}: column(s) {missing} not found; the file has columns {names}. "
                         "Check data.label_col / data.categorical_cols / data.numeric_cols.")
-    row = 1  # rows of a parquet file are numbered from 1 in messages
+    text_columns = raw.categorical + label
+
+    def label_census() -> Counter:
+        counts: Counter = Counter()
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=label):
+            col = _as_text(batch.column(0))[0]
+            counts.update(pc.utf8_trim_whitespace(col).filter(pa.array(labels.encode(col)[1])).to_pylist())
+        return counts
+
+    row = 1
     for batch in pf.iter_batches(batch_size=batch_rows, columns=label + raw.categorical + raw.numeric):
-        table = pa.Table.from_batches([batch])
-        str_table = pa.table({c: pc.cast(table.column(c), pa.string()) if c in raw.categorical + label
-                              else table.column(c) for c in table.column_names})
-        yield _standardise(str_table, path, np.arange(row, row + batch.num_rows), label_col, raw, bad_rows, positive,
-                           None)
+        columns, not_text = {}, np.zeros(batch.num_rows, dtype=bool)
+        for c in batch.schema.names:
+            col = batch.column(c)
+            if c in text_columns:
+                col, bad = _as_text(col)
+                if bad is not None:
+                    not_text |= bad
+            columns[c] = col
+        yield standardise(pa.table(columns), path, np.arange(row, row + batch.num_rows), label_col, raw, bad_rows,
+                          labels, not_text=not_text if not_text.any() else None, label_census=label_census)
         row += batch.num_rows
-
-
-MOVIELENS_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
-                    "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
-                    "War", "Western"]
-
-
-def movielens_reader(path: str | Path, bad_rows: BadRows, *, users_path: str | Path | None = None,
-                     items_path: str | Path | None = None, positive_rating: int = 4,
-                     batch_rows: int = 1 << 18) -> tuple[RawColumns, Iterator]:
-    """MovieLens ratings joined with users and items; label = rating >= ``positive_rating``.
-
-    Ratings stream in batches; the user and item tables are small and joined per batch.
-    """
-    ratings = check_input_file(path, "ratings file")
-    users = check_input_file(users_path or ratings.with_name("users.parquet"), "users file")
-    items = check_input_file(items_path or ratings.with_name("items.parquet"), "items file")
-    raw = RawColumns(categorical=["user", "item", "age", "gender", "occupation", "zip_prefix", "hour", "weekday"],
-                     multihot=["genres"])
-
-    def chunks() -> Iterator[pa.Table]:
-        u = pq.read_table(users).to_pandas().set_index("user_id")
-        it = pq.read_table(items).to_pandas().set_index("movie_id")
-        genre_cols = [g for g in MOVIELENS_GENRES if g in it.columns]
-        flags = it[genre_cols].to_numpy(dtype=bool)
-        genre_lists = pd.Series([[g for g, f in zip(genre_cols, row) if f] for row in flags], index=it.index,
-                                dtype=object)
-        pf = pq.ParquetFile(ratings)
-        need = ["user_id", "movie_id", "rating", "timestamp"]
-        missing = [c for c in need if c not in pf.schema_arrow.names]
-        if missing:
-            raise DataError(f"{ratings}: column(s) {missing} not found (has {pf.schema_arrow.names}); "
-                            "a MovieLens ratings file needs user_id, movie_id, rating, timestamp")
-        line = 1
-        for batch in pf.iter_batches(batch_size=batch_rows, columns=need):
-            df = batch.to_pandas()
-            unknown = ~df["user_id"].isin(u.index) | ~df["movie_id"].isin(it.index) | df["rating"].isna()
-            for i in np.flatnonzero(unknown.to_numpy())[:1]:
-                bad_rows.found(ratings, line + int(i), "rating refers to a user or item missing from the "
-                               "users/items tables (or has no rating)", count=0)
-            bad_rows.skipped += int(unknown.sum())
-            df = df[~unknown.to_numpy()]
-            line += batch.num_rows
-            ts = df["timestamp"].astype("int64").to_numpy().astype("datetime64[s]")
-            user = u.loc[df["user_id"].to_numpy()]
-            yield pa.table({
-                "label": pa.array((df["rating"].to_numpy() >= positive_rating).astype(np.int8)),
-                "user": pa.array(df["user_id"].astype(str).to_numpy()),
-                "item": pa.array(df["movie_id"].astype(str).to_numpy()),
-                "age": pa.array(user["age"].astype(str).to_numpy()),
-                "gender": pa.array(user["gender"].astype(str).to_numpy()),
-                "occupation": pa.array(user["occupation"].astype(str).to_numpy()),
-                "zip_prefix": pa.array(user["zip_code"].astype(str).str[:2].to_numpy()),
-                "hour": pa.array((ts.astype("datetime64[h]").astype(np.int64) % 24).astype(str)),
-                "weekday": pa.array(((ts.astype("datetime64[D]").astype(np.int64) + 3) % 7).astype(str)),
-                "genres": pa.array(genre_lists.loc[df["movie_id"].to_numpy()].tolist(), pa.list_(pa.string())),
-            })
-
-    return raw, chunks()
-

@@ -16,19 +16,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from lowrank_ctr.data.readers import CRITEO_CATEGORICAL, CRITEO_NUMERIC, RawColumns
+from lowrank_ctr.data.readers import RawColumns
 
 GEN_CHUNK = 65536
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
+def splitmix64(x: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore"):
         z = x + np.uint64(0x9E3779B97F4A7C15)
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -39,9 +39,9 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 def _hash_uniform(keys: np.ndarray, width: int) -> np.ndarray:
     """(n,) uint64 keys -> (n, width) values, uniform with mean 0 and variance 1."""
     with np.errstate(over="ignore"):
-        k = _splitmix64(keys.astype(np.uint64))[:, None] * np.uint64(width + 1) + np.arange(1, width + 1,
+        k = splitmix64(keys.astype(np.uint64))[:, None] * np.uint64(width + 1) + np.arange(1, width + 1,
                                                                                             dtype=np.uint64)
-    u = (_splitmix64(k) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+    u = (splitmix64(k) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
     return (u - 0.5) * np.sqrt(12.0)
 
 
@@ -102,10 +102,9 @@ class SyntheticCriteo:
     # Columns -----------------------------------------------------------------------------------------------
     @property
     def raw_columns(self) -> RawColumns:
-        return RawColumns(categorical=CRITEO_CATEGORICAL[: self.n_categorical] if self.n_categorical <= 26
-                          else [f"C{i}" for i in range(1, self.n_categorical + 1)],
-                          numeric=CRITEO_NUMERIC[: self.n_numeric] if self.n_numeric <= 13
-                          else [f"I{i}" for i in range(1, self.n_numeric + 1)])
+        """Criteo's column names: I1..In numeric, C1..Cm categorical."""
+        return RawColumns(categorical=[f"C{i}" for i in range(1, self.n_categorical + 1)],
+                          numeric=[f"I{i}" for i in range(1, self.n_numeric + 1)])
 
     # Generation ---------------------------------------------------------------------------------------------
     def _features(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -158,22 +157,30 @@ class SyntheticCriteo:
                 cols[name] = pa.array(cat[:, j])
             yield pa.table(cols)
 
-    def teacher_auc(self, n: int = 200_000) -> float:
-        """AUC of the teacher's own logits on the first ``n`` rows: roughly the best any model can reach."""
+    def teacher_auc(self, n: int = 200_000) -> float | None:
+        """AUC of the teacher's own logits on the first ``n`` rows: roughly the best any model can reach (None when
+        those rows hold one class)."""
+        import torch
+
+        from lowrank_ctr.metrics import binary_metrics  # the project's one AUC implementation
+
         labels, logits = [], []
         for k in range(min(self.num_chunks, -(-n // GEN_CHUNK))):
             y, _, _, z = self.chunk(k)
             labels.append(y)
             logits.append(z)
-        return binary_auc(np.concatenate(labels), np.concatenate(logits))
+        return binary_metrics(torch.from_numpy(np.concatenate(logits)), torch.from_numpy(np.concatenate(labels)),
+                              "the synthetic teacher's rows")["auc"]
 
-    def write_criteo_tsv(self, path: str | Path, raw_ids: bool = False, label: bool = True) -> Path:
+    def write_criteo_tsv(self, path: str | Path, raw_ids: bool = False, label: bool = True,
+                         select: Callable[[int], np.ndarray] | None = None) -> Path:
         """The same rows in the raw Criteo TSV format.
 
         By default categorical values are hashed to Criteo-like strings (for preparing them as ``data=criteo`` and
         benchmarking the real reader). ``raw_ids=True`` writes the generator's own integer category ids, the values
         a ``data=synthetic`` model was trained on, so ``lowrank-ctr-predict`` can score them; ``label=False`` leaves
-        out the label column (serving rows)."""
+        out the label column (serving rows). ``select(n)`` gives a keep-mask for the next ``n`` rows (e.g. one split
+        of the prepared dataset); None writes every row."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         raw = self.raw_columns
@@ -182,10 +189,13 @@ class SyntheticCriteo:
         with pacsv.CSVWriter(path, schema, write_options=opts) as writer:
             for k in range(self.num_chunks):
                 labels, cat, num, _ = self.chunk(k)
+                if select is not None:
+                    keep = select(len(labels))
+                    labels, cat, num = labels[keep], cat[keep], num[keep]
                 cols = {"label": pa.array(labels.astype(np.int64))} if label else {}
                 for j, name in enumerate(raw.numeric):
                     cols[name] = pa.array(num[:, j], mask=np.isnan(num[:, j])).cast(pa.int64())
-                values = cat if raw_ids else (_splitmix64(cat.astype(np.uint64) + (
+                values = cat if raw_ids else (splitmix64(cat.astype(np.uint64) + (
                     np.arange(cat.shape[1], dtype=np.uint64) << 40)) >> np.uint64(32)).astype(np.int64)
                 for j, name in enumerate(raw.categorical):
                     cols[name] = pa.array(values[:, j]).cast(pa.string())
@@ -197,20 +207,3 @@ class SyntheticCriteo:
         return pa.schema(([("label", pa.int64())] if label else []) + [(n, pa.int64()) for n in raw.numeric]
                          + [(n, pa.string()) for n in raw.categorical])
 
-
-def binary_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Rank-based (Mann-Whitney) AUC with tie correction."""
-    labels = np.asarray(labels).astype(bool)
-    order = np.argsort(scores, kind="mergesort")
-    s = np.asarray(scores)[order]
-    ranks = np.empty(len(s), dtype=np.float64)
-    # average ranks over ties
-    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
-    ends = np.r_[starts[1:], len(s)]
-    avg = (starts + ends + 1) / 2.0
-    ranks[order] = np.repeat(avg, ends - starts)
-    pos = labels.sum()
-    neg = len(labels) - pos
-    if pos == 0 or neg == 0:
-        return float("nan")
-    return float((ranks[labels].sum() - pos * (pos + 1) / 2) / (pos * neg))

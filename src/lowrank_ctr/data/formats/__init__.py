@@ -1,0 +1,67 @@
+"""The registry of raw dataset formats: one file per format in this package, registered by name.
+
+``get_format(name)`` is what preparation, the cache key and ``lowrank-ctr-predict`` ask; adding a format is one
+file here (a ``DatasetFormat`` subclass decorated with ``@register``) plus one ``conf/data/NAME.yaml``. Every module
+of this package is imported on first use, so a new file needs no other edit.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Any, Mapping, TypeVar
+
+from lowrank_ctr.data.errors import DataError
+from lowrank_ctr.data.formats.base import COMMON_KEYS, DatasetFormat, Key, as_list
+
+REGISTRY: dict[str, DatasetFormat] = {}
+F = TypeVar("F", bound=type[DatasetFormat])
+
+
+def register(cls: F) -> F:
+    """Class decorator: make a format known under ``cls.name``."""
+    if not cls.name:
+        raise TypeError(f"{cls.__name__}: a dataset format needs a name")
+    if cls.name in REGISTRY and type(REGISTRY[cls.name]) is not cls:
+        raise TypeError(f"dataset format {cls.name!r} is registered twice ({type(REGISTRY[cls.name]).__name__}, "
+                        f"{cls.__name__})")
+    unknown = set(cls.keys) & set(COMMON_KEYS)
+    if unknown and any(cls.keys[k] is not COMMON_KEYS[k] for k in unknown):
+        raise TypeError(f"{cls.__name__} redefines common data keys {sorted(unknown)}")
+    REGISTRY[cls.name] = cls()
+    return cls
+
+
+def _load_builtin() -> None:
+    for module in pkgutil.iter_modules(__path__):
+        if module.name != "base":
+            importlib.import_module(f"{__name__}.{module.name}")
+
+
+def registered() -> dict[str, DatasetFormat]:
+    """Every known format by name."""
+    return dict(REGISTRY)
+
+
+def get_format(name: Any) -> DatasetFormat:
+    if name not in REGISTRY:
+        raise DataError(f"data.format={name!r} is not known; use one of {sorted(REGISTRY)} (a new format is one file "
+                        "in src/lowrank_ctr/data/formats/)")
+    return REGISTRY[name]
+
+
+def check_config(cfg: Mapping[str, Any]) -> DatasetFormat:
+    """The format of a data config, after checking every key it reads; all problems in one error."""
+    fmt = get_format(cfg.get("format"))
+    found = fmt.validate(cfg)
+    if len(found) == 1:
+        raise DataError(f"data config: {found[0]}")
+    if found:
+        raise DataError(f"data config has {len(found)} problems: " + "; ".join(found))
+    return fmt
+
+
+_load_builtin()
+
+__all__ = ["REGISTRY", "COMMON_KEYS", "DatasetFormat", "Key", "as_list", "check_config", "get_format", "register",
+           "registered"]
