@@ -1,11 +1,27 @@
-"""Training throughput: the Lightning path vs. a plain PyTorch loop over the same tensors, in the same run.
+"""Training and inference speed of the project against a plain PyTorch loop, in ONE run, as ratios.
 
-    python benchmarks/bench_train.py [--batches 40] [--data-rows 1000000] [--out benchmarks/results/train.json]
+    python benchmarks/bench_train.py [--rows 200000] [--peers-data DIR] [--repeats 2]
+        [--variants 32:adam,bf16-mixed:adam,32:rowwise_adagrad,bf16-mixed:rowwise_adagrad,bf16-mixed:rowwise_adam]
+        [--breakdown] [--out benchmarks/results/train.json]
 
-DeepFM (embedding 16, MLP 400-400-400), batch 4096, 2 threads, Adam. Both loops get the same in-memory batches
-(read once from the prepared synthetic default), so the ratio isolates Lightning's overhead; a third figure is the
-full Lightning path streaming from parquet through CTRDataModule (what `lowrank-ctr-train` does).
-Target: Lightning / plain >= 0.85.
+Workload (the peer benchmark's, ../shared/peers-bench): DeepFM, 39 categorical fields (I1..I13 bucketised),
+embedding 16, MLP 400x3, batch 4096, 1 epoch, 2 threads, Adam lr 1e-3. Data: the project's synthetic
+Criteo-shaped rows (``--rows``, 80/10/10 split), or the harness's own CSVs with ``--peers-data`` (gen_criteo_like.py
+output: the issue's 160k/40k rows, 9.93M parameters).
+
+Columns, each in its own process, interleaved ``--repeats`` times (medians reported):
+- ``plain``: the peer harness's plain loop -- all rows as in-memory tensors, one permutation per epoch,
+  ``nn.Embedding`` DeepFM, dense ``torch.optim.Adam`` (``plain-fused``: ``fused=True``);
+- ``project <precision>:<optimizer>``: ``CTRModule`` + ``CTRDataModule`` (streaming parquet, shuffle buffer) +
+  the Lightning Trainer from ``conf/trainer`` with ``trainer.precision`` and ``optimizer=`` from ``conf/``;
+  inference through the project's loaders under ``lowrank_ctr.precision.inference`` (bf16 when trained in bf16).
+Per column: train samples/s (epoch wall time, data loading included), inference samples/s (train + test rows),
+test AUC / logloss, peak RSS; ratios against ``plain`` from the same run, and the AUC difference to the project's
+float32 + Adam column. ``--breakdown``: where one training step's time goes (data, forward, backward, optimizer,
+Lightning's own loop) for the fastest variant and for float32 + Adam.
+
+Never trust figures taken while other jobs run: the result records the CPU share other processes used
+(``other_cpu_share``, 0 = quiet).
 """
 
 from __future__ import annotations
@@ -14,81 +30,236 @@ import argparse
 import itertools
 import json
 import time
+import warnings
 from pathlib import Path
+from typing import Any
 
-import lightning.pytorch as pl
-import torch
-from torch.utils.data import DataLoader
+import speed_common as sc
 
-from lowrank_ctr.config import project_root
-from lowrank_ctr.data.datamodule import CTRDataModule
-from lowrank_ctr.lightning.callbacks import TrainThroughput
-from lowrank_ctr.lightning.module import CTRModule
-
-MODEL = {"embedding_dim": 16, "mlp": [400, 400, 400]}
+DEFAULT_VARIANTS = "32:adam,bf16-mixed:adam,32:rowwise_adagrad,bf16-mixed:rowwise_adagrad,bf16-mixed:rowwise_adam"
 
 
-def plain_loop(module: CTRModule, batches: list[dict], warmup: int) -> float:
-    model = module.model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for i, b in enumerate(itertools.chain(batches[:warmup], batches)):
-        if i == warmup:
-            t0, n = time.perf_counter(), 0
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(b), b["label"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if i >= warmup:
-            n += len(b["label"])
-    return n / (time.perf_counter() - t0)
+# Children ---------------------------------------------------------------------------------------------------
+def plain_child(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(spec["seed"])
+    cfg = sc.compose(spec["overrides"])
+    dm = sc.prepared_datamodule(cfg)
+    vocab = [f.vocab_size for f in dm.schema.categorical]
+    train, test = sc.in_memory(dm, "train"), sc.in_memory(dm, "test")
+    xtr, ytr, xte, yte = train["cat"], train["label"], test["cat"], test["label"]
+    model = sc.PlainDeepFM(vocab, spec["embedding_dim"], spec["mlp"])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, **({"fused": True} if spec["fused"] else {}))
+    lossf = torch.nn.BCEWithLogitsLoss()
+    bs, n = spec["batch_size"], len(xtr)
+    model.train()
+    t0 = time.perf_counter()
+    for _ in range(spec["epochs"]):
+        perm = torch.randperm(n)
+        xs, ys = xtr[perm], ytr[perm]
+        for i in range(0, n, bs):
+            loss = lossf(model(xs[i:i + bs]), ys[i:i + bs])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    train_s = time.perf_counter() - t0
+    model.eval()
+    t0 = time.perf_counter()
+    logits = []
+    with torch.inference_mode():
+        for x in (xtr, xte):
+            out = []
+            for i in range(0, len(x), bs):
+                z = model(x[i:i + bs])
+                torch.sigmoid(z)
+                out.append(z)
+            logits.append(torch.cat(out))
+    infer_s = time.perf_counter() - t0
+    auc, logloss = sc.auc_logloss(yte.numpy(), logits[1].numpy())
+    return {"train_samples_per_s": n * spec["epochs"] / train_s, "infer_samples_per_s": (n + len(xte)) / infer_s,
+            "test_auc": auc, "test_logloss": logloss, "peak_rss_mb": sc.peak_rss_mb(),
+            "params": sum(p.numel() for p in model.parameters())}
 
 
-def lightning_fit(module: CTRModule, loader, limit: int | None = None) -> float:
-    throughput = TrainThroughput()
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         limit_val_batches=0, limit_train_batches=limit, callbacks=[throughput])
-    trainer.fit(module, train_dataloaders=loader)
-    return throughput.samples_per_s
+def project_child(spec: dict[str, Any]) -> dict[str, Any]:
+    import lightning.pytorch as pl
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    cfg = sc.compose(spec["overrides"])
+    pl.seed_everything(spec["seed"], verbose=False)
+    dm = sc.prepared_datamodule(cfg)
+    module = sc.make_module(cfg, dm.schema)
+    timer = sc.epoch_timer()
+    trainer = sc.bench_trainer(cfg, [timer], max_epochs=spec["epochs"], min_epochs=spec["epochs"])
+    trainer.fit(module, datamodule=dm)
+    train_s = sum(timer.seconds)
+    precision = cfg.trainer.precision
+    t0 = time.perf_counter()
+    sc.score(module.model, sc.split_loader(dm, "train", spec["batch_size"]), precision)
+    test_logits, test_labels, test_rows = sc.score(module.model, sc.split_loader(dm, "test", spec["batch_size"]),
+                                                   precision)
+    infer_s = time.perf_counter() - t0
+    auc, logloss = sc.auc_logloss(test_labels, test_logits)
+    rows = dm.datasets["train"].rows
+    return {"train_samples_per_s": timer.rows / train_s, "infer_samples_per_s": (rows + test_rows) / infer_s,
+            "test_auc": auc, "test_logloss": logloss, "peak_rss_mb": sc.peak_rss_mb(),
+            "params": sum(p.numel() for p in module.model.parameters())}
 
 
+def breakdown_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """Per-step seconds of data / forward / backward / optimizer (timed by hand over the project's pieces), and
+    Lightning's loop over the same number of steps: its excess over the hand loop is the loop's own overhead
+    (hooks, per-step logging, progress, callbacks)."""
+    import lightning.pytorch as pl
+    import torch
+
+    from lowrank_ctr.optim import build_optimizer
+    from lowrank_ctr.precision import autocast_dtype
+
+    torch.set_num_threads(spec["threads"])
+    cfg = sc.compose(spec["overrides"])
+    pl.seed_everything(spec["seed"], verbose=False)
+    dm = sc.prepared_datamodule(cfg)
+    steps, warmup = spec["steps"], 3
+    dtype = autocast_dtype(cfg.trainer.precision)
+
+    def hand_loop() -> dict[str, float]:
+        module = sc.make_module(cfg, dm.schema)
+        model = module.model.train()
+        opt = build_optimizer(module.optimizer_factory, model)
+        parts = dict(data=0.0, forward=0.0, backward=0.0, optimizer=0.0)
+        loader = iter(dm.train_dataloader())
+        for i in range(warmup + steps):
+            t0 = time.perf_counter()
+            batch = next(loader)
+            t1 = time.perf_counter()
+            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(model(batch), batch["label"])
+            t2 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            t3 = time.perf_counter()
+            opt.step()
+            t4 = time.perf_counter()
+            if i >= warmup:
+                for k, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                    parts[k] += dt / steps
+        return parts
+
+    def lightning_loop() -> float:
+        module = sc.make_module(cfg, dm.schema)
+        times: list[float] = []
+
+        class StepTimer(pl.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+                times.append(time.perf_counter())
+
+        trainer = sc.bench_trainer(cfg, [StepTimer()], max_epochs=1, min_epochs=1,
+                                   limit_train_batches=warmup + steps + 1)
+        trainer.fit(module, datamodule=dm)
+        return (times[-1] - times[warmup]) / steps  # batch start to batch start: everything the loop does
+
+    hand, lightning_step = [], []
+    for _ in range(2):  # interleaved, best of two: the least disturbed figure of each
+        hand.append(hand_loop())
+        lightning_step.append(lightning_loop())
+    parts = min(hand, key=lambda p: sum(p.values()))
+    step = min(lightning_step)
+    parts["lightning_loop_overhead"] = max(step - sum(parts.values()), 0.0)
+    return {"step_s": step, "parts_s": parts, "shares": {k: v / step for k, v in parts.items()}}
+
+
+CHILDREN = {"plain": plain_child, "project": project_child, "breakdown": breakdown_child}
+
+
+# Parent -----------------------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batches", type=int, default=40)
-    ap.add_argument("--data-rows", type=int, default=1_000_000)
+    ap.add_argument("--rows", type=int, default=200_000, help="synthetic rows (80%% train)")
+    ap.add_argument("--max-vocab", type=int, default=100_000)
+    ap.add_argument("--peers-data", default=None, help="folder with the peer harness's train.csv / test.csv")
+    ap.add_argument("--batch-size", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--embedding-dim", type=int, default=16)
+    ap.add_argument("--mlp", default="400,400,400")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help="comma list of PRECISION:OPTIMIZER")
+    ap.add_argument("--no-fused", action="store_true", help="skip the plain loop with fused Adam")
+    ap.add_argument("--breakdown", action="store_true", help="also time the parts of one training step")
+    ap.add_argument("--breakdown-steps", type=int, default=15)
+    ap.add_argument("--seed", type=int, default=2026)
+    ap.add_argument("--workdir", default=str(sc.REPO / "data_cache" / "bench"))
     ap.add_argument("--out", default=None)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    data = dict(name=f"synthetic-{args.data_rows}-2024", format="synthetic", rows=args.data_rows, seed=2024,
-                max_vocab=100_000, min_count=2, batch_size=4096, eval_batch_size=16384,
-                out_dir=str(project_root() / "data_cache" / f"synthetic-{args.data_rows}-2024"))
-    dm = CTRDataModule(data, seed=0, progress=False)
-    dm.prepare_data()
-    dm.setup("fit")
-    batches = list(itertools.islice(iter(dm.train_dataloader()), args.batches))
-    schema = dm.schema.to_dict()
+    warnings.filterwarnings("ignore")
+    if args.child:
+        spec = json.loads(args.child)
+        print(json.dumps(CHILDREN[spec["kind"]](spec)))
+        return
 
-    def fresh() -> CTRModule:
-        torch.manual_seed(0)
-        return CTRModule("deepfm", MODEL, schema)
+    workdir = Path(args.workdir).resolve()
+    if args.peers_data:
+        sc.convert_peers_csv(args.peers_data, workdir)
+    mlp = [int(h) for h in args.mlp.split(",")]
+    base = [*sc.data_overrides(workdir, args.rows, args.max_vocab, args.batch_size, args.peers_data),
+            *sc.model_overrides("deepfm", args.embedding_dim, mlp), "logger=none", "progress_bar=false",
+            f"threads={args.threads}", f"seed={args.seed}", "optimizer.lr=0.001"]
+    load = sc.MachineLoad()
+    t_prep = time.perf_counter()
+    sc.prepared_datamodule(sc.compose(base))  # prepare once, outside every timed child
+    prep_s = time.perf_counter() - t_prep
+    common = dict(threads=args.threads, seed=args.seed, batch_size=args.batch_size, epochs=args.epochs,
+                  embedding_dim=args.embedding_dim, mlp=mlp)
+    specs: list[dict[str, Any]] = [dict(common, kind="plain", name="plain", fused=False, overrides=base)]
+    if not args.no_fused:
+        specs.append(dict(common, kind="plain", name="plain-fused", fused=True, overrides=base))
+    variants = [v.split(":") for v in args.variants.split(",") if v]
+    for precision, optimizer in variants:
+        specs.append(dict(common, kind="project", name=f"project {precision}:{optimizer}",
+                          overrides=[*base, f"trainer.precision={precision}", f"optimizer={optimizer}"]))
+    runs: dict[str, list[dict]] = {s["name"]: [] for s in specs}
+    for _, spec in itertools.product(range(args.repeats), specs):
+        print(f"[bench_train] {spec['name']}", flush=True)
+        runs[spec["name"]].append(sc.run_child(Path(__file__), spec))
 
-    res = {"threads": args.threads, "batch_size": 4096, "batches": len(batches)}
-    # Interleave twice to average out drift (thermal, page cache).
-    plain, light = [], []
-    for _ in range(2):
-        plain.append(plain_loop(fresh(), batches, warmup=3))
-        light.append(lightning_fit(fresh(), DataLoader(batches[:3] + batches, batch_size=None)))
-    res["plain_samples_per_s"] = max(plain)
-    res["lightning_samples_per_s"] = max(light)
-    res["lightning_over_plain"] = res["lightning_samples_per_s"] / res["plain_samples_per_s"]
-    res["lightning_streaming_samples_per_s"] = lightning_fit(fresh(), dm.train_dataloader(), limit=len(batches))
-    res["streaming_over_plain"] = res["lightning_streaming_samples_per_s"] / res["plain_samples_per_s"]
-    text = json.dumps(res, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+    rows = []
+    for name, results in runs.items():
+        row = {"name": name, "repeats": len(results)}
+        for key in ("train_samples_per_s", "infer_samples_per_s", "test_auc", "test_logloss", "peak_rss_mb"):
+            row[key] = sc.median(r[key] for r in results)
+        row["params"] = results[0]["params"]
+        rows.append(row)
+    plain = rows[0]
+    float32 = next((r for r in rows if r["name"] == "project 32:adam"), None)
+    for row in rows:
+        row["train_over_plain"] = row["train_samples_per_s"] / plain["train_samples_per_s"]
+        row["infer_over_plain"] = row["infer_samples_per_s"] / plain["infer_samples_per_s"]
+        row["rss_over_plain"] = row["peak_rss_mb"] / plain["peak_rss_mb"]
+        if float32 is not None and row["test_auc"] is not None and float32["test_auc"] is not None:
+            row["auc_minus_project_float32_adam"] = row["test_auc"] - float32["test_auc"]
+
+    result: dict[str, Any] = {
+        "workload": {"model": "deepfm", "embedding_dim": args.embedding_dim, "mlp": mlp, "batch_size": args.batch_size,
+                     "threads": args.threads, "epochs": args.epochs, "data": args.peers_data or
+                     f"synthetic rows={args.rows} max_vocab={args.max_vocab}", "prepare_s": prep_s},
+        "rows": rows,
+    }
+    if args.breakdown:
+        fastest = max((r for r in rows if r["name"].startswith("project")), key=lambda r: r["train_samples_per_s"])
+        result["breakdown"] = {}
+        for name in dict.fromkeys(["project 32:adam", fastest["name"]]):
+            precision, optimizer = name.split(" ", 1)[1].split(":")
+            spec = dict(common, kind="breakdown", name=name, steps=args.breakdown_steps,
+                        overrides=[*base, f"trainer.precision={precision}", f"optimizer={optimizer}"])
+            print(f"[bench_train] breakdown {name}", flush=True)
+            result["breakdown"][name] = sc.run_child(Path(__file__), spec)
+    result["machine"] = load.report()
+    sc.write_json(args.out, result)
 
 
 if __name__ == "__main__":

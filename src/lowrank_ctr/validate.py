@@ -14,6 +14,8 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from lowrank_ctr.config import UserError
+from lowrank_ctr.optim import config_problems as optimizer_problems
+from lowrank_ctr.precision import precision_problem
 
 Check = Callable[[Any], str | None]  # None if the value is fine, else what it must be
 
@@ -134,6 +136,10 @@ def problems(cfg: DictConfig) -> list[str]:
         return out
     out += _compression_conflicts(cfg)
     out += _trainer_conflicts(cfg)
+    out += optimizer_problems(cfg)  # row-wise optimizer settings (lowrank_ctr.optim)
+    precision = OmegaConf.select(cfg, "trainer.precision")
+    if precision is not None:
+        out += [p for p in [precision_problem(precision, OmegaConf.select(cfg, "trainer.accelerator"))] if p]
     return out
 
 

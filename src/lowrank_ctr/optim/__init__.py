@@ -16,7 +16,8 @@ from torch import nn
 from lowrank_ctr.models.layers import FieldEmbedding
 from lowrank_ctr.optim.rowwise import ROW_RULES, RowWiseOptimizer
 
-__all__ = ["ROW_RULES", "RowWiseOptimizer", "build_optimizer", "optimizer_name", "updates_rows"]
+__all__ = ["ROW_RULES", "RowWiseOptimizer", "build_optimizer", "config_problems", "optimizer_name",
+           "updates_rows"]
 
 
 def _target(factory: Callable[..., Any]) -> Any:
@@ -47,3 +48,23 @@ def optimizer_name(optimizer_cfg: Any) -> str | None:
     if short == RowWiseOptimizer.__name__:
         return f"rowwise_{optimizer_cfg.get('rows', 'adagrad')}"
     return short.lower() or None
+
+
+def config_problems(cfg: Any) -> list[str]:
+    """What ``validate`` reports about ``optimizer=...`` before any work: one line each, naming the key."""
+    opt = cfg.get("optimizer") if hasattr(cfg, "get") else None
+    if not opt or str(opt.get("_target_", "")).rsplit(".", 1)[-1] != RowWiseOptimizer.__name__:
+        return []
+    out = []
+    rows = opt.get("rows", "adagrad")
+    if rows not in ROW_RULES:
+        out.append(f"optimizer.rows={rows} must be one of {list(ROW_RULES)}")
+    scale = opt.get("row_lr_scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        out.append(f"optimizer.row_lr_scale={scale} must be a number > 0")
+    trainer = cfg.get("trainer") or {}
+    if trainer.get("gradient_clip_val"):
+        out.append(f"trainer.gradient_clip_val={trainer.get('gradient_clip_val')} clips the norm of all gradients, "
+                   "but a row-wise optimizer's table gradients are sparse and torch cannot clip them: set "
+                   "trainer.gradient_clip_val=null, or use optimizer=adam")
+    return out

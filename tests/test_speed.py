@@ -1,0 +1,108 @@
+"""Speed options end to end: mixed precision and row-wise optimizers in real (tiny) runs, their config checks,
+and the benchmark scripts at a tiny size (their figures are never asserted)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import TINY, compose_cfg, read_results
+from lowrank_ctr.config import UserError
+from lowrank_ctr.data.batch import random_batch
+from lowrank_ctr.data.schema import FieldSpec, Schema
+from lowrank_ctr.models import build_model
+from lowrank_ctr.precision import autocast_dtype, inference, precision_problem
+from lowrank_ctr.validate import validate
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(tmp_path: Path, overrides: list[str], name: str = "run") -> dict:
+    from lowrank_ctr.train import run
+
+    cfg = compose_cfg("train", [*TINY, "bench=false", *overrides], tmp_path / name, tmp_path / "data")
+    run(cfg)
+    return read_results(tmp_path / name)
+
+
+def test_bf16_mixed_rowwise_training_gives_finite_metrics_and_records_choices(tmp_path: Path) -> None:
+    res = _run(tmp_path, ["trainer.precision=bf16-mixed", "optimizer=rowwise_adagrad"])
+    assert res["train/precision"] == "bf16-mixed"
+    assert res["train/optimizer"] == "rowwise_adagrad"
+    for key in ("test/auc", "test/logloss", "val/auc", "train/samples_per_s"):
+        assert res[key] is not None and math.isfinite(res[key]), key
+    assert res["test/auc"] > 0.55  # it learned (the tiny synthetic data is learnable to ~0.7)
+
+
+def test_default_run_records_float32_and_adam(tmp_path: Path) -> None:
+    res = _run(tmp_path, [])
+    assert res["train/precision"] in ("32", "32-true")
+    assert res["train/optimizer"] == "adam"
+
+
+def test_rowwise_optimizer_serves_the_compression_finetune(tmp_path: Path) -> None:
+    """The fine-tune trains compressed modules (dense rule) next to any table left uncompressed (row rule)."""
+    res = _run(tmp_path, ["optimizer=rowwise_adam", "compression=afm", "compression.targets=[mlp]",
+                          "compression.finetune_epochs=1", "trainer.precision=bf16-mixed"])
+    assert res["train/optimizer"] == "rowwise_adam"
+    assert res["compress/finetune_epochs"] == 1
+    assert math.isfinite(res["test/auc"]) and math.isfinite(res["compress/val/auc"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["trainer.precision=16-mixed"], "runs on GPU only; on CPU use trainer.precision=bf16-mixed"),
+    (["trainer.precision=bf16-true"], "trainer.precision=bf16-true is not supported"),
+    (["optimizer=rowwise_adagrad", "trainer.gradient_clip_val=1.0"], "trainer.gradient_clip_val=1.0 clips"),
+    (["optimizer=rowwise_adagrad", "optimizer.rows=sgd"], "optimizer.rows=sgd must be one of"),
+    (["optimizer=rowwise_adam", "optimizer.row_lr_scale=0"], "optimizer.row_lr_scale=0 must be a number > 0"),
+])
+def test_speed_settings_are_checked_before_any_work(tmp_path: Path, overrides: list[str], message: str) -> None:
+    cfg = compose_cfg("train", [*TINY, *overrides], tmp_path / "run", tmp_path / "data")
+    with pytest.raises(UserError, match=message.replace(".", r"\.").replace("[", r"\[")):
+        validate(cfg)
+
+
+def test_supported_precisions_pass_validation(tmp_path: Path) -> None:
+    for value in ("32", "32-true", "bf16-mixed"):
+        validate(compose_cfg("train", [*TINY, f"trainer.precision={value}"], tmp_path / "run", tmp_path / "data"))
+    assert precision_problem("16-mixed", "gpu") is None
+    assert autocast_dtype("bf16-mixed") is torch.bfloat16 and autocast_dtype(32) is None
+
+
+def test_bf16_inference_keeps_float32_probabilities_close_to_float32() -> None:
+    schema = Schema("s", [FieldSpec(f"n{i}", "numeric") for i in range(3)]
+                    + [FieldSpec(f"c{i}", "categorical", vocab_size=40) for i in range(6)])
+    torch.manual_seed(0)
+    model = build_model("deepfm", schema, embedding_dim=8, mlp=[32, 32]).eval()
+    batch = random_batch(schema, 256)
+    with inference("32"):
+        full = torch.sigmoid(model(batch))
+    with inference("bf16-mixed"):
+        mixed = torch.sigmoid(model(batch))
+        assert torch.is_inference_mode_enabled()
+    assert mixed.dtype == torch.float32
+    assert (mixed - full).abs().max() < 0.01
+    assert not torch.equal(mixed, full)  # bf16 matmuls did run
+
+
+@pytest.mark.parametrize("script, args", [
+    ("bench_train.py", ["--rows", "3000", "--max-vocab", "200", "--batch-size", "256", "--repeats", "1",
+                        "--variants", "32:adam,bf16-mixed:rowwise_adagrad", "--mlp", "16,16"]),
+    ("bench_zoo.py", ["--rows", "3000", "--max-vocab", "200", "--batch-size", "256", "--batches", "2",
+                      "--models", "deepfm,xdeepfm", "--tiny"]),
+])
+def test_benchmark_scripts_run_at_a_tiny_size(tmp_path: Path, script: str, args: list[str]) -> None:
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args, "--workdir", str(tmp_path / "w"),
+                           "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["rows"], result
+    for row in result["rows"]:
+        assert row["train_samples_per_s"] > 0
