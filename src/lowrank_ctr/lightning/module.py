@@ -17,6 +17,7 @@ from torch import nn
 
 from lowrank_ctr.data.schema import Schema
 from lowrank_ctr.models import build_model
+from lowrank_ctr.optim import build_optimizer
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
@@ -115,7 +116,7 @@ class CTRModule(pl.LightningModule):
     # Optimisation -------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         factory = self.optimizer_factory or (lambda params: torch.optim.Adam(params, lr=1e-3))
-        opt = factory(params=self.model.parameters())
+        opt = build_optimizer(factory, self.model)  # row-wise optimizers switch tables to row gradients
         if self.scheduler_factory is None:
             return opt
         sched = self.scheduler_factory(optimizer=opt)
@@ -154,4 +155,3 @@ def load_model(path: str | Path, schema: Schema | None = None) -> tuple[nn.Modul
     model.load_state_dict(state)
     model.eval()
     return model, hp
-
