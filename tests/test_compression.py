@@ -710,7 +710,25 @@ def test_loss_allocator_on_a_model_hits_the_budget_and_reports_loss_weights():
     stats = collect_output_stats(fresh, {"m": fresh.mlp.net[0]}, data, gradients=True)[0]["m"]
     assert all(p.grad is None and p.requires_grad for p in fresh.parameters())  # no parameter gradient left
     loss = stats.component_loss()
-    assert loss.shape == (1, 64) and bool((loss >= 0).all()) and float(loss.sum()) > 0
+    evals, evecs = stats.spectrum()
+    fisher = stats.fisher()[0]
+    for k in (0, 5, 63):  # 0.5 * lam_k * u_k^T F u_k, written out
+        u = evecs[0, :, k]
+        assert float(loss[0, k]) == pytest.approx(0.5 * float(evals[0, k]) * float(u @ fisher @ u), rel=1e-9, abs=1e-15)
+    # F is the mean outer product of per-sample loss gradients at the output: check it by autograd, one sample at a time
+    b = {k: v[:5] for k, v in data[0].items()}
+    grads = []
+    for i in range(5):
+        one = {k: v[i : i + 1] for k, v in b.items()}
+        out = {}
+        h = fresh.mlp.net[0].register_forward_hook(lambda _m, _i, o: out.setdefault("y", o.retain_grad() or o))
+        nn.functional.binary_cross_entropy_with_logits(fresh(one), one["label"]).backward()
+        h.remove()
+        grads.append(out["y"].grad[0].double())
+    small = collect_output_stats(fresh, {"m": fresh.mlp.net[0]}, [b], gradients=True)[0]["m"]
+    g = torch.stack(grads)
+    ref = g.T @ g / 5
+    torch.testing.assert_close(small.fisher()[0], ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
 
 
 def test_readme_new_method_example(tmp_path):

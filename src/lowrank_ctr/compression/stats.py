@@ -86,7 +86,7 @@ class OutputStats:
         """Estimated loss increase of dropping each eigen-component, 0.5 * lam_j * u_j^T F u_j: (groups, dim),
         in the order of ``spectrum()`` (eigenvalues descending)."""
         evals, evecs = self.spectrum()
-        weight = torch.einsum("gij,gjk,gik->gk", evecs, self.fisher(), evecs)
+        weight = torch.einsum("gik,gij,gjk->gk", evecs, self.fisher(), evecs)  # u_k^T F u_k per component k
         return 0.5 * evals * weight.clamp_min(0.0)
 
     def _check(self) -> None:
