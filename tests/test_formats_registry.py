@@ -165,3 +165,17 @@ def test_registry_readme_worked_example_adds_a_format_in_one_file(tmp_path, regi
     conf = yaml.safe_load(re.search(r"```yaml\n(.*?)```", README.read_text().split(
         "### How to extend: a new dataset format", 1)[1], re.S).group(1))
     assert conf["format"] == "jsonl" and set(conf) - {"defaults"} <= set(fmt.all_keys())
+
+
+def test_registry_readme_synthetic_numbers_match_the_default_config():
+    """The README states the default synthetic dataset's size and vocabularies; they are the config's (issue 13)."""
+    cfg = yaml.safe_load((Path(CONF_DIR) / "data" / "synthetic.yaml").read_text())
+
+    def short(x: int) -> str:  # 100000 -> "1e5"
+        mantissa, exponent = f"{x:.0e}".split("e")
+        return f"{mantissa}e{int(exponent)}"
+
+    text = README.read_text()
+    assert f"vocabularies {cfg['min_vocab']}..{short(cfg['max_vocab'])} by default (`data.max_vocab`)" in text
+    assert f"`data.rows` ({short(cfg['rows'])})" in text
+    assert f"`data.max_vocab` (largest vocabulary, {short(cfg['max_vocab'])};" in text

@@ -103,6 +103,28 @@ def test_rule1_predict_cli_refuses_output_equal_to_input(tmp_path):
     assert rows.read_text() == CRITEO_OK + "\n"
 
 
+@pytest.mark.parametrize("case", ["folder of other files", "file", "empty folder", "earlier dataset"])
+def test_rule1_prepare_replaces_only_its_own_dataset(case, tmp_path):
+    rows = _write(tmp_path / "c.txt", (CRITEO_OK + "\n").encode())
+    out = tmp_path / "prepared"
+    if case == "folder of other files":
+        out.mkdir()
+        (out / "thesis.tex").write_text("years of work")
+    elif case == "file":
+        out.write_text("not a folder")
+    elif case == "empty folder":
+        out.mkdir()
+    else:
+        prepare(criteo_cfg(rows, tmp_path, split=[1.0, 0.0, 0.0]), progress=False)
+    again = criteo_cfg(rows, tmp_path, split=[1.0, 0.0, 0.0], min_count=2)
+    if case in ("folder of other files", "file"):
+        with pytest.raises(DataError, match=r"data\.out_dir=.*(holds files that are not a prepared dataset|is a file)"):
+            prepare(again, progress=False)
+        assert (out / "thesis.tex").exists() if case != "file" else out.read_text() == "not a folder"
+    else:
+        assert not prepare(again, progress=False).reused and (out / "summary.json").exists()
+
+
 # Rule 3: labels and value ranges ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("labels,kw,expect", [

@@ -2,13 +2,17 @@
 
 The model is an exported directory (``lowrank-ctr-export``: ONNX or TorchScript with ``schema.json``, ``vocab/``
 and the data config), a checkpoint, or a training run directory (its compressed checkpoint if it has one). Raw rows
-are read by the same reader and encoded by the same functions (``data/encoding.py``) as in training, with the saved
-vocabularies: unseen or rare categories -> the OOV id, missing values -> the missing id / numeric 0.
+are read by the reader of the model's dataset format (``data/formats/``, the same one preparation used) and encoded
+by the same functions (``data/encoding.py``), with the saved vocabularies: unseen or rare categories -> the OOV id,
+missing values -> the missing id / numeric 0. The vocabularies are checked against the model first (an export's
+fingerprint, or the vocabulary fingerprint its schema recorded at preparation).
 
 Every input row gets exactly one output row. A row that cannot be split into the right columns stops the run with
 its line number (the output is written to a temporary file and only renamed when complete); a value that cannot be
-parsed (e.g. text in a numeric column) stops it too, unless ``on_bad_rows=missing`` reads such values as missing,
-in which case their count is reported.
+parsed (e.g. text in a numeric column) or a label the data config does not define stops it too, unless
+``on_bad_rows=missing`` reads such values as missing (labels as unknown, left out of the metrics), in which case
+their count is reported. The output is never the input file, a file of the model, or a directory, and an existing
+file is replaced only with ``overwrite=true``.
 """
 
 from __future__ import annotations

@@ -59,6 +59,7 @@ def prepare(cfg: Mapping[str, Any], force: bool = False, progress: bool = True) 
     cfg = plain_config(cfg)
     fmt = check_config(cfg)
     out = Path(cfg["out_dir"]).expanduser()
+    check_out_dir(out)
     key = config_hash(cfg)
     if not force and is_finished(out, key):
         summary = json.loads((out / SUMMARY_FILE).read_text())
@@ -77,6 +78,16 @@ def prepare(cfg: Mapping[str, Any], force: bool = False, progress: bool = True) 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Prepared(out, Schema.load(out), summary, reused=False)
+
+
+def check_out_dir(out: Path) -> None:
+    """A prepared dataset replaces its whole directory: refuse, before any work, one holding anything else."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"data.out_dir={out} is a file: give a directory for the prepared dataset")
+    if out.is_dir() and any(out.iterdir()) and not ((out / "schema.json").exists() or (out / SUMMARY_FILE).exists()):
+        raise DataError(f"data.out_dir={out} holds files that are not a prepared dataset (no schema.json or "
+                        f"{SUMMARY_FILE}); preparation replaces its directory, so it leaves this one alone: choose a "
+                        "new or empty data.out_dir")
 
 
 def plain_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
