@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -106,3 +107,41 @@ def test_benchmark_scripts_run_at_a_tiny_size(tmp_path: Path, script: str, args:
     assert result["rows"], result
     for row in result["rows"]:
         assert row["train_samples_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_scale_benchmark_runs_every_stage_at_a_tiny_size(tmp_path: Path) -> None:
+    out = tmp_path / "scale.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_scale.py"), "--rows", "20000",
+                           "--small-rows", "5000", "--max-vocab", "500", "--batch-size", "1024",
+                           "--model-overrides", "model.mlp=[16,16] model.embedding_dim=4",
+                           "--workdir", str(tmp_path / "w"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    stages = result["stages"]
+    for stage in ("prepare_small", "prepare", "train_epoch", "compress", "export", "predict"):
+        assert stages[stage]["wall_s"] > 0 and stages[stage]["peak_rss_mb"] > 0, stage
+    assert stages["predict"]["rows"] > 0 and stages["train_epoch"]["train/optimizer"] == "rowwise_adagrad"
+    assert result["projection_full_criteo"]["train_epoch_s"] > 0
+
+
+@pytest.mark.slow
+def test_peers_column_writes_the_harness_keys(tmp_path: Path) -> None:
+    harness = REPO.parent / "shared" / "peers-bench"
+    if not (harness / "bench_common.py").exists():
+        pytest.skip(f"peer harness {harness} not beside the checkout")
+    data = tmp_path / "data"
+    subprocess.run([sys.executable, str(harness / "gen_criteo_like.py"), "--rows", "3000", "--out", str(data)],
+                   check=True, capture_output=True, timeout=600)
+    out = tmp_path / "col.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "peers_column.py"), "--data", str(data), "--out",
+                           str(out), "--batch-size", "512"], capture_output=True, text=True, timeout=1200,
+                          env={**os.environ, "LOWRANK_CTR_BENCH_OVERRIDES": "optimizer=rowwise_adagrad"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for key in ("prep_s", "train_epoch_s", "train_samples_per_s", "infer_s", "infer_samples_per_s", "test_auc",
+                "test_logloss", "peak_rss_mb", "peak_tree_pss_mb", "other_cpu_share", "n_params", "n_train"):
+        assert result[key] is not None, key
+    assert result["labels_match_csv_order"] and abs(result["test_auc"] - result["project_test_auc"]) < 1e-4
+    assert "optimizer=rowwise_adagrad" in result["overrides"]

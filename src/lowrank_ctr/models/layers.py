@@ -263,6 +263,8 @@ class FeatureEmbedding(nn.Module):
     @staticmethod
     def flatten(emb: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         """(B, F*dim + n_dense), field-major: the first Linear that eats this sees field i at [i*dim, (i+1)*dim)."""
+        if dense.shape[1] == 0:  # no dense columns: a view, not a copy of the whole DNN input
+            return emb.flatten(1)
         return torch.cat([emb.flatten(1), dense], dim=1)
 
 
