@@ -62,6 +62,7 @@ def test_rowwise_optimizer_serves_the_compression_finetune(tmp_path: Path) -> No
     (["optimizer=rowwise_adagrad", "trainer.gradient_clip_val=1.0"], "trainer.gradient_clip_val=1.0 clips"),
     (["optimizer=rowwise_adagrad", "optimizer.rows=sgd"], "optimizer.rows=sgd must be one of"),
     (["optimizer=rowwise_adam", "optimizer.row_lr_scale=0"], "optimizer.row_lr_scale=0 must be a number > 0"),
+    (["optimizer=rowwise_adagrad", "trainer=ddp_cpu"], "optimizer=rowwise_\\* trains on one process"),
 ])
 def test_speed_settings_are_checked_before_any_work(tmp_path: Path, overrides: list[str], message: str) -> None:
     cfg = compose_cfg("train", [*TINY, *overrides], tmp_path / "run", tmp_path / "data")

@@ -33,6 +33,9 @@ def updates_rows(factory: Callable[..., torch.optim.Optimizer]) -> bool:
 def build_optimizer(factory: Callable[..., torch.optim.Optimizer], model: nn.Module) -> torch.optim.Optimizer:
     """``factory(params=model.parameters())``, with the tables' gradient kind set to what the optimizer needs."""
     rowwise = updates_rows(factory)
+    if rowwise and torch.distributed.is_available() and torch.distributed.is_initialized():
+        raise RuntimeError("optimizer=rowwise_* trains on one process (DDP cannot all-reduce the tables' sparse "
+                           "gradients): use optimizer=adam with a DDP strategy")
     for module in model.modules():
         if isinstance(module, FieldEmbedding):
             module.row_gradients = rowwise
@@ -67,4 +70,9 @@ def config_problems(cfg: Any) -> list[str]:
         out.append(f"trainer.gradient_clip_val={trainer.get('gradient_clip_val')} clips the norm of all gradients, "
                    "but a row-wise optimizer's table gradients are sparse and torch cannot clip them: set "
                    "trainer.gradient_clip_val=null, or use optimizer=adam")
+    strategy = trainer.get("strategy")
+    strategy = strategy.get("_target_", "") if hasattr(strategy, "get") else str(strategy or "")
+    if "ddp" in strategy.lower():
+        out.append("optimizer=rowwise_* trains on one process: DDP all-reduces sparse gradients only for "
+                   "nn.Embedding modules, not the project's flat tables; use optimizer=adam with trainer=ddp / ddp_cpu")
     return out
