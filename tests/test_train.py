@@ -7,6 +7,8 @@ import torch
 from conftest import sample
 from helpers import TINY, compose_cfg, read_results, run_cli, tiny_model_overrides
 from lowrank_ctr.lightning.module import load_model
+from lowrank_ctr.metrics import evaluate
+from lowrank_ctr.pipeline.context import make_datamodule
 from lowrank_ctr.models import list_models
 from lowrank_ctr.train import run
 
@@ -21,16 +23,19 @@ def test_every_model_trains_one_epoch(model, tmp_path, data_dir):
     cfg = compose_cfg("train", TINY + tiny_model_overrides(model), tmp_path, data_dir)
     res = run(cfg)
     assert res["model"] == model and res["status"] == "ok"
-    assert 0.0 <= res["test/auc"] <= 1.0 and res["test/logloss"] > 0
     assert res["params"] > 0 and res["bytes"] >= 4 * res["params"] - 64
     on_disk = read_results(tmp_path)
     assert on_disk["test/auc"] == res["test/auc"] and on_disk["config"]["model"]["name"] == model
-    for key in ("data", "model", "seed", "params", "bytes", "test/auc", "test/logloss", "train/samples_per_s",
-                "train/seconds", "config"):
+    for key in ("data", "model", "seed", "params", "bytes", "test/auc", "test/logloss", "val/auc",
+                "train/samples_per_s", "train/seconds", "train/epochs", "checkpoint", "base/checkpoint", "config"):
         assert key in on_disk
-    # the best checkpoint rebuilds the model with safe loading and gives the same predictions as the module
+    assert res["checkpoint"] == res["base/checkpoint"]  # uncompressed: the final model is the base
+    # the best checkpoint rebuilds the model with safe loading, and IS the model the run tested
     rebuilt, hp = load_model(res["checkpoint"])
     assert hp["model_name"] == model
+    again = evaluate(rebuilt, make_datamodule(cfg).test_dataloader())
+    assert again["auc"] == pytest.approx(res["test/auc"], abs=1e-6)
+    assert again["logloss"] == pytest.approx(res["test/logloss"], abs=1e-6)
 
 
 def test_cli_writes_results_json_and_is_reproducible(tmp_path):
@@ -42,7 +47,9 @@ def test_cli_writes_results_json_and_is_reproducible(tmp_path):
     ra, rb = read_results(tmp_path / "a"), read_results(tmp_path / "b")
     assert ra["seed"] == 7 and ra["data"].startswith("synthetic")
     assert ra["test/auc"] == rb["test/auc"]  # same seed, same data -> same AUC on CPU
-    assert "test/auc" in a.stdout  # the printed summary
+    # the printed summary: what happened, where the files are, what to run next
+    assert f"test AUC {ra['test/auc']:.4f}" in a.stdout and "parameters" in a.stdout and "bytes" in a.stdout
+    assert f"lowrank-ctr-report {tmp_path / 'a'}" in a.stdout and "lowrank-ctr-export ckpt_path=" in a.stdout
 
 
 def test_multirun_one_directory_per_job(tmp_path):
@@ -51,6 +58,7 @@ def test_multirun_one_directory_per_job(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     models = sorted(read_results(tmp_path / "sweep" / str(i))["model"] for i in range(2))
     assert models == ["fm", "lr"]
+    assert "2 jobs: 2 ok, 0 failed, 0 skipped" in r.stdout and f"lowrank-ctr-report {tmp_path / 'sweep'}" in r.stdout
 
 
 def test_movielens_deepfm_beats_logistic_regression(tmp_path, data_dir):
@@ -65,7 +73,8 @@ def test_movielens_deepfm_beats_logistic_regression(tmp_path, data_dir):
 @pytest.mark.slow
 def test_default_run_reaches_good_auc(tmp_path, data_dir):
     """The no-argument default (synthetic data, DeepFM) learns the teacher well above chance."""
-    res = run(compose_cfg("train", ["progress_bar=false", "logger=none", "bench=false"], tmp_path, data_dir))
+    res = run(compose_cfg("train", ["progress_bar=false", "logger=none", "bench=false", "trainer.max_epochs=2"],
+                          tmp_path, data_dir))
     assert res["test/auc"] > 0.68, res["test/auc"]  # measured 0.707 (teacher's own AUC ~0.80, chance 0.5)
 
 
@@ -76,7 +85,7 @@ def test_ddp_cpu_two_processes(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = read_results(tmp_path / "run")
     assert res["config"]["trainer"]["devices"] == 2
-    assert 0.58 < res["test/auc"] <= 1.0, res["test/auc"]  # learns (single process reaches ~0.66 here)
+    assert res["test/auc"] > 0.58, res["test/auc"]  # learns (single process reaches ~0.66 here)
 
 
 # Bad input ----------------------------------------------------------------------------------------------------

@@ -56,20 +56,20 @@ def latency_ms(model: nn.Module, batch: Mapping[str, torch.Tensor], warmup: int 
     return statistics.median(times) * 1000.0
 
 
-def compare(base: nn.Module, compressed: nn.Module | None, batches: Mapping[int, Mapping[str, torch.Tensor]],
-            threads: int | None = None, repeats: int = 20) -> dict[str, float]:
-    """``bench/base_ms@B``, ``bench/compressed_ms@B`` and ``bench/speedup@B`` (base / compressed)."""
+def measure(base: nn.Module, compressed: nn.Module | None, batches: Mapping[int, Mapping[str, torch.Tensor]],
+            threads: int | None = None, repeats: int = 20
+            ) -> tuple[dict[int, float], dict[int, float] | None, int]:
+    """(base ms, compressed ms or None, threads used) per batch size; base and compressed back to back."""
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))
     try:
-        out: dict[str, float] = {}
+        base_ms: dict[int, float] = {}
+        compressed_ms: dict[int, float] | None = {} if compressed is not None else None
         for size, batch in batches.items():
-            out[f"bench/base_ms@{size}"] = latency_ms(base, batch, repeats=repeats)
+            base_ms[size] = latency_ms(base, batch, repeats=repeats)
             if compressed is not None:
-                out[f"bench/compressed_ms@{size}"] = latency_ms(compressed, batch, repeats=repeats)
-                out[f"bench/speedup@{size}"] = out[f"bench/base_ms@{size}"] / out[f"bench/compressed_ms@{size}"]
-        out["bench/threads"] = torch.get_num_threads()
-        return out
+                compressed_ms[size] = latency_ms(compressed, batch, repeats=repeats)
+        return base_ms, compressed_ms, torch.get_num_threads()
     finally:
         torch.set_num_threads(old_threads)

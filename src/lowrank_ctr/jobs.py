@@ -1,77 +1,51 @@
 """How one Hydra job runs: user errors as one line, failed sweep jobs recorded, finished sweep jobs skipped.
 
 In a multirun, a job that fails writes ``results.json`` with ``status: failed`` and the error, and the sweep goes
-on with the next job; re-running the same sweep into the same ``hydra.sweep.dir`` skips every job whose
-``results.json`` is complete for the same config (``config_hash``), so a crashed sweep continues where it stopped.
+on with the next job (a diverged loss is such a failure, issue 11 rule 4); re-running the same sweep into the same
+``hydra.sweep.dir`` skips every job whose ``results.json`` is complete for the same config (its identity, see
+``pipeline.records.run_identity``) and continues unfinished ones from their stage records. A job refused because
+its directory belongs to another run writes nothing there.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from lowrank_ctr.config import user_errors
+from lowrank_ctr.pipeline.records import run_identity
+from lowrank_ctr.pipeline.results import KEY_CONFIG_HASH, KEY_RATIO, KEY_STATUS, read_results, write_results
+from lowrank_ctr.pipeline.rundir import RunDirTaken
+from lowrank_ctr.pipeline.runner import in_multirun
 
 log = logging.getLogger(__name__)
-RESULTS_FILE = "results.json"
-_VOLATILE = ("run_dir", "progress_bar", "resume")
-
-
-def config_hash(cfg: DictConfig, ignore: tuple[str, ...] = ()) -> str:
-    """Hash of the resolved job config (without settings that do not change results, nor ``ignore``)."""
-    d = OmegaConf.to_container(cfg, resolve=True)
-    for key in _VOLATILE + tuple(ignore):
-        d.pop(key, None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def write_results(run_dir: Path, results: dict[str, Any]) -> Path:
-    """Atomic write: a results.json that exists is complete."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / (RESULTS_FILE + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2, default=float))
-    tmp.replace(run_dir / RESULTS_FILE)
-    return run_dir / RESULTS_FILE
-
-
-def _multirun() -> bool:
-    try:
-        return HydraConfig.get().mode == RunMode.MULTIRUN
-    except ValueError:
-        return False
 
 
 def run_job(cfg: DictConfig, fn: Callable[[DictConfig], dict[str, Any]], run_dir: Path) -> dict[str, Any] | None:
-    key = config_hash(cfg)
-    if not _multirun():
+    if not in_multirun():
         with user_errors():
             return fn(cfg)
-    done = run_dir / RESULTS_FILE
-    if cfg.get("skip_completed", True) and done.exists():
-        try:
-            previous = json.loads(done.read_text())
-        except json.JSONDecodeError:
-            previous = {}
-        if previous.get("status") == "ok" and previous.get("config_hash") == key:
-            log.info("skipping %s: results.json is complete for this config", run_dir)
-            return previous
+    key = run_identity(cfg)
+    previous = read_results(run_dir) or {}
+    if cfg.get("skip_completed", True) and previous.get(KEY_STATUS) == "ok" and previous.get(KEY_CONFIG_HASH) == key:
+        log.info("skipping %s: results.json is complete for this config", run_dir)
+        return previous
     try:
         return fn(cfg)
+    except RunDirTaken as exc:  # another run's directory: leave every file of it as it is
+        log.error("job refused: %s", exc)
+        return None
     except Exception as exc:  # noqa: BLE001 - a sweep must survive one bad job
         log.error("job failed: %s", exc)
         write_results(run_dir, {
-            "status": "failed", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(),
+            KEY_STATUS: "failed", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(),
             "data": OmegaConf.select(cfg, "data.name"), "model": OmegaConf.select(cfg, "model.name"),
             "seed": cfg.get("seed"), "compress/method": OmegaConf.select(cfg, "compression.method"),
-            "config_hash": key, "config": OmegaConf.to_container(cfg, resolve=False)})
+            KEY_CONFIG_HASH: key, "config": OmegaConf.to_container(cfg, resolve=False)})
         return None
 
 
@@ -83,6 +57,6 @@ def objective(cfg: DictConfig, results: dict[str, Any] | None) -> float | None:
     if results is None or results.get(metric) is None:
         return float("nan")
     min_ratio = cfg.get("min_ratio")
-    if min_ratio and float(results.get("compress/ratio", 1.0)) < float(min_ratio):
+    if min_ratio and float(results.get(KEY_RATIO, 1.0)) < float(min_ratio):
         return -1.0
     return float(results[metric])

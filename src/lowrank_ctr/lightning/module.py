@@ -12,14 +12,19 @@ from typing import Any, Callable, Mapping
 
 import lightning.pytorch as pl
 import torch
-import torchmetrics
 from torch import nn
 
+from lowrank_ctr.config import UserError
 from lowrank_ctr.data.schema import Schema
+from lowrank_ctr.metrics import BinaryMetrics
 from lowrank_ctr.models import build_model
 from lowrank_ctr.optim import build_optimizer
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
+
+
+class NonFiniteLossError(UserError):
+    """The training loss became NaN or infinite (issue 11, rule 4: never reported as a number)."""
 
 
 class CTRModule(pl.LightningModule):
@@ -42,12 +47,8 @@ class CTRModule(pl.LightningModule):
         self._hooks: list = []
         if self.embedding_l2 > 0:
             self._watch_embeddings()
-        self.metrics = nn.ModuleDict({
-            split: torchmetrics.MetricCollection({
-                "auc": torchmetrics.classification.BinaryAUROC(),
-                "logloss": torchmetrics.MeanMetric(),
-            }) for split in ("val_", "test_")
-        })
+        # the project's one AUC / logloss implementation (AUC None when a split holds one class)
+        self.metrics = nn.ModuleDict({split: BinaryMetrics() for split in ("val_", "test_")})
 
     # Model --------------------------------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -72,7 +73,7 @@ class CTRModule(pl.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         self._looked_up.clear()
         logits = self.model(batch)
-        loss = nn.functional.binary_cross_entropy_with_logits(logits, batch["label"])
+        loss = self.loss(logits, batch)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(logits))
         if self.embedding_l2 > 0 and self._looked_up:
             reg = sum(e.pow(2).sum() for e in self._looked_up) / len(logits)
@@ -83,15 +84,14 @@ class CTRModule(pl.LightningModule):
     def _eval_step(self, batch: dict[str, torch.Tensor], prefix: str) -> None:
         logits = self.model(batch)
         self._looked_up.clear()
-        labels = batch["label"]
-        m = self.metrics[prefix + "_"]
-        m["auc"].update(torch.sigmoid(logits), labels.long())
-        m["logloss"].update(nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none"))
+        self.metrics[prefix + "_"].update(logits, batch["label"])
 
     def _eval_epoch_end(self, prefix: str) -> None:
         m = self.metrics[prefix + "_"]
-        self.log(f"{prefix}/auc", m["auc"].compute(), prog_bar=True, sync_dist=False)
-        self.log(f"{prefix}/logloss", m["logloss"].compute(), prog_bar=prefix == "val", sync_dist=False)
+        values = m.compute("validation" if prefix == "val" else prefix)  # synchronised across ranks (torchmetrics)
+        auc = float("nan") if values["auc"] is None else values["auc"]  # undefined: NaN here, null in results.json
+        self.log(f"{prefix}/auc", auc, prog_bar=True, sync_dist=False)
+        self.log(f"{prefix}/logloss", values["logloss"], prog_bar=prefix == "val", sync_dist=False)
         m.reset()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -106,12 +106,18 @@ class CTRModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
 
-    def on_train_epoch_start(self) -> None:
-        # New shuffle order each epoch (loader workers get a fresh copy of the dataset every epoch).
-        dm = getattr(self.trainer, "datamodule", None)
-        ds = getattr(dm, "datasets", {}).get("train") if dm is not None else None
-        if ds is not None:
-            ds.set_epoch(self.current_epoch)
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # A diverged loss would train on (and checkpoint, and test) NaN weights: stop with what to change.
+        loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs
+        if loss is not None and not bool(torch.isfinite(loss.detach()).all()):
+            lr = self.trainer.optimizers[0].param_groups[0]["lr"] if self.trainer.optimizers else None
+            raise NonFiniteLossError(f"training stopped: train/loss is {float(loss.detach().float().mean())} at "
+                                     f"epoch {self.current_epoch}, step {self.global_step} (the model diverged; "
+                                     f"learning rate {lr:g}): lower optimizer.lr, or check the data")
+
+    def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training objective (the fine-tune's distillation overrides it)."""
+        return nn.functional.binary_cross_entropy_with_logits(logits, batch["label"])
 
     # Optimisation -------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
@@ -155,3 +161,4 @@ def load_model(path: str | Path, schema: Schema | None = None) -> tuple[nn.Modul
     model.load_state_dict(state)
     model.eval()
     return model, hp
+

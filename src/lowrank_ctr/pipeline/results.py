@@ -1,0 +1,294 @@
+"""The one results schema: typed stage results, and the ONE place where they become ``results.json`` keys.
+
+Every stage of the pipeline returns one of the dataclasses below; ``RunResult.to_json`` flattens them into the
+documented flat slash keys (README "Training" and "Compression"). The report reads the same names (``KEY_*``
+constants), so a key is spelled once. Stage records (``RUN/stages/NAME.json``) hold the same dataclasses
+(``to_record`` / ``from_record``), so a resumed run rebuilds exactly what a finished stage returned.
+
+Undefined metrics (an AUC on a split with one class) are ``None`` here and JSON ``null`` in results.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+RESULTS_FILE = "results.json"
+
+# Keys other code reads back (report, predict, sweeps). The full set is what ``RunResult.to_json`` writes.
+KEY_STATUS = "status"
+KEY_CONFIG_HASH = "config_hash"
+KEY_TEST_AUC = "test/auc"
+KEY_TEST_LOGLOSS = "test/logloss"
+KEY_VAL_AUC = "val/auc"
+KEY_PARAMS = "params"
+KEY_BYTES = "bytes"
+KEY_CHECKPOINT = "checkpoint"
+KEY_BASE_CHECKPOINT = "base/checkpoint"
+KEY_BASE_TEST_AUC = "base/test/auc"
+KEY_BASE_TEST_LOGLOSS = "base/test/logloss"
+KEY_BASE_PARAMS = "base/params"
+KEY_BASE_BYTES = "base/bytes"
+KEY_METHOD = "compress/method"
+KEY_RATIO = "compress/ratio"
+KEY_LOGIT_MSE = "compress/logit_mse"
+KEY_AUC_BEFORE_FINETUNE = "compress/test/auc_before_finetune"
+KEY_COMPRESSED_CHECKPOINT = "compress/checkpoint"
+KEY_CONTROL_TEST_AUC = "control/test/auc"
+
+
+def bench_key(what: str, batch_size: int) -> str:
+    """``bench/base_ms@4096``, ``bench/compressed_ms@4096``, ``bench/speedup@4096``."""
+    return f"bench/{what}@{int(batch_size)}"
+
+
+@dataclass
+class Metrics:
+    """AUC (None when undefined: one class) and logloss on one split; extra metrics by name (``metrics=[...]``)."""
+
+    auc: float | None
+    logloss: float
+    extra: dict[str, float | None] = field(default_factory=dict)
+
+
+@dataclass
+class TrainingStats:
+    samples_per_s: float | None
+    seconds: float
+    epochs: int
+    rows: int
+    precision: str
+    optimizer: str
+
+
+@dataclass
+class BaseResult:
+    """The uncompressed model: trained here (``training`` set) or loaded from ``checkpoint``."""
+
+    test: Metrics
+    val_auc: float | None
+    params: int
+    bytes: int
+    checkpoint: str | None
+    training: TrainingStats | None = None
+
+
+@dataclass
+class CompressResult:
+    """Calibration + replacement + the evaluation before any fine-tuning (``before_*``)."""
+
+    method: str
+    targets: list[str]
+    ratio: float
+    group_ratios: dict[str, float]
+    params: int
+    bytes: int
+    seconds: float
+    calibration_batches: int
+    layers: list[dict[str, Any]]
+    policy: dict[str, Any]
+    spec: dict[str, Any]
+    before_test: Metrics | None
+    before_val_auc: float | None
+    logit_mse: float | None
+    from_scratch: bool = False
+
+
+@dataclass
+class FinetuneResult:
+    """The recovery fine-tune (``epochs`` may be 0) and the test of the model it kept."""
+
+    epochs: int
+    seconds: float
+    kept: bool
+    val_auc: float | None
+    test: Metrics
+    checkpoint: str
+
+
+@dataclass
+class ScratchResult:
+    """The compressed structure trained from random initialisation with the base recipe (TT-Rec protocol)."""
+
+    training: TrainingStats
+    val_auc: float | None
+    test: Metrics
+    checkpoint: str
+
+
+@dataclass
+class ControlResult:
+    """"Base + same fine-tune": the uncompressed base through the identical fine-tune recipe."""
+
+    test: Metrics
+    kept: bool
+
+
+@dataclass
+class BenchResult:
+    """Inference latency (median ms) per batch size, base and compressed measured back to back."""
+
+    base_ms: dict[int, float]
+    compressed_ms: dict[int, float] | None
+    threads: int
+
+
+@dataclass
+class RunResult:
+    """Everything one run produced; ``to_json`` is its results.json."""
+
+    data: str
+    model: str
+    seed: int
+    base: BaseResult
+    compress: CompressResult | None = None
+    finetune: FinetuneResult | None = None
+    scratch: ScratchResult | None = None
+    control: ControlResult | None = None
+    bench: BenchResult | None = None
+    run_dir: str = ""
+    config_hash: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final_test(self) -> Metrics:
+        """The metrics of the model the run ends with (compressed when compressed)."""
+        if self.scratch is not None:
+            return self.scratch.test
+        if self.finetune is not None:
+            return self.finetune.test
+        return self.base.test
+
+    def to_json(self) -> dict[str, Any]:
+        """The flat results.json: THE place where typed results become keys."""
+        b = self.base
+        out: dict[str, Any] = {KEY_STATUS: "ok", "data": self.data, "model": self.model, "seed": self.seed}
+        final_checkpoint = b.checkpoint
+        out.update({KEY_PARAMS: b.params, KEY_BYTES: b.bytes})
+        out.update(_metrics(self.final_test, "test/"))
+        out[KEY_VAL_AUC] = b.val_auc
+        if b.training is not None:
+            out.update(_training(b.training, "train/"))
+        c = self.compress
+        if c is not None:
+            out.update(_metrics(b.test, "base/test/"))
+            out.update({KEY_BASE_PARAMS: b.params, KEY_BASE_BYTES: b.bytes, KEY_METHOD: c.method,
+                        "compress/targets": c.targets, KEY_RATIO: c.ratio, "compress/params": c.params,
+                        "compress/bytes": c.bytes, "compress/seconds": c.seconds,
+                        "compress/calibration_batches": c.calibration_batches,
+                        "compress/ranks": {l["name"]: l.get("field_ranks") or l.get("rank") for l in c.layers},
+                        "compress/layers": c.layers, "compress/policy": c.policy,
+                        "compress/from_scratch": c.from_scratch, KEY_PARAMS: c.params, KEY_BYTES: c.bytes})
+            for group, ratio in c.group_ratios.items():
+                if group != "total":
+                    out[f"compress/ratio/{group}"] = ratio
+            if c.before_test is not None:
+                out[KEY_AUC_BEFORE_FINETUNE] = c.before_test.auc
+                out["compress/test/logloss_before_finetune"] = c.before_test.logloss
+                out[KEY_LOGIT_MSE] = c.logit_mse
+            if c.before_val_auc is not None or not c.from_scratch:
+                out["compress/val/auc_before_finetune"] = c.before_val_auc
+        f = self.finetune
+        if f is not None:
+            out.update({"compress/val/auc": f.val_auc, "compress/finetune_seconds": f.seconds,
+                        "compress/finetune_epochs": f.epochs, "compress/finetune_kept": f.kept,
+                        KEY_COMPRESSED_CHECKPOINT: f.checkpoint})
+            final_checkpoint = f.checkpoint
+        s = self.scratch
+        if s is not None:
+            out.update(_training(s.training, "scratch/train/"))
+            out.update({"compress/val/auc": s.val_auc, KEY_COMPRESSED_CHECKPOINT: s.checkpoint})
+            final_checkpoint = s.checkpoint
+        if c is not None:
+            out["compress/test/auc_delta"] = _delta(self.final_test.auc, b.test.auc)
+        if self.control is not None:
+            out.update(_metrics(self.control.test, "control/test/"))
+            out["control/finetune_kept"] = self.control.kept
+            out["control/test/auc_delta"] = _delta(self.final_test.auc, self.control.test.auc)
+        if self.bench is not None:
+            for size, ms in self.bench.base_ms.items():
+                out[bench_key("base_ms", size)] = ms
+                if self.bench.compressed_ms is not None:
+                    fast = self.bench.compressed_ms[size]
+                    out[bench_key("compressed_ms", size)] = fast
+                    out[bench_key("speedup", size)] = ms / fast if fast > 0 else None
+            out["bench/threads"] = self.bench.threads
+        out[KEY_CHECKPOINT] = final_checkpoint
+        out[KEY_BASE_CHECKPOINT] = b.checkpoint
+        out.update({"run_dir": self.run_dir, KEY_CONFIG_HASH: self.config_hash, "config": self.config})
+        return {k: _finite(v) for k, v in out.items()}
+
+
+def _metrics(m: Metrics, prefix: str) -> dict[str, Any]:
+    out = {prefix + "auc": m.auc, prefix + "logloss": m.logloss}
+    out.update({prefix + name: value for name, value in m.extra.items()})
+    return out
+
+
+def _training(t: TrainingStats, prefix: str) -> dict[str, Any]:
+    return {prefix + "samples_per_s": t.samples_per_s, prefix + "seconds": t.seconds, prefix + "epochs": t.epochs,
+            prefix + "rows": t.rows, prefix + "precision": t.precision, prefix + "optimizer": t.optimizer}
+
+
+def _delta(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def _finite(value: Any) -> Any:
+    """NaN / inf never reach results.json as numbers: they become null (an undefined value)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+# Stage records -------------------------------------------------------------------------------------------------
+
+def to_record(result: Any) -> dict[str, Any]:
+    return dataclasses.asdict(result)
+
+
+def from_record(cls: type, data: Mapping[str, Any]) -> Any:
+    """Rebuild a (nested) result dataclass from its JSON record (int dict keys restored for the bench)."""
+    kwargs = {}
+    hints = {f.name: f for f in dataclasses.fields(cls)}
+    for name, value in data.items():
+        if name not in hints:
+            continue
+        kind = _NESTED.get((cls.__name__, name))
+        if kind is not None and value is not None:
+            value = from_record(kind, value)
+        elif name in ("base_ms", "compressed_ms") and value is not None:
+            value = {int(k): v for k, v in value.items()}
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+_NESTED: dict[tuple[str, str], type] = {
+    ("BaseResult", "test"): Metrics, ("BaseResult", "training"): TrainingStats,
+    ("CompressResult", "before_test"): Metrics, ("FinetuneResult", "test"): Metrics,
+    ("ScratchResult", "training"): TrainingStats, ("ScratchResult", "test"): Metrics,
+    ("ControlResult", "test"): Metrics,
+}
+
+
+def write_results(run_dir: Path, results: Mapping[str, Any]) -> Path:
+    """Atomic write: a results.json that exists is complete."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / (RESULTS_FILE + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2, default=float))
+    tmp.replace(run_dir / RESULTS_FILE)
+    return run_dir / RESULTS_FILE
+
+
+def read_results(run_dir: Path) -> dict[str, Any] | None:
+    """A run's results.json, or None when there is none or it is unreadable."""
+    path = Path(run_dir) / RESULTS_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None

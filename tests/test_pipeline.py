@@ -1,0 +1,320 @@
+"""The run pipeline: results schema, fine-tune recipe (distillation, warm-up, frozen codes), run directories,
+non-finite losses, end-of-run summaries, callbacks from config, the extra-metric extension point."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from helpers import TINY, compose_cfg, read_results, run_cli
+from lowrank_ctr.lightning.callbacks import DatasetEpoch, EarlyStopping
+from lowrank_ctr.lightning.module import NonFiniteLossError, load_model
+from lowrank_ctr.pipeline import rundir
+from lowrank_ctr.pipeline.finetune import distillation_loss
+from lowrank_ctr.pipeline.results import (BaseResult, BenchResult, CompressResult, ControlResult, FinetuneResult,
+                                          Metrics, RunResult, TrainingStats, from_record, to_record)
+from lowrank_ctr.pipeline.summary import count_jobs, human_summary, multirun_line
+from lowrank_ctr.train import run
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+# Distillation ---------------------------------------------------------------------------------------------------
+
+def _bce(p: float, y: float) -> float:
+    return -(y * math.log(p) + (1 - y) * math.log(1 - p))
+
+
+def _sigmoid(z: float) -> float:
+    return 1 / (1 + math.exp(-z))
+
+
+@pytest.mark.parametrize("weight,temperature", [(0.0, 1.0), (0.5, 1.0), (0.3, 2.0), (1.0, 4.0)])
+def test_distillation_loss_equals_its_formula_on_a_hand_made_batch(weight, temperature):
+    student, teacher, labels = [1.5, -0.5, 0.2], [2.0, 0.5, -1.0], [1.0, 0.0, 1.0]
+    by_hand = sum((1 - weight) * _bce(_sigmoid(s), y)
+                  + weight * _bce(_sigmoid(s / temperature), _sigmoid(t / temperature)) * temperature ** 2
+                  for s, t, y in zip(student, teacher, labels)) / 3
+    got = distillation_loss(torch.tensor(student), torch.tensor(teacher), torch.tensor(labels), weight, temperature)
+    assert float(got) == pytest.approx(by_hand, rel=1e-6)
+
+
+def test_distillation_pulls_towards_the_teacher():
+    student = torch.zeros(4, requires_grad=True)
+    teacher = torch.tensor([3.0, 3.0, -3.0, -3.0])
+    distillation_loss(student, teacher, torch.zeros(4), weight=1.0, temperature=1.0).backward()
+    assert (student.grad[:2] < 0).all() and (student.grad[2:] > 0).all()  # gradient descent moves towards teacher
+
+
+# Results schema ---------------------------------------------------------------------------------------------------
+
+def _run_result() -> RunResult:
+    stats = TrainingStats(samples_per_s=100.0, seconds=2.0, epochs=2, rows=1000, precision="32-true", optimizer="adam")
+    base = BaseResult(test=Metrics(0.7, 0.45), val_auc=0.71, params=100, bytes=400, checkpoint="b.ckpt",
+                      training=stats)
+    comp = CompressResult(method="afm", targets=["embedding"], ratio=4.0, group_ratios={"embedding": 5.0, "total": 4.0},
+                          params=25, bytes=100, seconds=0.5, calibration_batches=2,
+                          layers=[{"name": "embedding.table", "rank": 2}], policy={}, spec={"modules": []},
+                          before_test=Metrics(0.69, 0.46), before_val_auc=0.70, logit_mse=0.01)
+    return RunResult(data="d", model="m", seed=1, base=base, compress=comp,
+                     finetune=FinetuneResult(epochs=1, seconds=1.0, kept=True, val_auc=0.705,
+                                             test=Metrics(None, 0.44), checkpoint="c.ckpt"),
+                     control=ControlResult(test=Metrics(0.702, 0.449), kept=False),
+                     bench=BenchResult(base_ms={4096: 2.0}, compressed_ms={4096: 1.0}, threads=2))
+
+
+def test_results_flatten_to_the_documented_keys():
+    out = _run_result().to_json()
+    assert out["test/auc"] is None and out["test/logloss"] == 0.44  # the final (compressed) model's
+    assert out["base/test/auc"] == 0.7 and out["base/params"] == 100 and out["params"] == 25
+    assert out["checkpoint"] == "c.ckpt" and out["base/checkpoint"] == "b.ckpt"  # checkpoint = the final model's
+    assert out["compress/logit_mse"] == 0.01 and out["compress/ratio/embedding"] == 5.0
+    assert "compress/ratio/total" not in out
+    assert out["compress/test/auc_delta"] is None  # undefined AUC: no number derived from it
+    assert out["bench/speedup@4096"] == 2.0 and out["train/samples_per_s"] == 100.0
+    assert out["control/test/auc"] == 0.702 and out["compress/finetune_kept"] is True
+    json.dumps(out, allow_nan=False)  # never NaN in results.json
+
+
+def test_stage_records_round_trip():
+    r = _run_result()
+    for part in (r.base, r.compress, r.finetune, r.control, r.bench):
+        back = from_record(type(part), json.loads(json.dumps(to_record(part))))
+        assert back == part
+
+
+# Fine-tune recipe -------------------------------------------------------------------------------------------------
+
+def test_freeze_codes_keeps_codes_and_trains_the_rest(tmp_path, data_dir):
+    res = run(compose_cfg("train", TINY + ["model.mlp=[16,16]", "bench=false", "compression=afm",
+                                           "compression.calibration_batches=2", "compression.freeze_codes=true",
+                                           "compression.finetune_lr=0.01", "compression.val_check_interval=1.0"],
+                          tmp_path, data_dir))
+    before = torch.load(tmp_path / "checkpoints" / "compressed-init.pt", weights_only=True)
+    after = load_checkpoint_state(tmp_path / "checkpoints" / "compressed-last.ckpt")
+    assert torch.equal(after["embedding.table.codes"], before["embedding.table.codes"])
+    assert not torch.equal(after["embedding.table.projection"], before["embedding.table.projection"])
+    assert res["compress/finetune_epochs"] == 1
+
+
+def load_checkpoint_state(path):
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    return {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+
+
+def test_warmup_ramps_the_learning_rate(tmp_path, data_dir):
+    from lowrank_ctr.pipeline.finetune import FinetuneModule
+
+    cfg = compose_cfg("train", TINY, tmp_path, data_dir)
+    from lowrank_ctr.pipeline.context import make_datamodule, make_module
+
+    dm = make_datamodule(cfg)
+    module = make_module(cfg, dm.schema, FinetuneModule, warmup=0.5)
+    module._trainer = SimpleNamespace(estimated_stepping_batches=10)  # what Lightning knows when it asks
+    config = module.configure_optimizers()
+    opt, sched = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    rates = []
+    for _ in range(7):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert rates[:6] == pytest.approx([2e-4, 4e-4, 6e-4, 8e-4, 1e-3, 1e-3])  # 5 warm-up steps to lr=1e-3
+
+
+# Run directories (issue 11, rule 1) -------------------------------------------------------------------------------
+
+def test_a_second_different_run_into_a_run_directory_is_refused(tmp_path, data_dir):
+    common = TINY + ["model.mlp=[16]", "bench=false"]
+    first = run(compose_cfg("train", common, tmp_path, data_dir))
+    results = (tmp_path / "results.json").read_text()
+    with pytest.raises(rundir.RunDirTaken, match="another configuration"):
+        run(compose_cfg("train", common + ["seed=2"], tmp_path, data_dir))
+    assert (tmp_path / "results.json").read_text() == results  # the first run's files are untouched
+    again = run(compose_cfg("train", common, tmp_path, data_dir))  # the same run may come back
+    assert again["test/auc"] == pytest.approx(first["test/auc"], abs=1e-6)
+    assert not (tmp_path / rundir.LOCK_FILE).exists()
+
+
+def test_a_different_run_is_refused_on_the_command_line(tmp_path):
+    args = ["lowrank-ctr-train", *TINY, "model.mlp=[16]", "bench=false", f"paths.data_dir={tmp_path / 'c'}",
+            f"hydra.run.dir={tmp_path / 'run'}"]
+    assert run_cli(args).returncode == 0
+    r = run_cli([*args, "model.embedding_dim=3"])
+    assert r.returncode == 2 and "already holds a run of another configuration" in r.stderr.strip().splitlines()[-1]
+
+
+def test_a_live_lock_refuses_and_a_stale_lock_is_replaced(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / rundir.LOCK_FILE).write_text(json.dumps({"host": os.uname().nodename, "pid": holder.pid}))
+        with pytest.raises(rundir.RunDirTaken, match="in use by another run"):
+            rundir.acquire(tmp_path, "abc", "train")
+    finally:
+        holder.kill()
+        holder.wait()
+    rundir.acquire(tmp_path, "abc", "train")  # the holder is gone: its lock is stale
+    assert json.loads((tmp_path / rundir.LOCK_FILE).read_text())["pid"] == os.getpid()
+    rundir.release(tmp_path)
+    assert not (tmp_path / rundir.LOCK_FILE).exists()
+
+
+# Non-finite loss (issue 11, rule 4) -------------------------------------------------------------------------------
+
+def test_a_diverging_run_stops_with_a_clear_error(tmp_path, data_dir):
+    with pytest.raises(NonFiniteLossError, match="train/loss is (nan|inf).*lower optimizer.lr"):
+        run(compose_cfg("train", TINY + ["model.mlp=[16]", "bench=false", "optimizer.lr=1e12"], tmp_path, data_dir))
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_a_diverging_sweep_job_is_recorded_as_failed(tmp_path):
+    sweep = tmp_path / "sweep"
+    r = run_cli(["lowrank-ctr-train", "-m", *TINY, "model.mlp=[16]", "bench=false", "optimizer.lr=0.001,1e12",
+                 f"paths.data_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert read_results(sweep / "0")["status"] == "ok"
+    failed = read_results(sweep / "1")
+    assert failed["status"] == "failed" and "train/loss is" in failed["error"]
+    assert "2 jobs: 1 ok, 1 failed, 0 skipped" in r.stdout and f"lowrank-ctr-report {sweep}" in r.stdout
+    again = run_cli(["lowrank-ctr-train", "-m", *TINY, "model.mlp=[16]", "bench=false", "optimizer.lr=0.001,1e12",
+                     f"paths.data_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}"])
+    assert "2 jobs: 0 ok, 1 failed, 1 skipped" in again.stdout
+
+
+# Rule 6: the compression feasibility check runs before base training ----------------------------------------------
+
+def test_compression_check_runs_before_the_base_is_trained(tmp_path, data_dir, monkeypatch):
+    import lowrank_ctr.compression as compression
+
+    def refuse(model, comp, batch=None):
+        raise ValueError(f"compression.mlp_rank={comp.mlp_rank} is impossible")
+
+    monkeypatch.setattr(compression, "check_config", refuse, raising=False)
+    with pytest.raises(ValueError, match="impossible"):
+        run(compose_cfg("train", TINY + ["model.mlp=[16]", "compression=afm"], tmp_path, data_dir))
+    assert not (tmp_path / "checkpoints").exists()  # nothing was trained
+
+
+# Summaries (issue 13, item 5) ---------------------------------------------------------------------------------
+
+def test_summary_says_what_happened_with_units_and_next_commands(tmp_path):
+    out = _run_result().to_json()
+    out["run_dir"] = str(tmp_path)
+    (tmp_path / "wandb" / "offline-run-1").mkdir(parents=True)
+    text = human_summary(out)
+    assert "100 parameters, 400 bytes" in text and "25 parameters, 100 bytes" in text and "4.00x fewer bytes" in text
+    assert "test AUC undefined (one class)" in text and "2.00x faster than the base at batch 4096" in text
+    assert f"lowrank-ctr-report {tmp_path}" in text and "lowrank-ctr-export ckpt_path=c.ckpt" in text
+    assert f"wandb sync {tmp_path / 'wandb' / 'offline-run-1'}" in text
+
+
+def test_multirun_counts(tmp_path):
+    started = time.time()
+    for i, status in enumerate(["ok", "ok", "failed", None]):
+        job = tmp_path / str(i)
+        (job / ".hydra").mkdir(parents=True)
+        if status:
+            (job / "results.json").write_text(json.dumps({"status": status}))
+    old = tmp_path / "0" / "results.json"
+    os.utime(old, (started - 100, started - 100))  # finished before this multirun: skipped
+    counts = count_jobs(tmp_path, started)
+    assert counts == {"ok": 1, "failed": 2, "skipped": 1}
+    assert multirun_line(counts) == "4 jobs: 1 ok, 2 failed, 1 skipped"
+
+
+# Callbacks --------------------------------------------------------------------------------------------------------
+
+def test_dataset_epoch_advances_the_shuffle_of_the_training_data():
+    seen = []
+    loader = SimpleNamespace(dataset=SimpleNamespace(set_epoch=seen.append))
+    for epoch in range(3):
+        DatasetEpoch().on_train_epoch_start(SimpleNamespace(train_dataloader=loader, current_epoch=epoch), None)
+    assert seen == [0, 1, 2]
+
+
+def test_early_stopping_patience_is_counted_in_epochs():
+    stop = EarlyStopping(patience_epochs=2)
+    stop._set_patience(SimpleNamespace(num_training_batches=40, val_check_batch=10))  # 4 validations per epoch
+    assert stop.patience == 8
+    stop._set_patience(SimpleNamespace(num_training_batches=40, val_check_batch=40))
+    assert stop.patience == 2
+
+
+def test_callbacks_come_from_config(tmp_path, data_dir):
+    res = run(compose_cfg("train", TINY + ["model.mlp=[16]", "bench=false", "~callbacks.throughput"], tmp_path,
+                          data_dir))
+    assert res["train/samples_per_s"] is None  # the throughput callback was removed by config
+    assert Path(res["checkpoint"]).name == "best.ckpt" and (tmp_path / "checkpoints" / "last.ckpt").exists()
+
+
+# How to extend: a new result key (README worked example) ----------------------------------------------------------
+
+def test_extra_metric_calibration_is_a_result_key(tmp_path, data_dir):
+    res = run(compose_cfg("train", TINY + ["model.mlp=[16]", "bench=false", "extra_metrics=[calibration]"], tmp_path,
+                          data_dir))
+    from lowrank_ctr.pipeline.context import make_datamodule
+
+    model, _ = load_model(res["checkpoint"])
+    predicted = observed = 0.0
+    dm = make_datamodule(compose_cfg("train", TINY, tmp_path, data_dir))
+    with torch.no_grad():
+        for batch in dm.test_dataloader():
+            predicted += torch.sigmoid(model(batch).double()).sum().item()
+            observed += batch["label"].double().sum().item()
+    assert res["test/calibration"] == pytest.approx(predicted / observed, rel=1e-9)
+    assert read_results(tmp_path)["test/calibration"] == res["test/calibration"]
+
+
+# From scratch (TT-Rec protocol) -----------------------------------------------------------------------------------
+
+def test_from_scratch_trains_the_compressed_structure_like_the_base(tmp_path, data_dir):
+    from lowrank_ctr.metrics import evaluate
+    from lowrank_ctr.pipeline.context import make_datamodule
+
+    cfg = compose_cfg("train", TINY + ["model.mlp=[16]", "bench=false", "trainer.max_epochs=2", "compression=tt",
+                                       "compression.embedding_rank=2", "compression.from_scratch=true",
+                                       "early_stopping_patience=null"], tmp_path, data_dir)
+    res = run(cfg)
+    assert res["compress/from_scratch"] is True and res["compress/method"] == "tt"
+    assert res["scratch/train/epochs"] == res["train/epochs"]  # the same epochs as the base
+    assert "compress/test/auc_before_finetune" not in res and "compress/finetune_kept" not in res
+    assert res["params"] < res["base/params"] and res["checkpoint"] == res["compress/checkpoint"]
+    model, hp = load_model(res["checkpoint"])
+    assert hp["compression_spec"]["method"] == "tt"
+    assert evaluate(model, make_datamodule(cfg).test_dataloader())["auc"] == pytest.approx(res["test/auc"], abs=1e-6)
+
+
+def test_decay_on_plateau_goes_back_to_the_best_point_with_a_lower_rate(tmp_path):
+    from lowrank_ctr.lightning.callbacks import DecayOnPlateau
+
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    best_weights = {k: torch.full_like(v, 7.0) for k, v in model.state_dict().items()}
+    best = tmp_path / "best.ckpt"
+    torch.save({"state_dict": best_weights, "optimizer_states": [opt.state_dict()]}, best)
+    trainer = SimpleNamespace(sanity_checking=False, callback_metrics={}, optimizers=[opt], lr_scheduler_configs=[],
+                              checkpoint_callbacks=[SimpleNamespace(monitor="val/auc", best_model_path=str(best))],
+                              should_stop=False)
+    cb = DecayOnPlateau(factor=0.1, patience=1, max_decays=2)
+    seen = []
+    for score in [0.60, 0.70, 0.69, 0.71, 0.70, 0.65]:
+        with torch.no_grad():
+            model.weight.fill_(0.0)
+        trainer.callback_metrics = {"val/auc": torch.tensor(score)}
+        cb.on_validation_end(trainer, model)
+        seen.append((opt.param_groups[0]["lr"], float(model.weight[0, 0]), trainer.should_stop))
+    assert seen[0] == (1.0, 0.0, False) and seen[1] == (1.0, 0.0, False)  # improving: nothing changes
+    assert seen[2] == (pytest.approx(0.1), 7.0, False)  # plateau: back to the best weights, rate x0.1
+    assert seen[3] == (pytest.approx(0.1), 0.0, False)  # improved again at the lower rate
+    assert seen[4] == (pytest.approx(0.01), 7.0, False)  # second decay
+    assert seen[5][2] is True  # third plateau after max_decays=2: stop
+    assert cb.state_dict() == {"best": pytest.approx(0.71), "wait": 0, "decays": 2}
