@@ -27,11 +27,12 @@ WARNING_FILTERS: list[tuple[str, type[Warning], str, str]] = [
      "a run directory is one run's own: its base stage leaves best/last.ckpt there before the compression "
      "fine-tune writes compressed-*.ckpt beside them, and a resumed run reuses it on purpose; results.json "
      "names the exact checkpoint file of every stage"),
-    (r"Converting a tensor to a Python boolean might cause the trace to be incorrect", Warning,
-     r"lowrank_ctr\.compression\.modules",
-     "export traces the low-rank embedding's input-shape check (number of fields); the field count is fixed by "
-     "the schema, the batch size is not part of the check, and export compares the traced model with PyTorch on a "
-     "batch of another size, so a trace that froze a shape would fail there"),
+    (r"Converting a tensor to a Python (boolean|integer|float|index) might cause the trace to be incorrect", Warning,
+     r"lowrank_ctr\.(models|compression)\.",
+     "export traces our layers' reads of sizes the schema fixes (number of fields, field offsets of the flat "
+     "table, number of dense columns), which are constants of the model, never of the batch; export compares the "
+     "traced model with PyTorch on a batch of another size and other ids, so a trace that froze anything that "
+     "varies would fail there. Tracer warnings from any other module still show"),
 ]
 
 #: (logger name, message start, why it is harmless) for log records

@@ -456,8 +456,6 @@ def method_color(method: str) -> str:
     return _unregistered[method]
 
 
-_method_rank = method_rank
-
 
 def grouped_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Seeds aggregated per :data:`GROUP_KEYS`: ``n`` ok seeds, ``n_failed``, mean and std (ddof=1, NaN for one
@@ -486,7 +484,7 @@ def grouped_table(runs: pd.DataFrame) -> pd.DataFrame:
         row["undefined"] = " ".join(c for c in [*STAT_COLUMNS, *MEAN_COLUMNS] if c in undefined)
         out.append(row)
     df = pd.DataFrame(out, columns=columns)
-    order = df["method"].map(_method_rank)
+    order = df["method"].map(method_rank)
     return (df.assign(_m=order).sort_values(["data", "model", "_m", "targets", "ratio_mean", "setting"],
                                             na_position="last", kind="stable")
             .drop(columns="_m").reset_index(drop=True))
