@@ -3,6 +3,7 @@
     python benchmarks/bench_train.py [--rows 200000] [--peers-data DIR] [--repeats 2]
         [--variants 32:adam,bf16-mixed:adam,32:rowwise_adagrad,bf16-mixed:rowwise_adagrad,bf16-mixed:rowwise_adam]
         [--breakdown] [--out benchmarks/results/train.json]
+    python benchmarks/bench_train.py --variants 32:adam,32:rowwise_adagrad:optimizer.row_lr_scale=3 --repeats 1
 
 Workload (the peer benchmark's, ../shared/peers-bench): DeepFM, 39 categorical fields (I1..I13 bucketised),
 embedding 16, MLP 400x3, batch 4096, 1 epoch, 2 threads, Adam lr 1e-3. Data: the project's synthetic
@@ -187,7 +188,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--embedding-dim", type=int, default=16)
     ap.add_argument("--mlp", default="400,400,400")
-    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help="comma list of PRECISION:OPTIMIZER")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS,
+                    help="comma list of PRECISION:OPTIMIZER[:OVERRIDE...], e.g. 32:rowwise_adagrad:optimizer.row_lr_scale=3")
     ap.add_argument("--no-fused", action="store_true", help="skip the plain loop with fused Adam")
     ap.add_argument("--breakdown", action="store_true", help="also time the parts of one training step")
     ap.add_argument("--breakdown-steps", type=int, default=15)
@@ -218,10 +220,10 @@ def main() -> None:
     specs: list[dict[str, Any]] = [dict(common, kind="plain", name="plain", fused=False, overrides=base)]
     if not args.no_fused:
         specs.append(dict(common, kind="plain", name="plain-fused", fused=True, overrides=base))
-    variants = [v.split(":") for v in args.variants.split(",") if v]
-    for precision, optimizer in variants:
-        specs.append(dict(common, kind="project", name=f"project {precision}:{optimizer}",
-                          overrides=[*base, f"trainer.precision={precision}", f"optimizer={optimizer}"]))
+    for variant in (v for v in args.variants.split(",") if v):
+        precision, optimizer, *extra = variant.split(":")  # extra: more overrides, e.g. optimizer.row_lr_scale=3
+        specs.append(dict(common, kind="project", name=f"project {variant}",
+                          overrides=[*base, f"trainer.precision={precision}", f"optimizer={optimizer}", *extra]))
     runs: dict[str, list[dict]] = {s["name"]: [] for s in specs}
     for _, spec in itertools.product(range(args.repeats), specs):
         print(f"[bench_train] {spec['name']}", flush=True)
@@ -253,9 +255,9 @@ def main() -> None:
         fastest = max((r for r in rows if r["name"].startswith("project")), key=lambda r: r["train_samples_per_s"])
         result["breakdown"] = {}
         for name in dict.fromkeys(["project 32:adam", fastest["name"]]):
-            precision, optimizer = name.split(" ", 1)[1].split(":")
+            precision, optimizer, *extra = name.split(" ", 1)[1].split(":")
             spec = dict(common, kind="breakdown", name=name, steps=args.breakdown_steps,
-                        overrides=[*base, f"trainer.precision={precision}", f"optimizer={optimizer}"])
+                        overrides=[*base, f"trainer.precision={precision}", f"optimizer={optimizer}", *extra])
             print(f"[bench_train] breakdown {name}", flush=True)
             result["breakdown"][name] = sc.run_child(Path(__file__), spec)
     result["machine"] = load.report()
