@@ -121,7 +121,7 @@ class LowRankFieldEmbedding(nn.Module):
         self.width = max(1, self.max_rank)
         self.register_buffer("offsets", field_offsets(self.vocab_sizes), persistent=False)
         sizes = [v * r for v, r in zip(self.vocab_sizes, ranks)]
-        self.register_buffer("code_offsets", field_offsets(sizes), persistent=False)
+        self.code_starts = field_offsets(sizes).tolist()  # Python ints: static under tracing
         if code_dtype == "int8":
             self.register_buffer("codes", torch.zeros(sum(sizes), dtype=torch.int8))
             self.register_buffer("code_scale", torch.ones(nf, self.width))
@@ -172,7 +172,7 @@ class LowRankFieldEmbedding(nn.Module):
 
     def field_codes(self, i: int) -> torch.Tensor:
         """The (V_i, k_i) codes of field ``i`` as float (int8 codes dequantised)."""
-        start = int(self.code_offsets[i])
+        start = self.code_starts[i]
         c = self.codes[start : start + self.vocab_sizes[i] * self.ranks[i]].view(self.vocab_sizes[i], self.ranks[i])
         if self.code_dtype == "int8":
             return c.to(self.projection.dtype) * self.code_scale[i, : self.ranks[i]]
@@ -202,7 +202,7 @@ class LowRankFieldEmbedding(nn.Module):
             if k == 0:
                 outs.append(self.bias[i].expand(tuple(field_ids.shape) + (self.dim,)))
                 continue
-            start = int(self.code_offsets[i])
+            start = self.code_starts[i]
             table = self.codes[start : start + self.vocab_sizes[i] * k].view(self.vocab_sizes[i], k)
             z = nn.functional.embedding(field_ids.reshape(-1), table).to(proj.dtype)
             outs.append(torch.addmm(self.bias[i], z, proj[i, :k]).view(tuple(field_ids.shape) + (self.dim,)))
