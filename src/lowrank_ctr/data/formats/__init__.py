@@ -25,9 +25,9 @@ def register(cls: F) -> F:
     if cls.name in REGISTRY and type(REGISTRY[cls.name]) is not cls:
         raise TypeError(f"dataset format {cls.name!r} is registered twice ({type(REGISTRY[cls.name]).__name__}, "
                         f"{cls.__name__})")
-    unknown = set(cls.keys) & set(COMMON_KEYS)
-    if unknown and any(cls.keys[k] is not COMMON_KEYS[k] for k in unknown):
-        raise TypeError(f"{cls.__name__} redefines common data keys {sorted(unknown)}")
+    clash = sorted(set(cls.keys) & set(COMMON_KEYS))
+    if clash:
+        raise TypeError(f"{cls.__name__} redefines the common data keys {clash} (formats/base.py COMMON_KEYS)")
     REGISTRY[cls.name] = cls()
     return cls
 

@@ -161,13 +161,10 @@ class DatasetFormat:
         out = []
         for key, spec in self.all_keys().items():
             value = cfg.get(key)
-            if value is None and key not in cfg and not spec.required:
-                continue
             if value is None and spec.required:
                 out.append(f"data.{key} is not set" + (f": set {spec.help}" if spec.help else ""))
-            elif value is not None or not spec.check(None):
-                if not spec.check(value):
-                    out.append(f"data.{key}={_show(value)} must be {spec.expect}")
+            elif key in cfg and not spec.check(value):  # an explicit null is checked too: null is not 1
+                out.append(f"data.{key}={_show(value)} must be {spec.expect}")
         if self.reads_files:
             if not as_list(cfg.get("train_path")):
                 out.append(f"no data file given for data={cfg.get('name')}: set data.train_path=/path/to/file")

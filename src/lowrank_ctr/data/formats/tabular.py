@@ -81,7 +81,7 @@ class Tabular(DatasetFormat):
                               block_size=int(cfg.get("block_size", 16 << 20)))
 
     def example(self, directory: Path) -> dict:
-        rows = ["y,color,size,unused"] + [f"{['yes', 'no', 'no'][i % 3]},{['red', 'blue', ''][i % 4 % 3]},"
+        rows = ["y,color,size,unused"] + [f"{['yes', 'no', 'no'][i % 3]},{['red', 'blue', ''][i // 2 % 3]},"
                                           f"{'' if i % 5 == 0 else i * 1.5},x" for i in range(30)]
         path = directory / "tabular.csv"
         path.write_text("\n".join(rows) + "\n")
