@@ -90,3 +90,9 @@ def test_cli_stops_before_training(tmp_path):
     r = run_cli(["lowrank-ctr-train", *TINY, "model.mlp=abc", f"hydra.run.dir={run}",
                  f"paths.data_dir={tmp_path / 'cache'}"])
     assert r.returncode == 2 and "error: model 'deepfm': mlp must be a list of positive ints" in r.stderr
+
+
+def test_data_format_problems_are_reported_before_any_work(tmp_path):
+    """The data format's own key checks run in validate() (not only when preparation starts)."""
+    found = problems(compose_cfg("train", ["data=tabular"], tmp_path / "run", tmp_path / "cache"))
+    assert any("data.train_path" in p or "no data file given" in p for p in found), found

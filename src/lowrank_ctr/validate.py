@@ -137,10 +137,21 @@ def problems(cfg: DictConfig) -> list[str]:
     out += _compression_conflicts(cfg)
     out += _trainer_conflicts(cfg)
     out += optimizer_problems(cfg)  # row-wise optimizer settings (lowrank_ctr.optim)
+    out += _data_problems(cfg)
     precision = OmegaConf.select(cfg, "trainer.precision")
     if precision is not None:
         out += [p for p in [precision_problem(precision, OmegaConf.select(cfg, "trainer.accelerator"))] if p]
     return out
+
+
+def _data_problems(cfg: DictConfig) -> list[str]:
+    """The data format's own checks (data/formats/: required keys, types, value ranges of its options)."""
+    from lowrank_ctr.data.formats import REGISTRY
+
+    data = cfg.get("data")
+    if data is None or data.get("format") not in REGISTRY:
+        return []  # no data config yet (compress fills it from the checkpoint), or preparation names the format
+    return REGISTRY[data.format].validate(OmegaConf.to_container(data, resolve=True))
 
 
 def _compression_conflicts(cfg: DictConfig) -> list[str]:
