@@ -9,6 +9,8 @@ from lowrank_ctr.compression.spec import apply_spec
 from lowrank_ctr.data.batch import random_batch
 from lowrank_ctr.data.schema import FieldSpec, Schema
 from lowrank_ctr.lightning.module import load_model
+from lowrank_ctr.metrics import evaluate
+from lowrank_ctr.pipeline.context import make_datamodule
 from lowrank_ctr.models import build_model, list_models
 from lowrank_ctr.train import run
 
@@ -52,7 +54,8 @@ def data_dir(tmp_path_factory):
 
 INTERFACE_KEYS = ["base/test/auc", "base/test/logloss", "base/params", "base/bytes", "compress/method",
                   "compress/ratio", "compress/params", "compress/bytes", "compress/test/auc_before_finetune",
-                  "compress/seconds", "compress/layers", "test/auc", "test/logloss"] + [
+                  "compress/seconds", "compress/layers", "compress/logit_mse", "compress/checkpoint",
+                  "base/checkpoint", "checkpoint", "test/auc", "test/logloss"] + [
     f"bench/{k}@{b}" for k in ("base_ms", "compressed_ms", "speedup") for b in (1, 256, 4096)]
 
 
@@ -70,13 +73,21 @@ def test_train_with_afm_writes_every_result_key_and_checkpoint_round_trips(tmp_p
     ranks = {l["name"]: l for l in on_disk["compress/layers"]}
     assert ranks["mlp.net.0"]["rank"] == 4 and ranks["mlp.net.0"]["replaced"]
     assert 0 < ranks["mlp.net.0"]["retained_energy"] <= 1
-    # the compressed checkpoint rebuilds its own structure and predicts exactly what the run tested
-    model, hp = load_model(res["compress/checkpoint"])
+    # checkpoint = the final (compressed) model: it rebuilds its own structure and IS the model the run tested
+    assert res["checkpoint"] == res["compress/checkpoint"] != res["base/checkpoint"]
+    model, hp = load_model(res["checkpoint"])
     assert hp["compression_spec"]["method"] == "afm"
-    again, _ = load_model(res["compress/checkpoint"])
-    batch = random_batch(model_schema(hp), 32)
-    assert torch.equal(model(batch), again(batch))
     assert type(model.mlp.net[0]).__name__ == "LowRankLinear"
+    test = list(make_datamodule(cfg).test_dataloader())
+    assert evaluate(model, test)["auc"] == pytest.approx(res["test/auc"], abs=1e-6)
+    # compress/logit_mse: the compressed model before fine-tuning against the base, on the test split
+    base, _ = load_model(res["base/checkpoint"])
+    before, _ = load_model(res["checkpoint"])
+    before.load_state_dict(torch.load(tmp_path / "checkpoints" / "compressed-init.pt", weights_only=True))
+    with torch.no_grad():
+        diffs = torch.cat([(before(b) - base(b)).pow(2) for b in test])
+    assert res["compress/logit_mse"] == pytest.approx(float(diffs.mean()), rel=1e-4)
+    assert res["compress/logit_mse"] > 0
 
 
 def model_schema(hp):
@@ -93,6 +104,8 @@ def test_compress_entry_point_on_a_checkpoint(tmp_path, data_dir):
     assert res["compress/method"] == "svd" and res["model"] == "deepfm"
     assert res["base/test/auc"] == pytest.approx(base["test/auc"], abs=1e-6)  # same model, same test split
     assert res["compress/ratio"] > 2
+    assert res["base/checkpoint"] == base["checkpoint"] and res["checkpoint"] == res["compress/checkpoint"]
+    assert "lowrank-ctr-export ckpt_path=" + res["checkpoint"] in r.stdout  # the summary's next command
 
 
 def test_impossible_rank_is_one_clear_error(tmp_path):

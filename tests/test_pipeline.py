@@ -149,8 +149,10 @@ def test_a_different_run_is_refused_on_the_command_line(tmp_path):
     args = ["lowrank-ctr-train", *TINY, "model.mlp=[16]", "bench=false", f"paths.data_dir={tmp_path / 'c'}",
             f"hydra.run.dir={tmp_path / 'run'}"]
     assert run_cli(args).returncode == 0
+    hydra_config = (tmp_path / "run" / ".hydra" / "config.yaml").read_text()
     r = run_cli([*args, "model.embedding_dim=3"])
     assert r.returncode == 2 and "already holds a run of another configuration" in r.stderr.strip().splitlines()[-1]
+    assert (tmp_path / "run" / ".hydra" / "config.yaml").read_text() == hydra_config  # refused before Hydra wrote
 
 
 def test_a_live_lock_refuses_and_a_stale_lock_is_replaced(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_object, instantiate
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -193,8 +195,14 @@ class RunContext:
         """Lightning fit of ``module``; continues from ``resume_from`` when given. Returns (trainer, seconds)."""
         trainer = self.trainer(callbacks, stage_dir, loggers, **overrides)
         t0 = time.perf_counter()
-        trainer.fit(module, datamodule=self.dm, ckpt_path=str(resume_from) if resume_from else None,
-                    weights_only=True)
+        try:
+            trainer.fit(module, datamodule=self.dm, ckpt_path=str(resume_from) if resume_from else None,
+                        weights_only=True)
+        except SIGTERMException:  # Lightning exits with status 0 here, as if the run had finished
+            how = "resume=true" if self.cfg.get("pipeline", {}).get("base") == "load" else "ckpt_path=last"
+            print(f"error: stopped by SIGTERM at epoch {trainer.current_epoch}; continue with the same overrides "
+                  f"and {how} hydra.run.dir={self.run_dir}", file=sys.stderr, flush=True)
+            raise SystemExit(143) from None  # 128 + SIGTERM: a terminated run, never a finished one
         return trainer, time.perf_counter() - t0
 
     def evaluate(self, model: nn.Module, split: str = "test", reference: nn.Module | None = None

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import lightning.pytorch as pl
 import torch
@@ -129,3 +129,16 @@ def main_job(cfg: DictConfig) -> float | None:
     if results is not None and int(os.environ.get("LOCAL_RANK", 0)) == 0 and results.get("status") == "ok":
         print(human_summary(results), flush=True)
     return objective(cfg, results)
+
+
+def entry_point(config_name: str) -> Callable[[], None]:
+    """A console script running ``main_job`` on ``conf/<config_name>.yaml`` (its log: ``<config_name>.log``)."""
+    import hydra
+
+    from lowrank_ctr.config import CONF_DIR
+
+    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)
+    def _main(cfg: DictConfig) -> float | None:
+        return main_job(cfg)
+
+    return _main
