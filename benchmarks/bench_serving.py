@@ -3,7 +3,7 @@
     python benchmarks/bench_serving.py [--base CKPT --compressed CKPT] [--threads 1] [--out benchmarks/results/serving.json]
 
 Without checkpoints it trains the default job's model (DeepFM on the synthetic default data, one epoch) and
-compresses it with the default AFM settings (embedding rank 2 of 16, MLP rank 16%), no fine-tuning: latency does
+compresses it with the default AFM recipe (5x smaller, int8 codes, loss-aware ranks), no fine-tuning: latency does
 not depend on how well the weights are trained, only on the shapes. Every model is exported to ONNX and TorchScript
 with ``lowrank-ctr-export``'s code and timed on the same real test rows, one configuration after another in one
 process with a fixed thread count: per-call latency p50 / p99 and throughput (rows / mean latency). Ratios in the

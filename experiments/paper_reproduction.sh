@@ -42,6 +42,7 @@ for entry in "${datasets[@]}"; do
     if [ "$data" = criteo ]; then ranks="compression.embedding_rank=2 compression.mlp_rank=64";
     else ranks="compression.embedding_rank=8 compression.mlp_rank=320"; fi
     lowrank-ctr-compress -m ckpt_path="$ckpt" compression=afm,svd $ranks "compression.exclude=[mlp.net.0]" \
+      compression.target_ratio=null compression.code_dtype=float32 compression.allocator=variance \
       compression.finetune_lr=0.0001 $COMMON hydra.sweep.dir="$OUT/compress/$data/$model/lowrank"
     lowrank-ctr-compress -m ckpt_path="$ckpt" compression=tt compression.embedding_rank=4 \
       compression.finetune_lr=0.0001 $COMMON hydra.sweep.dir="$OUT/compress/$data/$model/tt"

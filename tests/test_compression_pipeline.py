@@ -60,7 +60,7 @@ INTERFACE_KEYS = ["base/test/auc", "base/test/logloss", "base/params", "base/byt
 
 
 def test_train_with_afm_writes_every_result_key_and_checkpoint_round_trips(tmp_path, data_dir):
-    cfg = compose_cfg("train", TINY + ["model.mlp=[32,32]", "compression=afm", "compression.mlp_rank=4",
+    cfg = compose_cfg("train", TINY + ["model.mlp=[32,32]", "compression=afm",
                                        "compression.calibration_batches=4", "bench_batch_sizes=[1,256,4096]"],
                       tmp_path, data_dir)
     res = run(cfg)
@@ -110,6 +110,7 @@ def test_compress_entry_point_on_a_checkpoint(tmp_path, data_dir):
 
 def test_impossible_rank_is_one_clear_error(tmp_path):
     r = run_cli(["lowrank-ctr-train", *TINY, "model.mlp=[32,32]", "compression=svd", "compression.mlp_rank=500",
+                 "compression.target_ratio=null", "compression.targets=[mlp]",
                  f"paths.data_dir={tmp_path / 'c'}", f"hydra.run.dir={tmp_path / 'r'}"])
     assert r.returncode == 2
     last = r.stderr.strip().splitlines()[-1]
@@ -182,7 +183,8 @@ def test_folding_is_refused_where_no_linear_reads_the_embeddings(name, kwargs):
 def test_train_dnn_with_folded_afm(tmp_path, data_dir):
     res = run(compose_cfg("train", TINY + ["model=dnn", "model.mlp=[32,32]", "compression=afm", "bench=false",
                                            "compression.fold=true", "compression.calibration_batches=2",
-                                           "compression.targets=[embedding]"], tmp_path, data_dir))
+                                           "compression.targets=[embedding]", "compression.target_ratio=null",
+                                           "compression.embedding_rank=2"], tmp_path, data_dir))
     assert res["compress/policy"]["fold"] is True and res["compress/policy"]["folded"] == ["mlp.net.0"]
     model, hp = load_model(res["compress/checkpoint"])
     assert type(model.mlp.net[0]).__name__ == "FieldFoldedLinear"

@@ -30,7 +30,8 @@ def tiny_run(tmp_path_factory) -> tuple[Path, object]:
     run_dir = tmp / "run"
     overrides = [o for o in TINY if not o.startswith(("progress_bar", "logger", "trainer.max_epochs"))]
     r = run_cli(["lowrank-ctr-train", *overrides, "model.mlp=[16,16]", "trainer.max_epochs=2", "logger=many",
-                 "compression=afm", "compression.embedding_rank=2", "compression.mlp_rank=4", "bench=false",
+                 "compression=afm", "compression.target_ratio=null", "compression.targets=[embedding,mlp]",
+                 "compression.embedding_rank=2", "compression.mlp_rank=4", "bench=false",
                  f"paths.data_dir={tmp / 'cache'}", f"hydra.run.dir={run_dir}"], timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return run_dir, r

@@ -77,3 +77,55 @@ def test_gitignore_covers_what_the_tools_leave_in_the_checkout():
               "slurm-123.out", ".pytest_cache/v", ".hypothesis/x", "lightning_logs/version_0/x", "multirun/x"]
     r = subprocess.run(["git", "check-ignore", "--no-index", *probes], cwd=REPO, capture_output=True, text=True)
     assert sorted(r.stdout.split()) == sorted(probes), f"not ignored: {set(probes) - set(r.stdout.split())}"
+
+
+def _runs(readme: str) -> list[tuple[str, list[str]]]:
+    """(config name, overrides) of every documented lowrank-ctr-train / -compress command, continuation lines
+    joined, each value of a multirun sweep list expanded."""
+    import itertools
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    text = "\n".join(re.findall(r"```bash\n(.*?)```", readme, flags=re.S)).replace("\\\n", " ")
+    lines = text.splitlines() + [s for s in re.findall(r"`([^`\n]+)`", readme) if s.startswith("lowrank-ctr-")]
+    parser, out = OverridesParser.create(), []
+    for line in lines:
+        line = line.split(" #", 1)[0].strip()
+        for command, config in (("lowrank-ctr-train ", "train"), ("lowrank-ctr-compress ", "compress")):
+            if command not in line:
+                continue
+            words = [w for w in shlex.split(line.split(command, 1)[1].split("|")[0]) if w not in ("-m", "--multirun")]
+            overrides = [w for w in words if "=" in w and "<" not in w and "..." not in w]
+            if any(_is_placeholder(w.split("=", 1)[1]) for w in overrides if not w.endswith("=")) \
+                    or any(w.startswith("hparams_search=") for w in overrides):
+                continue  # data=NAME ...: the user fills it in; a search's ranks come from its sweeper
+            choices = [[str(v) for v in o.sweep_string_iterator()] if o.is_sweep_override() else [o.input_line]
+                       for o in parser.parse_overrides(overrides)]
+            keys = [o.split("=", 1)[0] for o in overrides]
+            for combo in itertools.product(*choices):
+                out.append((config, [v if "=" in v else f"{k}={v}" for k, v in zip(keys, combo)]))
+    return out
+
+
+def test_readme_commands_are_valid_configs(tmp_path):
+    """Every documented train / compress command composes and passes config validation (a default that changed
+    under the README would fail here). Problems that only a user's files can fix (data or checkpoint paths, a GPU)
+    are left out."""
+    from helpers import compose_cfg
+
+    from lowrank_ctr.validate import problems
+
+    runs = _runs((REPO / "README.md").read_text())
+    assert len(runs) > 20  # the parser still finds the commands
+    user_side = ("data file", "train_path", "ckpt_path", "CUDA", "GPU", "does not exist", "not found", "no such")
+    bad = []
+    for config, overrides in runs:
+        try:
+            cfg = compose_cfg(config, overrides, tmp_path / "run", tmp_path / "cache")
+        except Exception as exc:  # noqa: BLE001 - a README command Hydra refuses is the finding
+            bad.append(f"{config} {' '.join(overrides)}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+            continue
+        found = [p for p in problems(cfg) if not any(u in p for u in user_side)]
+        bad += [f"{config} {' '.join(overrides)}: {p}" for p in found]
+    assert not bad, "README commands that fail validation:\n" + "\n".join(bad)

@@ -50,6 +50,7 @@ def test_default_run_records_float32_and_adam(tmp_path: Path) -> None:
 def test_rowwise_optimizer_serves_the_compression_finetune(tmp_path: Path) -> None:
     """The fine-tune trains compressed modules (dense rule) next to any table left uncompressed (row rule)."""
     res = _run(tmp_path, ["optimizer=rowwise_adam", "compression=afm", "compression.targets=[mlp]",
+                          "compression.target_ratio=null", "compression.mlp_rank=4",
                           "compression.finetune_epochs=1", "trainer.precision=bf16-mixed"])
     assert res["train/optimizer"] == "rowwise_adam"
     assert res["compress/finetune_epochs"] == 1

@@ -49,13 +49,30 @@ def run_job(cfg: DictConfig, fn: Callable[[DictConfig], dict[str, Any]], run_dir
         return None
 
 
+def _worst_value() -> float:
+    """The worst value for the sweeper's direction: a failed trial (e.g. a sampled rank outside a layer's range) is
+    a bad point, not the end of the search (Hydra's Optuna sweeper stops the whole study on NaN)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        direction = str(OmegaConf.select(HydraConfig.get(), "sweeper.direction", default="") or "")
+    except ValueError:  # no Hydra context (called from Python)
+        direction = ""
+    if "max" in direction:
+        return float("-inf")
+    if "min" in direction:
+        return float("inf")
+    return float("nan")
+
+
 def objective(cfg: DictConfig, results: dict[str, Any] | None) -> float | None:
-    """What a job returns to a sweeper: ``optimized_metric``, -1 when the model misses ``min_ratio``, NaN if failed."""
+    """What a job returns to a sweeper: ``optimized_metric``, -1 when the model misses ``min_ratio``, the worst
+    value for the sweeper's direction (NaN when it has none) when the job failed or the metric is undefined."""
     metric = cfg.get("optimized_metric")
     if not metric:
         return None
     if results is None or results.get(metric) is None:
-        return float("nan")
+        return _worst_value()
     min_ratio = cfg.get("min_ratio")
     if min_ratio and float(results.get(KEY_RATIO, 1.0)) < float(min_ratio):
         return -1.0

@@ -190,16 +190,32 @@ def _compression_conflicts(cfg: DictConfig) -> list[str]:
     elif groups is not None and any(g not in method.groups for g in groups):
         out.append(f"compression.targets={_fmt(list(groups))}: compression={name} compresses {list(method.groups)} "
                    f"only; use compression.targets={_fmt(list(method.groups))}")
-    active = groups if groups is not None else list(method.default_targets)
+    active = groups if groups is not None else list(method.targets_for(ratio))
+    if method.low_rank and ratio is not None:
+        fixed = [f"compression.{g}_rank={_fmt(comp.get(f'{g}_rank'))}" for g in active
+                 if g in GROUPS and comp.get(f"{g}_rank") is not None]
+        if fixed:
+            out.append(f"{', '.join(fixed)} and compression.target_ratio={_fmt(ratio)} both choose the ranks "
+                       f"(the budget allocates every rank): for fixed ranks set compression.target_ratio=null, for "
+                       f"the budget set the rank(s) to null")
+    if method.low_rank and ratio is None and energy is None:
+        missing = [g for g in active if g in GROUPS and comp.get(f"{g}_rank") is None]
+        if missing:
+            out.append(f"no rank policy for target group(s) {missing} of compression={name}: set "
+                       f"{', '.join(f'compression.{g}_rank' for g in missing)}, compression.energy or "
+                       f"compression.target_ratio, or leave the group(s) out of compression.targets")
     if method.low_rank and energy is not None and ratio is None:
         fixed = [f"compression.{g}_rank={_fmt(comp.get(f'{g}_rank'))}" for g in active if g in GROUPS]
         if fixed and all(comp.get(f"{g}_rank") is not None for g in active if g in GROUPS):
             out.append(f"compression.energy={_fmt(energy)} has no effect: every target group has a fixed rank "
                        f"({', '.join(fixed)}); set the ranks of the groups energy should choose to null")
     out += method.problems(comp)
-    if comp.get("allocator", "variance") == "loss" and (ratio is None or not method.needs_calibration):
-        out.append("compression.allocator=loss weighs output components by their loss impact: it needs "
-                   "compression=afm and compression.target_ratio")
+    # allocator=loss without a budget is simply unused (afm's default); with a method that has no calibration
+    # pass there is no gradient statistic to weigh components by
+    if comp.get("allocator", "variance") == "loss" and not (method.low_rank and method.needs_calibration):
+        out.append(f"compression.allocator=loss weighs output components by their loss impact, measured in the "
+                   f"calibration pass of compression=afm; compression={name} has none: use "
+                   f"compression.allocator=variance")
     if comp.get("fold"):
         if not method.low_rank:
             out.append(f"compression.fold=true folds an SVD/AFM embedding projection; compression={name} has none")

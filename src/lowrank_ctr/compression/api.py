@@ -114,8 +114,8 @@ class _Plan:
                  options: Mapping[str, Any]) -> None:
         self.method: CompressionMethod = get_method(method)
         m = self.method
-        self.groups = tuple(m.default_targets if targets is None else [targets] if isinstance(targets, str)
-                            else targets)
+        self.groups = tuple(m.targets_for(target_ratio) if targets is None
+                            else [targets] if isinstance(targets, str) else targets)
         outside = [g for g in self.groups if g not in m.groups]
         if outside and m.name != "none":
             raise ValueError(f"{m.name} compresses {list(m.groups)} only; use targets={list(m.groups)} "
@@ -129,9 +129,11 @@ class _Plan:
                 raise ValueError(f"compression.{key}={value!r} is not one of {list(allowed)}")
         if code_dtype != "float32" and not m.low_rank:
             raise ValueError(f"code_dtype={code_dtype} stores low-rank codes; {m.name!r} has none (use svd or afm)")
-        if allocator == "loss" and (target_ratio is None or not m.needs_calibration or not m.low_rank):
-            raise ValueError("allocator=loss weighs output components by their loss impact: it needs "
-                             "target_ratio and method afm")
+        if allocator == "loss" and not (m.needs_calibration and m.low_rank):
+            raise ValueError(f"allocator=loss weighs output components by their loss impact, measured in afm's "
+                             f"calibration pass; {m.name!r} has none (use allocator='variance')")
+        if target_ratio is None:  # fixed ranks / energy: there is no budget to allocate (no gradient pass either)
+            allocator = "variance"
         if fold and not m.low_rank:
             raise ValueError(f"compression.fold=true folds an SVD/AFM embedding projection; {m.name!r} has none")
         if from_scratch and not m.from_scratch:
@@ -238,7 +240,7 @@ def compress(
     policy: dict[str, Any] = {"targets": list(plan.groups), "include": list(include), "exclude": list(exclude),
                               "embedding_rank": embedding_rank, "mlp_rank": mlp_rank, "other_rank": other_rank,
                               "energy": energy, "target_ratio": target_ratio, "code_dtype": code_dtype,
-                              "calibration": calibration, "correction": correction, "allocator": allocator,
+                              "calibration": calibration, "correction": correction, "allocator": plan.allocator,
                               "from_scratch": from_scratch, "fold": fold, **plan.options,
                               "mode": "budget" if target_ratio is not None else
                               ("per-group" if m.low_rank else m.name)}
@@ -265,9 +267,9 @@ def compress(
                                  note="random initialisation (trained from scratch)"))
     else:
         stats: dict[str, OutputStats] = {}
-        if (m.needs_calibration or allocator == "loss") and plan.active:
+        if (m.needs_calibration or plan.allocator == "loss") and plan.active:
             stats, _ = collect_output_stats(model, {t.name: t.module for t in plan.active}, batches, forward_fn,
-                                            gradients=allocator == "loss")
+                                            gradients=plan.allocator == "loss")
         ranks, orders = _choose_ranks(model, plan, stats, base, policy, group_ranks, energy, target_ratio)
         teacher = copy.deepcopy(model).eval() if correction == "lstsq" else None
         layers += _replace(model, plan, stats, ranks, orders, batches, forward_fn, teacher, replaced)

@@ -91,6 +91,12 @@ class CompressionMethod:
     #: what ``compression.embedding_rank`` means for it (error messages, README)
     rank_meaning: ClassVar[str] = "the rank"
 
+    def targets_for(self, target_ratio: float | None) -> tuple[str, ...]:
+        """The groups compressed when ``compression.targets`` is null: a whole-model size budget spends over every
+        group the method can compress (the allocator decides where bytes go); fixed ranks apply to the default
+        groups, so a rank per group is all a user sets."""
+        return tuple(self.groups) if self.low_rank and target_ratio is not None else tuple(self.default_targets)
+
     # Builders ------------------------------------------------------------------------------------------------
     def embedding(self, emb: nn.Module, rank: Any, ctx: LayerContext) -> tuple[nn.Module, Info]:
         raise NotImplementedError(f"{self.name} does not compress embeddings")
