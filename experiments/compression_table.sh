@@ -1,39 +1,75 @@
 #!/usr/bin/env bash
-# Method x rank x model table (small mode, ~45 min on 2 CPU cores):
-#   base DeepFM and DCNv2 on the synthetic default and on MovieLens-100K; then AFM and SVD at matched whole-model
-#   size budgets (target_ratio 3 and 5) and at fixed ranks (embedding 4, MLP 25%); TT at TT-ranks 2 and 4; int8.
-#   Every compressed model is fine-tuned one epoch next to the "base + same fine-tune" control; then the report.
-# Full data: DATASETS="criteo" EXTRA="data.train_path=/data/criteo/train.txt trainer=gpu" bash experiments/compression_table.sh
-# Re-running continues a crashed table: finished runs are skipped (results.json + config hash).
+# The compression table (issue 10): every embedding-compression family at whole-model size budgets, 3 seeds, against
+# the "base + same fine-tune" control, on the synthetic default (DeepFM, DCNv2), MovieLens-100K and the Criteo and
+# Avazu samples. Then one report (mean +- std over seeds, Pareto plot of AUC delta vs the control over size ratio).
+#
+# Per (data, model, seed): one base model (the default base recipe), then, each compressing that checkpoint, with the
+# default fine-tune recipe and the control:
+#   afm       the default recipe (int8 codes, loss-aware budget) at target_ratio 3, 5, 10, 20
+#   svd       the paper's baseline in the same framework (float32 codes, variance budget) at 3, 5, 10, 20
+#   tt        tensor-train embeddings, TT-SVD of the trained tables, TT-ranks 2 and 8 (MLP left dense)
+#   tt        the same trained from scratch for the base's epochs (TT-Rec protocol)
+#   qr        quotient-remainder embeddings from the trained tables, 5 and 20 collisions (MLP left dense)
+#   qr        the same trained from scratch
+#   int8      row-wise int8 embeddings + int8 Linear weights
+# and, on the first seed only, what did not make the default (ablations): afm with float32 codes / the variance
+# budget / sequential calibration + least-squares correction / folding, at 5 and 10.
+#
+# Time on 2 CPU cores: see the README. Re-running continues a crashed table (finished runs are skipped).
+# Smaller: SEEDS="1" DATASETS="movielens100k:deepfm" bash experiments/compression_table.sh
+# Full data: DATASETS="criteo:deepfm" EXTRA="data.train_path=/data/criteo/train.txt trainer=gpu" ...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/compression_table}
-DATASETS=${DATASETS:-"synthetic movielens100k"}
-MODELS=${MODELS:-"deepfm dcnv2"}
-RATIOS=${RATIOS:-"3,5"}
-SEEDS=${SEEDS:-"42"}
+DATASETS=${DATASETS:-"synthetic:deepfm synthetic:dcnv2 movielens100k:deepfm criteo_sample:deepfm avazu_sample:deepfm"}
+SEEDS=${SEEDS:-"1 2 3"}
+RATIOS=${RATIOS:-"3,5,10,20"}
 EXTRA=${EXTRA:-}
-COMMON="progress_bar=false logger=csv compression.control=true compression.finetune_lr=0.0001 $EXTRA"
-LOWRANK="compression=afm,svd compression.targets=[embedding,mlp,other]"
+# one control per base (the same recipe for every method): compression.control_cache
+COMMON="progress_bar=false logger=csv compression.control=true compression.control_cache=$OUT/control_cache $EXTRA"
+ALL="compression.targets=[embedding,mlp,other]"
+BUDGET="compression.embedding_rank=null compression.mlp_rank=null compression.other_rank=null"
 
-for data in $DATASETS; do
-  for model in $MODELS; do
-    for seed in $SEEDS; do
-      base="$OUT/base/$data/$model/seed$seed"
-      if [ ! -f "$base/results.json" ]; then
-        lowrank-ctr-train data="$data" model="$model" seed="$seed" bench=false progress_bar=false logger=csv $EXTRA \
-          hydra.run.dir="$base"
-      fi
-      ckpt="$base/checkpoints/best.ckpt"
-      sweep="$OUT/compress/$data/$model/seed$seed"
-      lowrank-ctr-compress -m ckpt_path="$ckpt" seed="$seed" $LOWRANK compression.target_ratio="$RATIOS" \
-        $COMMON hydra.sweep.dir="$sweep/budget"
-      lowrank-ctr-compress -m ckpt_path="$ckpt" seed="$seed" $LOWRANK compression.embedding_rank=4 \
-        compression.mlp_rank=0.25 compression.other_rank=0.25 $COMMON hydra.sweep.dir="$sweep/fixed"
-      lowrank-ctr-compress -m ckpt_path="$ckpt" seed="$seed" compression=tt compression.embedding_rank=2,4 \
-        $COMMON hydra.sweep.dir="$sweep/tt"
-      lowrank-ctr-compress -m ckpt_path="$ckpt" seed="$seed" compression=int8 $COMMON hydra.sweep.dir="$sweep/int8"
-    done
+compress() {  # compress <checkpoint> <seed> <sweep dir> <overrides...>
+  local ckpt=$1 seed=$2 dir=$3
+  shift 3
+  lowrank-ctr-compress -m ckpt_path="$ckpt" seed="$seed" $COMMON "$@" hydra.sweep.dir="$dir" || true
+}
+
+first_seed=${SEEDS%% *}
+for pair in $DATASETS; do
+  data=${pair%%:*}
+  model=${pair##*:}
+  for seed in $SEEDS; do
+    base="$OUT/base/$data/$model/seed$seed"
+    if [ ! -f "$base/results.json" ]; then
+      lowrank-ctr-train data="$data" model="$model" seed="$seed" bench=false progress_bar=false logger=csv $EXTRA \
+        hydra.run.dir="$base"
+    fi
+    ckpt=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['checkpoint'])" "$base/results.json")
+    runs="$OUT/runs/$data/$model/seed$seed"
+    compress "$ckpt" "$seed" "$runs/afm" compression=afm $ALL $BUDGET compression.target_ratio="$RATIOS"
+    compress "$ckpt" "$seed" "$runs/svd" compression=svd $ALL $BUDGET compression.target_ratio="$RATIOS"
+    compress "$ckpt" "$seed" "$runs/tt" compression=tt compression.embedding_rank=2,8
+    compress "$ckpt" "$seed" "$runs/tt_scratch" compression=tt compression.embedding_rank=2,8 \
+      compression.from_scratch=true
+    compress "$ckpt" "$seed" "$runs/qr" compression=qr compression.collisions=5,20
+    compress "$ckpt" "$seed" "$runs/qr_scratch" compression=qr compression.collisions=5,20 compression.from_scratch=true
+    compress "$ckpt" "$seed" "$runs/int8" compression=int8
+    if [ "$seed" = "$first_seed" ]; then
+      abl="$OUT/ablations/$data/$model/seed$seed"
+      compress "$ckpt" "$seed" "$abl/float32_codes" compression=afm $ALL $BUDGET compression.target_ratio=5,10 \
+        compression.code_dtype=float32
+      compress "$ckpt" "$seed" "$abl/variance_budget" compression=afm $ALL $BUDGET compression.target_ratio=5,10 \
+        compression.allocator=variance
+      compress "$ckpt" "$seed" "$abl/paper_afm" compression=afm $ALL $BUDGET compression.target_ratio=5,10 \
+        compression.code_dtype=float32 compression.allocator=variance
+      compress "$ckpt" "$seed" "$abl/lstsq" compression=afm $ALL $BUDGET compression.target_ratio=5,10 \
+        compression.calibration=sequential compression.correction=lstsq
+      compress "$ckpt" "$seed" "$abl/fold" compression=afm $ALL $BUDGET compression.target_ratio=5,10 \
+        compression.fold=true
+    fi
   done
 done
-lowrank-ctr-report "$OUT/compress" --out "$OUT/report"
+lowrank-ctr-report "$OUT/runs" --out "$OUT/report"
+lowrank-ctr-report "$OUT/runs" "$OUT/ablations" --out "$OUT/report_all"

@@ -108,6 +108,29 @@ def test_freeze_codes_keeps_codes_and_trains_the_rest(tmp_path, data_dir):
     assert res["compress/finetune_epochs"] == 1
 
 
+def test_control_cache_shares_one_control_per_base_and_recipe(tmp_path, data_dir):
+    """compression.control_cache: the second compression of one base reuses the first one's control (no fit), a
+    changed fine-tune recipe does not."""
+    base = run(compose_cfg("train", TINY + ["model.mlp=[16,16]", "bench=false"], tmp_path / "base", data_dir))
+    cache = tmp_path / "controls"
+    common = [f"ckpt_path={base['checkpoint']}", "bench=false", "progress_bar=false", "logger=none",
+              "compression.control=true", f"compression.control_cache={cache}", "compression.calibration_batches=2",
+              "compression.val_check_interval=1.0"]
+
+    def compress_run(name, *extra):
+        return run(compose_cfg("compress", [*common, *extra], tmp_path / name, data_dir))
+
+    first = compress_run("svd", "compression=svd", "compression.target_ratio=3")
+    assert (tmp_path / "svd" / "control").exists() and len(list(cache.glob("control-*.json"))) == 1
+    second = compress_run("afm", "compression=afm")
+    assert not (tmp_path / "afm" / "control").exists()  # no control fit: the cached one
+    assert second["control/test/auc"] == first["control/test/auc"]
+    assert second["control/finetune_kept"] == first["control/finetune_kept"]
+    assert second["compress/method"] == "afm" and second["compress/ratio"] != first["compress/ratio"]
+    compress_run("lr", "compression=afm", "compression.finetune_lr=0.002")  # another recipe: its own control
+    assert (tmp_path / "lr" / "control").exists() and len(list(cache.glob("control-*.json"))) == 2
+
+
 def load_checkpoint_state(path):
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     return {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}

@@ -70,6 +70,7 @@ def test_wrong_types_and_ranges_name_the_key(tmp_path, overrides, key, need):
     (["compression=qr", "compression.collisions=1"], "compression.collisions=1 must be an integer >= 2"),
     (["model=dnn", "compression=int8", "compression.fold=true"], "compression=int8 has none"),
     (["compression=afm", "compression.control=true", "compression.finetune_epochs=0"], "finetune_epochs >= 1"),
+    (["compression=afm", "compression.control_cache=/tmp/c"], "set compression.control=true or control_cache=null"),
     (["trainer.max_epochs=1", "trainer.min_epochs=3"], "more than trainer.max_epochs=1"),
 ])
 def test_contradictions_are_one_clear_message(tmp_path, overrides, expected):

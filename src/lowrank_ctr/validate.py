@@ -226,6 +226,9 @@ def _compression_conflicts(cfg: DictConfig) -> list[str]:
         able = [n for n, m in METHODS.items() if m.from_scratch]
         out.append(f"compression.from_scratch=true trains the compressed structure from random initialisation; "
                    f"compression={name} cannot (methods that can: {able})")
+    if comp.get("control_cache") and not comp.get("control"):
+        out.append(f"compression.control_cache={_fmt(comp.control_cache)} shares the control's result across runs, "
+                   "but compression.control=false: set compression.control=true or control_cache=null")
     if comp.get("control") and int(comp.get("finetune_epochs", 1)) == 0:
         out.append("compression.control=true fine-tunes the base for compression.finetune_epochs as a baseline, "
                    "but compression.finetune_epochs=0: set finetune_epochs >= 1 or control=false")
