@@ -155,6 +155,7 @@ class Utf8Lines:
         self._line = 1  # physical line number of the first line in _carry
         self._eof = False
         self.non_text_lines: set[int] = set()
+        self.blank_lines: set[int] = set()  # the parser skips empty lines: they are no rows, but they are lines
         self.closed = False
 
     def readable(self) -> bool:
@@ -182,6 +183,11 @@ class Utf8Lines:
     def _checked(self, data: bytes) -> bytes:
         first = self._line
         self._line += data.count(b"\n")
+        if data[:1] in (b"\n", b"\r") or b"\n\n" in data or b"\n\r\n" in data:  # rare: find the blank lines
+            body = data.split(b"\n")
+            for i, line in enumerate(body[:-1] if data.endswith(b"\n") else body):
+                if line in (b"", b"\r"):
+                    self.blank_lines.add(first + i)
         if data.isascii():
             return data
         try:
@@ -295,8 +301,17 @@ def read_delimited(
     invalid: list[int] = []  # physical line numbers of rows the parser rejected, not yet passed
     rejected: list[tuple[int | None, str]] = []  # not yet reported (an exception cannot leave the parser's hook)
 
+    def physical_line(number: int) -> int:
+        """The file line of the parser's ``number``-th row: the parser does not count blank lines."""
+        line = number + offset
+        for blank in sorted(text.blank_lines):
+            if blank > line:
+                break
+            line += 1
+        return line
+
     def on_invalid(row: pacsv.InvalidRow) -> str:
-        line = None if row.number is None else row.number + offset
+        line = None if row.number is None else physical_line(row.number)
         problem = f"expected {row.expected_columns} columns, got {row.actual_columns}"
         if line is not None and line in text.non_text_lines:
             problem = f"{not_text_problem(path, line)}; {problem}"
@@ -319,8 +334,9 @@ def read_delimited(
             # is known here: the batch's rows are the next lines that were not rejected.
             ahead = np.asarray([x for x in invalid if x >= next_line], dtype=np.int64)
             invalid[:] = ahead.tolist()
-            lines = np.arange(next_line, next_line + batch.num_rows + len(ahead), dtype=np.int64)
-            lines = lines[~np.isin(lines, ahead)][: batch.num_rows]
+            blank = np.asarray(sorted(x for x in text.blank_lines if x >= next_line), dtype=np.int64)
+            lines = np.arange(next_line, next_line + batch.num_rows + len(ahead) + len(blank), dtype=np.int64)
+            lines = lines[~(np.isin(lines, ahead) | np.isin(lines, blank))][: batch.num_rows]
             next_line = int(lines[-1]) + 1
             due = [r for r in rejected if r[0] is None or r[0] <= lines[-1]]
             rejected[:] = [r for r in rejected if not (r[0] is None or r[0] <= lines[-1])]
