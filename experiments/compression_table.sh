@@ -24,6 +24,9 @@ OUT=${OUT:-outputs/compression_table}
 DATASETS=${DATASETS:-"synthetic:deepfm synthetic:dcnv2 movielens100k:deepfm criteo_sample:deepfm avazu_sample:deepfm"}
 SEEDS=${SEEDS:-"1 2 3"}
 RATIOS=${RATIOS:-"3,5,10,20"}
+FAMILIES=${FAMILIES:-"afm svd tt tt_scratch qr qr_scratch int8"}  # a subset runs only those
+ABLATIONS=${ABLATIONS:-1}                                          # 0: skip the first-seed ablations
+SYNTHETIC_ROWS=${SYNTHETIC_ROWS:-}                                 # e.g. 200000: a smaller synthetic dataset
 EXTRA=${EXTRA:-}
 # one control per base (the same recipe for every method): compression.control_cache
 COMMON="progress_bar=false logger=csv compression.control=true compression.control_cache=$OUT/control_cache $EXTRA"
@@ -33,6 +36,7 @@ BUDGET="compression.embedding_rank=null compression.mlp_rank=null compression.ot
 compress() {  # compress <checkpoint> <seed> <sweep dir> <overrides...>
   local ckpt=$1 seed=$2 dir=$3
   shift 3
+  if [[ "$dir" != */ablations/* && " $FAMILIES " != *" $(basename "$dir") "* ]]; then return 0; fi
   lowrank-ctr-compress -m ckpt_path="$ckpt" seed="$seed" $COMMON "$@" hydra.sweep.dir="$dir" || true
 }
 
@@ -42,9 +46,11 @@ for pair in $DATASETS; do
   model=${pair##*:}
   for seed in $SEEDS; do
     base="$OUT/base/$data/$model/seed$seed"
+    rows=""
+    if [ "$data" = synthetic ] && [ -n "$SYNTHETIC_ROWS" ]; then rows="data.rows=$SYNTHETIC_ROWS"; fi
     if [ ! -f "$base/results.json" ]; then
       lowrank-ctr-train data="$data" model="$model" seed="$seed" bench=false progress_bar=false logger=csv $EXTRA \
-        hydra.run.dir="$base"
+        $rows hydra.run.dir="$base"
     fi
     ckpt=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['checkpoint'])" "$base/results.json")
     runs="$OUT/runs/$data/$model/seed$seed"
@@ -56,7 +62,7 @@ for pair in $DATASETS; do
     compress "$ckpt" "$seed" "$runs/qr" compression=qr compression.collisions=5,20
     compress "$ckpt" "$seed" "$runs/qr_scratch" compression=qr compression.collisions=5,20 compression.from_scratch=true
     compress "$ckpt" "$seed" "$runs/int8" compression=int8
-    if [ "$seed" = "$first_seed" ]; then
+    if [ "$seed" = "$first_seed" ] && [ "$ABLATIONS" = 1 ]; then
       abl="$OUT/ablations/$data/$model/seed$seed"
       compress "$ckpt" "$seed" "$abl/float32_codes" compression=afm $ALL $BUDGET compression.target_ratio=5,10 \
         compression.code_dtype=float32
