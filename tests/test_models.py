@@ -370,3 +370,38 @@ def test_every_model_has_a_config_that_builds() -> None:
         model = build_model(name, schema, **cfg)  # ListConfig values, exactly as Hydra passes them
         assert isinstance(model, MODELS[name])
         assert model(random_batch(schema, 4)).shape == (4,)
+
+
+def test_readme_new_model_example() -> None:
+    """The README's worked example of a new model, run as written: it registers, its config names exactly its
+    arguments, it predicts one logit per row and the default compression recipe compresses it."""
+    import re
+
+    import yaml
+
+    from lowrank_ctr.compression import compress
+    from lowrank_ctr.config import CONF_DIR
+    from lowrank_ctr.models import MODELS, build_model, model_arguments
+
+    readme = (Path(CONF_DIR).parent / "README.md").read_text()
+    section = readme.split("### How to extend: a new model", 1)[1].split("\n### ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    conf = yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, flags=re.S).group(1))
+    try:
+        exec(compile(code, "README.md (new model)", "exec"), {"__name__": "readme_nfm"})
+        assert MODELS["nfm"].model_name == "nfm"
+        assert set(conf) - {"name"} == set(model_arguments("nfm")) and conf["name"] == "nfm"
+        schema = SCHEMAS["criteo_like"]
+        torch.manual_seed(0)
+        model = build_model("nfm", schema, embedding_dim=8, mlp=[16, 16]).eval()
+        batches = [random_batch(schema, 64) for _ in range(3)]
+        assert model(batches[0]).shape == (64,)
+        dense = build_model("nfm", schema, embedding_dim=8, mlp=[16], numeric="dense")
+        assert dense(batches[0]).shape == (64,)
+        report = compress(model, "afm", calibration_batches=batches, target_ratio=3, allocator="loss",
+                          code_dtype="int8")
+        assert report.ratio >= 3.0 * 0.98  # within the budget (one component of a tiny model is a large step)
+        assert {layer["group"] for layer in report.layers if layer["replaced"]} >= {"embedding", "mlp"}
+        assert torch.isfinite(model(batches[1])).all()
+    finally:
+        MODELS.pop("nfm", None)

@@ -1,10 +1,16 @@
 """CTR model zoo (plain torch): shared layers, one small file per model, and a registry to build them by name.
 
-Importing this package registers every model, so ``build_model("deepfm", schema, ...)`` works after
-``import lowrank_ctr.models``.
+Importing this package imports every module in it, and each model file registers itself with
+``@register_model``: ``build_model("deepfm", schema, ...)`` works after ``import lowrank_ctr.models``, and a new
+model is one file here plus ``conf/model/NAME.yaml``.
 """
 
-from lowrank_ctr.models import autoint, dcn, dcnv2, deepfm, dnn, fibinet, finalmlp, fm, lr, widedeep, xdeepfm  # noqa: F401  (registration)
+import importlib as _importlib
+import pkgutil as _pkgutil
+
+for _module in _pkgutil.iter_modules(__path__):  # registration: every model file, no list to keep
+    if _module.name not in ("base", "layers", "registry"):
+        _importlib.import_module(f"{__name__}.{_module.name}")
 from lowrank_ctr.models.base import CTRModel
 from lowrank_ctr.models.layers import (
     CIN,
