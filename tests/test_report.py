@@ -408,3 +408,30 @@ def test_one_panel_titles_fit_and_labels_clear_the_markers(tmp_path):
             registered = get_method(method)
             assert registered.label in legend
             assert matplotlib.colors.to_hex(legend[registered.label].get_color()) == registered.color
+
+
+def test_recipe_variants_are_separate_settings():
+    """Two recipes at the same budget (int8 vs float32 codes; qr with 5 vs 20 collisions, from scratch or not) are
+    different experiments: never averaged as one setting's seeds."""
+    from lowrank_ctr.report import grouped_table, runs_table
+
+    recs = []
+    for seed in (1, 2):
+        for dtype, auc in (("int8", 0.77), ("float32", 0.76)):
+            rec = fake_results("afm", 4, seed, auc, 0.775, 0.76, 5.0)
+            rec["config"]["compression"].update(target_ratio=5, code_dtype=dtype)
+            recs.append(rec)
+        for collisions, scratch in ((5, False), (20, False), (5, True)):
+            rec = fake_results("qr", 4, seed, 0.7, 0.775, 0.69, 1.2)
+            rec["compress/layers"], rec["compress/ranks"] = [], {}
+            rec["config"]["compression"].update(method="qr", collisions=collisions, from_scratch=scratch,
+                                                embedding_rank=None, mlp_rank=None)
+            recs.append(rec)
+    g = grouped_table(runs_table(recs))
+    afm = g[g["method"] == "afm"].set_index("setting")
+    assert set(afm.index) == {"target_ratio=5", "target_ratio=5 code_dtype=float32"}
+    assert afm.loc["target_ratio=5", "auc_mean"] == pytest.approx(0.77)
+    assert afm.loc["target_ratio=5 code_dtype=float32", "auc_mean"] == pytest.approx(0.76)
+    qr = g[g["method"] == "qr"]
+    assert sorted(qr["setting"]) == ["collisions=20", "collisions=5", "collisions=5 from_scratch=true"]
+    assert (qr["n"] == 2).all()

@@ -247,10 +247,50 @@ def compact_ranks(rec: Mapping[str, Any]) -> str:
     return ""
 
 
+#: compression keys that make a different experiment at the same ranks / budget (a variant of the recipe)
+VARIANT_KEYS: tuple[str, ...] = ("code_dtype", "allocator", "calibration", "correction", "fold", "from_scratch")
+
+
+def _method_defaults(method: str) -> dict[str, Any]:
+    """The shipped defaults of ``conf/compression/<method>.yaml`` (over ``none.yaml``): a variant is named only
+    where a run differs from them."""
+    import yaml
+
+    from lowrank_ctr.config import CONF_DIR
+
+    out: dict[str, Any] = {}
+    for name in ("none", method):
+        path = Path(CONF_DIR) / "compression" / f"{name}.yaml"
+        if path.exists():
+            out.update({k: v for k, v in (yaml.safe_load(path.read_text()) or {}).items() if k != "defaults"})
+    return out
+
+
+def _variant(comp: Mapping[str, Any], method: str) -> list[str]:
+    """``code_dtype=float32 collisions=5 from_scratch=true``: the recipe keys and the method's own options whose
+    value is not the method's default. Without them, runs of different recipes would be averaged as one setting."""
+    from lowrank_ctr.compression.methods import METHODS
+
+    defaults = _method_defaults(method)
+    keys = list(VARIANT_KEYS) + (list(METHODS[method].options) if method in METHODS else [])
+    if comp.get("target_ratio") is None:
+        keys.remove("allocator")  # only a budget allocates
+    out = []
+    for key in keys:
+        value = comp.get(key)
+        if value is not None and key in defaults and value != defaults[key]:
+            out.append(f"{key}={str(value).lower() if isinstance(value, bool) else value}")
+    return out
+
+
 def _policy_setting(rec: Mapping[str, Any], method: str, ranks: str) -> str:
     """What the user asked for (so seeds group together even when a budget or energy policy picks other ranks):
-    ``target_ratio=4``, ``energy=0.99 mlp_rank=8``, else the chosen ranks."""
+    ``target_ratio=4``, ``energy=0.99 mlp_rank=8``, else the chosen ranks; then the recipe variant, if any."""
     comp = _compression_config(rec)
+    return " ".join(filter(None, [_requested_ranks(rec, comp, method, ranks), *_variant(comp, method)]))
+
+
+def _requested_ranks(rec: Mapping[str, Any], comp: Mapping[str, Any], method: str, ranks: str) -> str:
     target_ratio = rec.get("compress/target_ratio", _find_key(comp, "target_ratio"))
     if method in ("svd", "afm") and target_ratio is not None:
         return f"target_ratio={_num(target_ratio):g}"
