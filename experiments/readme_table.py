@@ -1,0 +1,115 @@
+"""The README's compression table, regenerated from a compression-table run (never typed in).
+
+    python experiments/readme_table.py outputs/compression_table [--write README.md]
+
+Reads ``OUT/report/results.csv`` (``lowrank-ctr-report OUT/runs`` and the ablations, as
+``experiments/compression_table.sh`` writes it) and the base runs in ``OUT/base``; prints a Markdown table of every
+setting (mean +- std over seeds of the test AUC and of the AUC difference to the "base + same fine-tune" control),
+then the issue's targets, each met or missed by how much. ``--write`` replaces the part of the README between
+``<!-- compression-table:start -->`` and ``<!-- compression-table:end -->``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from pathlib import Path
+
+import pandas as pd
+
+START, END = "<!-- compression-table:start -->", "<!-- compression-table:end -->"
+#: (data, model, setting, the least AUC difference to the control that meets the target) - issue 10's targets
+TARGETS = [("synthetic", "deepfm", "target_ratio=5", -0.0005), ("synthetic", "deepfm", "target_ratio=10", -0.0015),
+           ("synthetic", "dcnv2", "target_ratio=5", -0.0005), ("synthetic", "dcnv2", "target_ratio=10", -0.0015),
+           ("movielens100k", "deepfm", "target_ratio=5", -0.0005)]
+
+
+def mean_std(values: pd.Series, digits: int = 4, sign: bool = False) -> str:
+    v = values.dropna()
+    if v.empty:
+        return "undefined"
+    fmt = f"{{:+.{digits}f}}" if sign else f"{{:.{digits}f}}"
+    text = fmt.format(v.mean())
+    return text + (f" ± {v.std(ddof=1):.{digits}f}" if len(v) > 1 else " (1 seed)")
+
+
+def setting_rows(runs: pd.DataFrame) -> pd.DataFrame:
+    ok = runs[(runs["status"] == "ok") & (runs["method"] != "none")].copy()
+    ok["setting"] = ok["setting"].fillna("")
+    ok["source"] = ok["run_dir"].map(lambda p: "ablation" if "/ablations/" in str(p) else "table")
+    ok["before_vs_control"] = ok["before_ft_auc"] - ok["control_auc"]
+    rows = []
+    for key, g in ok.groupby(["data", "model", "method", "setting", "source"], sort=False):
+        rows.append(dict(zip(["data", "model", "method", "setting", "source"], key),
+                         seeds=len(g), ratio=g["ratio"].mean(), auc=mean_std(g["auc"]),
+                         vs_control=mean_std(g["delta_auc_vs_control"], sign=True),
+                         before_vs_control=mean_std(g["before_vs_control"], sign=True),
+                         delta_mean=g["delta_auc_vs_control"].mean(),
+                         compress_seconds=g["compress_seconds"].mean()))
+    from lowrank_ctr.report import method_rank
+
+    out = pd.DataFrame(rows)
+    if out.empty:
+        return out
+    order = out.assign(_s=out["source"] != "table", _m=out["method"].map(method_rank))
+    return order.sort_values(["data", "model", "_s", "_m", "ratio", "setting"], kind="stable").drop(columns=["_s", "_m"])
+
+
+def base_epoch_seconds(out: Path) -> dict[tuple[str, str], float]:
+    """Seconds of one base training epoch per (data, model), mean over seeds (the compression-time target)."""
+    found: dict[tuple[str, str], list[float]] = {}
+    for path in sorted((out / "base").glob("*/*/seed*/results.json")):
+        rec = json.loads(path.read_text())
+        if rec.get("status") == "ok" and rec.get("train/epochs"):
+            found.setdefault((rec["data"], rec["model"]), []).append(rec["train/seconds"] / rec["train/epochs"])
+    return {k: sum(v) / len(v) for k, v in found.items()}
+
+
+def markdown(rows: pd.DataFrame, epochs: dict[tuple[str, str], float]) -> str:
+    lines = ["| data | model | method | setting | seeds | size ratio | test AUC | Δ vs base + same fine-tune | "
+             "Δ vs control before fine-tune | compression s (share of a base epoch) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows.itertuples():
+        epoch = epochs.get((r.data, r.model))
+        share = f" ({r.compress_seconds / epoch:.0%})" if epoch and not math.isnan(r.compress_seconds) else ""
+        setting = r.setting + (" (ablation)" if r.source == "ablation" else "")
+        lines.append(f"| {r.data} | {r.model} | {r.method} | {setting} | {r.seeds} | {r.ratio:.2f}x | {r.auc} | "
+                     f"{r.vs_control} | {r.before_vs_control} | {r.compress_seconds:.1f}{share} |")
+    lines += ["", "Targets (issue 10; AFM with the default recipe, mean over seeds, against the control):", ""]
+    for data, model, setting, least in TARGETS:
+        hit = rows[(rows.data == data) & (rows.model == model) & (rows.method == "afm") & (rows.setting == setting)
+                   & (rows.source == "table")]
+        if hit.empty:
+            lines.append(f"- {data} {model} afm {setting} >= {least:+.4f}: **not measured** in this table")
+            continue
+        d = float(hit.iloc[0]["delta_mean"])
+        verdict = "met" if d >= least else f"**missed by {least - d:.4f}**"
+        lines.append(f"- {data} {model} afm {setting} >= {least:+.4f}: {d:+.4f}, {verdict} "
+                     f"({int(hit.iloc[0]['seeds'])} seeds)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out", type=Path, help="the compression table's output directory (OUT)")
+    ap.add_argument("--report", type=Path, help="its report directory (default: OUT/report_all)")
+    ap.add_argument("--write", type=Path, help="README to update between the compression-table markers")
+    args = ap.parse_args()
+    report = args.report or args.out / "report_all"
+    runs = pd.read_csv(report / "results.csv")
+    text = markdown(setting_rows(runs), base_epoch_seconds(args.out))
+    print(text)
+    if args.write:
+        readme = args.write.read_text()
+        if START not in readme or END not in readme:
+            raise SystemExit(f"{args.write} has no {START} ... {END} markers: add them where the table goes")
+        new = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: f"{START}\n{text}\n{END}", readme,
+                     flags=re.S)
+        tmp = args.write.with_suffix(".tmp")
+        tmp.write_text(new)
+        tmp.replace(args.write)
+
+
+if __name__ == "__main__":
+    main()
