@@ -190,3 +190,16 @@ def test_train_dnn_with_folded_afm(tmp_path, data_dir):
     assert type(model.mlp.net[0]).__name__ == "FieldFoldedLinear"
     batch = random_batch(model_schema(hp), 16)
     assert torch.isfinite(model(batch)).all()
+
+
+def test_fold_when_the_ranks_keep_every_table_dense_is_a_no_op():
+    """fold=true with ranks that keep the embedding dense (full rank: the low-rank form is not smaller, as a budget
+    may decide for a small table) folds nothing and says so, instead of failing the run."""
+    torch.manual_seed(0)
+    model = build_model("deepfm", SCHEMA, embedding_dim=8, mlp=[32, 32]).eval()
+    batches = [random_batch(SCHEMA, 64) for _ in range(2)]
+    report = compress(model, "afm", calibration_batches=batches, targets=["embedding", "mlp"], embedding_rank=8,
+                      mlp_rank=4, fold=True)
+    assert report.policy["folded"] == []
+    assert not any(l["replaced"] for l in report.layers if l["name"] == "embedding.table")
+    assert any(l["replaced"] for l in report.layers if l["group"] == "mlp")

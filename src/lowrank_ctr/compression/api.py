@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -48,6 +49,8 @@ from lowrank_ctr.models.layers import FieldEmbedding
 CALIBRATIONS: tuple[str, ...] = ("oneshot", "sequential")
 CORRECTIONS: tuple[str, ...] = ("none", "lstsq")
 
+
+log = logging.getLogger(__name__)
 
 @dataclass
 class CompressionReport:
@@ -274,9 +277,11 @@ def compress(
         teacher = copy.deepcopy(model).eval() if correction == "lstsq" else None
         layers += _replace(model, plan, stats, ranks, orders, batches, forward_fn, teacher, replaced)
         if fold:
+            # the embedding is a target (checked before any work), but the ranks chosen may have kept every table
+            # dense (a small table whose low-rank form is not smaller): then there is nothing to fold, not an error
             tables = [n for n, mod in replaced.items() if isinstance(mod, LowRankFieldEmbedding) and mod.dim > 1]
             if not tables:
-                raise ValueError("compression.fold=true needs an svd/afm embedding: include 'embedding' in targets")
+                log.warning("compression.fold=true: no embedding table became low-rank at these ranks, nothing folded")
             folded: dict[str, nn.Module] = {}
             for name in tables:
                 folded.update(fold_model(model, name, batches[0], forward_fn))
