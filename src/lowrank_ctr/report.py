@@ -248,7 +248,8 @@ def compact_ranks(rec: Mapping[str, Any]) -> str:
 
 
 #: compression keys that make a different experiment at the same ranks / budget (a variant of the recipe)
-VARIANT_KEYS: tuple[str, ...] = ("code_dtype", "allocator", "calibration", "correction", "fold", "from_scratch")
+VARIANT_KEYS: tuple[str, ...] = ("code_dtype", "allocator", "calibration", "correction", "fold", "from_scratch",
+                                "calibration_batches")
 
 
 def _method_defaults(method: str) -> dict[str, Any]:
