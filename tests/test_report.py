@@ -457,3 +457,19 @@ def test_readme_table_means_stds_and_target_verdicts():
     assert "synthetic deepfm afm target_ratio=5 >= -0.0005: -0.0003, met (2 seeds)" in text
     assert "synthetic deepfm afm target_ratio=10 >= -0.0015: -0.0020, **missed by 0.0005**" in text
     assert "synthetic dcnv2 afm target_ratio=5 >= -0.0005: **not measured**" in text
+
+
+def test_delta_plot_shows_each_run_minus_its_control():
+    """delta_vs_ratio.png plots test AUC minus the control's AUC of the same run (the bases' seed spread cancels)."""
+    from lowrank_ctr.plots import delta_vs_ratio, title_fits
+    from lowrank_ctr.report import runs_table
+
+    recs = [fake_results("afm", 4, 1, 0.770, 0.760, 0.765, 5.0, control=0.772),
+            fake_results("afm", 4, 2, 0.790, 0.780, 0.785, 5.0, control=0.791)]
+    fig = delta_vs_ratio(runs_table(recs))
+    ys = sorted(float(y) for c in fig.axes[0].collections for _, y in c.get_offsets())
+    assert any(abs(y + 0.002) < 1e-9 for y in ys) and any(abs(y + 0.001) < 1e-9 for y in ys)  # each run's own delta
+    assert any(abs(y) < 1e-12 for y in ys)  # the control itself at 0
+    assert title_fits(fig)
+    no_control = [fake_results("afm", 4, 1, 0.770, 0.760, 0.765, 5.0)]
+    assert delta_vs_ratio(runs_table(no_control)) is None

@@ -34,6 +34,7 @@ DPI = 110
 
 _SKIP_REASONS: dict[str, str] = {
     "auc_vs_ratio.png": "no ok run has both a defined test/auc and a compression ratio",
+    "delta_vs_ratio.png": "no ok run has a control (compression.control=true) and a compression ratio",
     "auc_vs_latency.png": "no ok run has a batch-4096 latency (bench/base_ms@4096 or bench/compressed_ms@4096): "
                           "the benchmark was off",
     "retained_energy.png": "no compress/layers entry with a rank and a retained_energy (no svd/afm/tt run)",
@@ -208,10 +209,14 @@ def _area(a: Bbox, b: Bbox) -> float:
 # ----------------------------------------------------------------------------------------------- trade-off plots
 
 def _tradeoff(runs: pd.DataFrame, x: str, xlabel: str, x_higher_better: bool, base_x: str | None,
-              title: str) -> Figure | None:
-    """AUC against ``x``: runs as faint dots, seed means with std bars per method, the Pareto front of the means."""
+              title: str, y: str = "auc", ylabel: str = "test AUC", reference: str = "base_auc",
+              reference_label: str = "base model (mean)") -> Figure | None:
+    """``y`` (test AUC) against ``x``: runs as faint dots, seed means with std bars per method, the Pareto front of
+    the means; the uncompressed reference (``reference`` column's mean) as a star."""
     ok = runs[(runs["status"] == "ok")].copy()
-    ok = ok[np.isfinite(ok["auc"].astype(float)) & np.isfinite(ok[x].astype(float))]
+    ok = ok[np.isfinite(ok[y].astype(float)) & np.isfinite(ok[x].astype(float))]
+    ok["auc"] = ok[y].astype(float)  # the plotted quantity, whatever it is
+    ok["base_auc"] = ok[reference].astype(float)
     if ok.empty:
         return None
     ok[x] = ok[x].astype(float)
@@ -234,7 +239,7 @@ def _tradeoff(runs: pd.DataFrame, x: str, xlabel: str, x_higher_better: bool, ba
             bx = 1.0 if base_x == "one" else df[base_x].astype(float).mean()
             if np.isfinite(bx):
                 ax.scatter([bx], [base_auc.mean()], marker="*", s=140, color="black", zorder=5,
-                           label="base model (mean)")
+                           label=reference_label)
                 points.loc[len(points)] = [bx, base_auc.mean(), "base", "base"]
         front = points.iloc[pareto_front(points["x"], points["auc"], x_higher_better)]
         ax.plot(front["x"], front["auc"], "--", color="black", lw=1, alpha=0.7, label="Pareto front")
@@ -244,7 +249,7 @@ def _tradeoff(runs: pd.DataFrame, x: str, xlabel: str, x_higher_better: bool, ba
         ax.margins(x=0.15, y=0.2)  # room for labels inside the panel
         ax.set_title(f"{data} / {model}", fontsize=10)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("test AUC")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         labelled = front[~front["setting"].isin(["", "base"])]
         to_label.append((ax, labelled))
@@ -261,6 +266,17 @@ def auc_vs_ratio(runs: pd.DataFrame) -> Figure | None:
     return _tradeoff(runs, "ratio", "compression ratio (base bytes / compressed bytes)", True, "one",
                      "AUC vs compression ratio (dots: runs; markers: seed mean ± std; labels: the Pareto front's "
                      "settings; upper right is better)")
+
+
+def delta_vs_ratio(runs: pd.DataFrame) -> Figure | None:
+    """Test AUC minus the "base + same fine-tune" control's, against the compression ratio: the seed-to-seed spread
+    of the bases cancels, what is left is what compression costs."""
+    runs = runs.assign(_control=np.where(np.isfinite(runs["delta_auc_vs_control"].astype(float)), 0.0, np.nan))
+    return _tradeoff(runs, "ratio", "compression ratio (base bytes / compressed bytes)", True, "one",
+                     "AUC difference to the base + same fine-tune vs compression ratio (dots: runs; markers: seed "
+                     "mean ± std; above 0: better than the control)", y="delta_auc_vs_control",
+                     ylabel="test AUC − control's", reference="_control",
+                     reference_label="base + same fine-tune (0)")
 
 
 def auc_vs_latency(runs: pd.DataFrame) -> Figure | None:

@@ -778,6 +778,8 @@ def write_report(res: Results, out: Path) -> dict[str, Path]:
     skipped: dict[str, str] = {}
     for title, filename, make in (
         ("AUC vs compression ratio", "auc_vs_ratio.png", lambda: P.auc_vs_ratio(res.runs)),
+        ("AUC difference to the control vs compression ratio", "delta_vs_ratio.png",
+         lambda: P.delta_vs_ratio(res.runs)),
         ("AUC vs latency at batch 4096", "auc_vs_latency.png", lambda: P.auc_vs_latency(res.runs)),
         ("Retained energy vs rank per layer", "retained_energy.png", lambda: P.retained_energy(res.layers)),
     ):
