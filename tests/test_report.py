@@ -112,7 +112,7 @@ def report(tree: Path) -> tuple[Path, Any]:
 def test_report_writes_every_file(report):
     out, r = report
     for name in ("results.csv", "grouped.csv", "results.md", "report.html", "auc_vs_ratio.png",
-                 "auc_vs_latency.png", "retained_energy.png"):
+                 "delta_vs_ratio.png", "auc_vs_latency.png", "retained_energy.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert "6 runs (4 ok, 2 failed)" in r.stdout
 
@@ -165,7 +165,8 @@ def test_failed_runs_are_rows(report, tree):
 def test_html_is_self_contained_with_valid_pngs(report):
     out, _ = report
     page = (out / "report.html").read_text()
-    assert page.count('<img src="data:image/png;base64,') == 3
+    # AUC vs ratio, AUC difference to the control vs ratio, AUC vs latency, retained energy
+    assert page.count('<img src="data:image/png;base64,') == 4
     for b64 in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page):
         assert base64.b64decode(b64).startswith(PNG_MAGIC)
     assert page.index("Grouped by setting") < page.index("All runs")
