@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import html
 import json
 import math
@@ -252,6 +253,7 @@ VARIANT_KEYS: tuple[str, ...] = ("code_dtype", "allocator", "calibration", "corr
                                 "calibration_batches")
 
 
+@functools.lru_cache(maxsize=None)  # two YAML files per method, read once per report, not once per run
 def _method_defaults(method: str) -> dict[str, Any]:
     """The shipped defaults of ``conf/compression/<method>.yaml`` (over ``none.yaml``): a variant is named only
     where a run differs from them."""

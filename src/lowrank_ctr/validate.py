@@ -191,24 +191,20 @@ def _compression_conflicts(cfg: DictConfig) -> list[str]:
         out.append(f"compression.targets={_fmt(list(groups))}: compression={name} compresses {list(method.groups)} "
                    f"only; use compression.targets={_fmt(list(method.groups))}")
     active = groups if groups is not None else list(method.targets_for(ratio))
-    if method.low_rank and ratio is not None:
-        fixed = [f"compression.{g}_rank={_fmt(comp.get(f'{g}_rank'))}" for g in active
-                 if g in GROUPS and comp.get(f"{g}_rank") is not None]
-        if fixed:
-            out.append(f"{', '.join(fixed)} and compression.target_ratio={_fmt(ratio)} both choose the ranks "
-                       f"(the budget allocates every rank): for fixed ranks set compression.target_ratio=null, for "
-                       f"the budget set the rank(s) to null")
-    if method.low_rank and ratio is None and energy is None:
-        missing = [g for g in active if g in GROUPS and comp.get(f"{g}_rank") is None]
-        if missing:
-            out.append(f"no rank policy for target group(s) {missing} of compression={name}: set "
-                       f"{', '.join(f'compression.{g}_rank' for g in missing)}, compression.energy or "
-                       f"compression.target_ratio, or leave the group(s) out of compression.targets")
-    if method.low_rank and energy is not None and ratio is None:
-        fixed = [f"compression.{g}_rank={_fmt(comp.get(f'{g}_rank'))}" for g in active if g in GROUPS]
-        if fixed and all(comp.get(f"{g}_rank") is not None for g in active if g in GROUPS):
-            out.append(f"compression.energy={_fmt(energy)} has no effect: every target group has a fixed rank "
-                       f"({', '.join(fixed)}); set the ranks of the groups energy should choose to null")
+    ranks = {g: comp.get(f"{g}_rank") for g in active if g in GROUPS}  # the target groups' fixed ranks (or None)
+    fixed = [f"compression.{g}_rank={_fmt(r)}" for g, r in ranks.items() if r is not None]
+    missing = [g for g, r in ranks.items() if r is None]
+    if method.low_rank and ratio is not None and fixed:
+        out.append(f"{', '.join(fixed)} and compression.target_ratio={_fmt(ratio)} both choose the ranks "
+                   f"(the budget allocates every rank): for fixed ranks set compression.target_ratio=null, for "
+                   f"the budget set the rank(s) to null")
+    if method.low_rank and ratio is None and energy is None and missing:
+        out.append(f"no rank policy for target group(s) {missing} of compression={name}: set "
+                   f"{', '.join(f'compression.{g}_rank' for g in missing)}, compression.energy or "
+                   f"compression.target_ratio, or leave the group(s) out of compression.targets")
+    if method.low_rank and energy is not None and ratio is None and fixed and not missing:
+        out.append(f"compression.energy={_fmt(energy)} has no effect: every target group has a fixed rank "
+                   f"({', '.join(fixed)}); set the ranks of the groups energy should choose to null")
     out += method.problems(comp)
     # allocator=loss without a budget is simply unused (afm's default); with a method that has no calibration
     # pass there is no gradient statistic to weigh components by

@@ -52,6 +52,7 @@ CORRECTIONS: tuple[str, ...] = ("none", "lstsq")
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class CompressionReport:
     """What was done: per-layer entries, sizes per group before / after, the ratio and the rebuild spec.

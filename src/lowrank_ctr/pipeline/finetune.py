@@ -17,12 +17,17 @@ is not zero), the same regulariser the compressed model gets.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lowrank_ctr.lightning.module import CTRModule
@@ -226,19 +231,11 @@ class ControlCache:
     recipe, package version), shared by every compression run of that base — a table of 20 methods and ratios
     fine-tunes its base once, not 20 times. Off (null) by default: a cache key cannot see code edited in place."""
 
-    path: "Path"
+    path: Path
     key: dict[str, Any]
 
     @classmethod
     def from_config(cls, cfg: DictConfig, base_model: nn.Module, recipe: FinetuneRecipe) -> "ControlCache | None":
-        import dataclasses
-        import hashlib
-        import json
-        from importlib.metadata import PackageNotFoundError, version
-        from pathlib import Path
-
-        from omegaconf import OmegaConf
-
         folder = cfg.compression.get("control_cache")
         if not folder:
             return None
@@ -251,14 +248,12 @@ class ControlCache:
             package = version("lowrank-ctr")
         except PackageNotFoundError:
             package = "unknown"
-        key = {"base_weights": weights.hexdigest(), "recipe": dataclasses.asdict(recipe), "settings": settings,
+        key = {"base_weights": weights.hexdigest(), "recipe": asdict(recipe), "settings": settings,
                "package": package}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
         return cls(path=Path(folder) / f"control-{digest}.json", key=key)
 
     def read(self) -> "ControlResult | None":
-        import json
-
         from lowrank_ctr.pipeline.results import ControlResult, from_record
 
         if not self.path.exists():
@@ -268,9 +263,6 @@ class ControlCache:
             json.dumps(self.key, default=str)) else None
 
     def write(self, result: "ControlResult") -> None:
-        import json
-        import os
-
         from lowrank_ctr.pipeline.results import to_record
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
