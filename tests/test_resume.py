@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import sample
 from helpers import TINY, read_results, run_cli
 
 ARGS = [*TINY, "data.rows=12000", "data.batch_size=128", "trainer.max_epochs=3", "early_stopping_patience=null",
@@ -97,6 +98,7 @@ def test_resume_after_finished_stages_reuses_them(tmp_path):
 
 def test_experiment_run_resumes_with_ckpt_path_last(tmp_path):
     """experiment=X sets its own task_name; resuming it must not depend on that (no special case on task_name)."""
+    sample("criteo_sample", "train.txt")  # the real sample beside the checkout, or a clean skip
     args = ["experiment=criteo_deepfm", "data=criteo_sample", "model.embedding_dim=4", "model.mlp=[16,16]",
             "compression.mlp_rank=4", "compression.exclude=[]", "compression.calibration_batches=2",
             "trainer.max_epochs=1", "progress_bar=false", "logger=none", "bench=false",
