@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from lowrank_ctr.bench import DEFAULT_BATCH_SIZES, make_batches
+from lowrank_ctr.pipeline.results import KEY_BASE_CHECKPOINT, KEY_COMPRESSED_CHECKPOINT
 from lowrank_ctr.config import project_root
 from lowrank_ctr.export import TensorInputs, export
 from lowrank_ctr.lightning.module import load_model
@@ -42,7 +43,7 @@ def train_default_pair(work: Path) -> tuple[str, str]:
         cfg = compose("train", overrides=["trainer.max_epochs=1", "compression=afm", "compression.finetune_epochs=0",
                                           "bench=false", "logger=none", "progress_bar=false", f"+run_dir={work}"])
     results = run(cfg)
-    return results["checkpoint"], results["compress/checkpoint"]
+    return results[KEY_BASE_CHECKPOINT], results[KEY_COMPRESSED_CHECKPOINT]
 
 
 def time_calls(call: Callable[[], object], min_calls: int, min_seconds: float, max_seconds: float) -> np.ndarray:

@@ -179,3 +179,25 @@ def test_registry_readme_synthetic_numbers_match_the_default_config():
     assert f"vocabularies {cfg['min_vocab']}..{short(cfg['max_vocab'])} by default (`data.max_vocab`)" in text
     assert f"`data.rows` ({short(cfg['rows'])})" in text
     assert f"`data.max_vocab` (largest vocabulary, {short(cfg['max_vocab'])};" in text
+
+
+def test_registry_plugins_import_every_module_in_order(tmp_path, monkeypatch):
+    """The one "every file of this package registers itself" helper behind models, methods and formats."""
+    import sys
+
+    from lowrank_ctr.plugins import import_package_modules
+
+    pkg = tmp_path / "plugpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("ORDER = []\n")
+    for name in ("alpha", "beta", "helper"):
+        (pkg / f"{name}.py").write_text(f"from plugpkg import ORDER\nORDER.append({name!r})\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import plugpkg
+
+    names = import_package_modules("plugpkg", plugpkg.__path__, skip=("helper",), first=("beta",))
+    assert names == ["beta", "alpha"] and plugpkg.ORDER == ["beta", "alpha"]  # first kept; helper never imported
+    with pytest.raises(ImportError, match="gamma"):
+        import_package_modules("plugpkg", plugpkg.__path__, first=("gamma",))
+    for mod in [m for m in sys.modules if m == "plugpkg" or m.startswith("plugpkg.")]:
+        monkeypatch.delitem(sys.modules, mod)

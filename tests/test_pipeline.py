@@ -4,6 +4,7 @@ non-finite losses, end-of-run summaries, callbacks from config, the extra-metric
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -84,6 +85,56 @@ def test_results_flatten_to_the_documented_keys():
     assert out["bench/speedup@4096"] == 2.0 and out["train/samples_per_s"] == 100.0
     assert out["control/test/auc"] == 0.702 and out["compress/finetune_kept"] is True
     json.dumps(out, allow_nan=False)  # never NaN in results.json
+
+
+#: modules that read results.json records: every key they read must come from pipeline/results.py
+_RESULT_READERS = ("report.py", "plots.py", "predict.py", "jobs.py", "pipeline/summary.py")
+_RESULT_KEY = re.compile(r"^(test|val|base|compress|control|bench|train|scratch)/[a-z_/@0-9]+$")
+
+
+def test_results_schema_every_key_readers_use_is_written():
+    """Every KEY_* constant, per-group ratio and bench key the readers use is one that to_json writes (a key read
+    but never written would silently read as missing forever)."""
+    import lowrank_ctr.pipeline.results as R
+
+    bench = BenchResult(base_ms={b: 2.0 for b in R.BENCH_BATCH_SIZES},
+                        compressed_ms={b: 1.0 for b in R.BENCH_BATCH_SIZES}, threads=2)
+    r = _run_result()
+    r.bench = bench
+    r.compress.group_ratios = {"embedding": 5.0, "mlp": 3.0, "total": 4.0}
+    out = r.to_json()
+    written_by_failures = {R.KEY_ERROR}  # only failed records (jobs.py) carry it
+    keys = {name: getattr(R, name) for name in dir(R) if name.startswith("KEY_")}
+    missing = {name: key for name, key in keys.items() if key not in out and key not in written_by_failures}
+    assert not missing, f"keys defined for readers but never written by RunResult.to_json: {missing}"
+    assert {R.group_ratio_key("embedding"), R.group_ratio_key("mlp")} <= set(out)
+    for size in R.BENCH_BATCH_SIZES:
+        assert {R.bench_key(w, size) for w in ("base_ms", "compressed_ms", "speedup")} <= set(out)
+
+
+def test_results_schema_readers_spell_no_key_themselves():
+    """The report, plots, predict, sweeps and summaries read result keys only through pipeline/results.py: no
+    result-key string literal in their code (docstrings aside), and every ``R.KEY_*`` they name exists."""
+    import ast
+
+    import lowrank_ctr
+    import lowrank_ctr.pipeline.results as R
+
+    root = Path(lowrank_ctr.__file__).parent
+    literals, unknown = [], []
+    for rel in _RESULT_READERS:
+        tree = ast.parse((root / rel).read_text())
+        docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                      if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef)) and n.body
+                      and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                if _RESULT_KEY.match(node.value):
+                    literals.append(f"{rel}:{node.lineno} {node.value!r}")
+            if isinstance(node, ast.Attribute) and node.attr.startswith("KEY_") and not hasattr(R, node.attr):
+                unknown.append(f"{rel}:{node.lineno} {node.attr}")
+    assert not literals, f"result keys spelled outside pipeline/results.py: {literals}"
+    assert not unknown, f"unknown result key constants: {unknown}"
 
 
 def test_stage_records_round_trip():

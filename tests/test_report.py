@@ -389,7 +389,7 @@ def test_one_panel_titles_fit_and_labels_clear_the_markers(tmp_path):
     for i in range(8):  # a crowded Pareto front: every setting on it, close together
         method = ("afm", "svd")[i % 2]
         rec = fake_results(method, 4, 1, 0.775 - 0.0003 * i, 0.7755, 0.77, 2.0 + 0.1 * i)
-        rec["compress/target_ratio"] = 2.0 + 0.1 * i
+        rec["compress/policy"] = {"target_ratio": 2.0 + 0.1 * i}  # what compress() reports
         rec["bench/compressed_ms@4096"] = 10 - 0.3 * i
         rec["run_dir"] = str(tmp_path / str(i))
         rows.append(rec)

@@ -13,7 +13,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-DEFAULT_BATCH_SIZES = (1, 256, 4096)
+from lowrank_ctr.pipeline.results import BENCH_BATCH_SIZES as DEFAULT_BATCH_SIZES  # noqa: F401 (re-exported)
 
 
 def make_batches(source: Iterable[Mapping[str, torch.Tensor]], sizes: Iterable[int]) -> dict[int, dict]:

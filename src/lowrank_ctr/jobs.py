@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lowrank_ctr.config import user_errors
 from lowrank_ctr.pipeline.records import run_identity
+from lowrank_ctr.pipeline import results as R
 from lowrank_ctr.pipeline.results import KEY_CONFIG_HASH, KEY_RATIO, KEY_STATUS, read_results, write_results
 from lowrank_ctr.pipeline.rundir import RunDirTaken
 from lowrank_ctr.pipeline.runner import in_multirun
@@ -42,10 +43,10 @@ def run_job(cfg: DictConfig, fn: Callable[[DictConfig], dict[str, Any]], run_dir
     except Exception as exc:  # noqa: BLE001 - a sweep must survive one bad job
         log.error("job failed: %s", exc)
         write_results(run_dir, {
-            KEY_STATUS: "failed", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(),
-            "data": OmegaConf.select(cfg, "data.name"), "model": OmegaConf.select(cfg, "model.name"),
-            "seed": cfg.get("seed"), "compress/method": OmegaConf.select(cfg, "compression.method"),
-            KEY_CONFIG_HASH: key, "config": OmegaConf.to_container(cfg, resolve=False)})
+            KEY_STATUS: "failed", R.KEY_ERROR: f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(),
+            R.KEY_DATA: OmegaConf.select(cfg, "data.name"), R.KEY_MODEL: OmegaConf.select(cfg, "model.name"),
+            R.KEY_SEED: cfg.get("seed"), R.KEY_METHOD: OmegaConf.select(cfg, "compression.method"),
+            KEY_CONFIG_HASH: key, R.KEY_CONFIG: OmegaConf.to_container(cfg, resolve=False)})
         return None
 
 

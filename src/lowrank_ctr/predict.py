@@ -38,6 +38,7 @@ from lowrank_ctr.data.encoding import Layout, check_vocabularies, encode_table, 
 from lowrank_ctr.data.formats import get_format
 from lowrank_ctr.data.schema import Schema
 from lowrank_ctr.export import INPUTS, TensorInputs, export_fingerprint
+from lowrank_ctr.pipeline.results import KEY_CHECKPOINT, KEY_COMPRESSED_CHECKPOINT, RESULTS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +67,10 @@ def load_served_model(model: str | Path, threads: int | None = None) -> ServedMo
                         "or a training run directory")
     if path.is_dir() and (path / "export.json").exists():
         return _load_export(path, threads)
-    if path.is_dir() and (path / "results.json").exists():
-        results = json.loads((path / "results.json").read_text())
-        ckpt = results.get("compress/checkpoint") or results.get("checkpoint")
+    if path.is_dir() and (path / RESULTS_FILE).exists():
+        results = json.loads((path / RESULTS_FILE).read_text())
+        # the model the run ended with; compress/checkpoint first for records older than base/checkpoint
+        ckpt = results.get(KEY_COMPRESSED_CHECKPOINT) or results.get(KEY_CHECKPOINT)
         if not ckpt:
             raise UserError(f"run directory {path} has no checkpoint in results.json: the run did not finish "
                             "training; give a checkpoint or an export directory")

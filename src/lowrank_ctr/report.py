@@ -29,16 +29,17 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from lowrank_ctr.pipeline.results import RESULTS_FILE  # the one definition of the results schema's file name
+from lowrank_ctr.pipeline import results as R  # the results schema: file name and every key, spelled once there
+from lowrank_ctr.pipeline.results import RESULTS_FILE
 
 HYDRA_CONFIG = Path(".hydra") / "config.yaml"
-BATCH_SIZES: tuple[int, ...] = (1, 256, 4096)
+BATCH_SIZES: tuple[int, ...] = R.BENCH_BATCH_SIZES
 #: directories never searched: version control and Python caches. Everything else is searched whatever its name, so
 #: a run called ``wandb`` or ``checkpoints`` is found; what the project and its loggers write inside a run
 #: (checkpoints/, stages/, wandb/, csv/, .hydra/, report/) holds no results.json, so searching it finds nothing.
 NEVER_SEARCHED = frozenset({".git", "__pycache__"})
 #: keys every results.json that lowrank-ctr writes has at least one of (ok, failed and older records)
-RECORD_KEYS: tuple[str, ...] = ("status", "test/auc", "config_hash")
+RECORD_KEYS: tuple[str, ...] = (R.KEY_STATUS, R.KEY_TEST_AUC, R.KEY_CONFIG_HASH)
 
 #: columns of results.csv, in order (one row per run; failed runs included)
 RUN_COLUMNS: list[str] = [
@@ -63,9 +64,10 @@ LAYER_COLUMNS: list[str] = ["run_dir", "data", "model", "method", "setting", "se
                             "replaced", "note", "chosen_rank", "energy_curve"]
 #: the run-table column of each metric read from results.json (an undefined metric is null there)
 METRIC_SOURCES: dict[str, str] = {
-    "auc": "test/auc", "logloss": "test/logloss", "base_auc": "base/test/auc", "base_logloss": "base/test/logloss",
-    "before_ft_auc": "compress/test/auc_before_finetune", "before_ft_logloss": "compress/test/logloss_before_finetune",
-    "control_auc": "control/test/auc", "control_logloss": "control/test/logloss", "val_auc": "val/auc",
+    "auc": R.KEY_TEST_AUC, "logloss": R.KEY_TEST_LOGLOSS, "base_auc": R.KEY_BASE_TEST_AUC,
+    "base_logloss": R.KEY_BASE_TEST_LOGLOSS, "before_ft_auc": R.KEY_AUC_BEFORE_FINETUNE,
+    "before_ft_logloss": R.KEY_LOGLOSS_BEFORE_FINETUNE, "control_auc": R.KEY_CONTROL_TEST_AUC,
+    "control_logloss": R.KEY_CONTROL_TEST_LOGLOSS, "val_auc": R.KEY_VAL_AUC,
 }
 #: derived columns and the columns they are computed from (undefined when one of those is undefined)
 DERIVED_FROM: dict[str, tuple[str, ...]] = {
@@ -118,9 +120,9 @@ def find_run_dirs(roots: Sequence[str | Path]) -> list[Path]:
 
 def not_a_record(run_dir: Path, rec: Mapping[str, Any]) -> str | None:
     """Why a results.json is not a lowrank-ctr run record (another tool's file of the same name), else None."""
-    if rec.get("status") == "failed" and "unreadable results.json" in str(rec.get("error", "")):
+    if rec.get(R.KEY_STATUS) == "failed" and "unreadable results.json" in str(rec.get(R.KEY_ERROR, "")):
         # unreadable: a row (failed) only where a Hydra train job says a run was meant to be here
-        return None if (run_dir / HYDRA_CONFIG).is_file() else str(rec["error"])
+        return None if (run_dir / HYDRA_CONFIG).is_file() else str(rec[R.KEY_ERROR])
     if not any(k in rec for k in RECORD_KEYS):
         return f"not a lowrank-ctr results.json (none of the keys {', '.join(RECORD_KEYS)})"
     return None
@@ -137,7 +139,7 @@ def find_wandb_offline_runs(roots: Sequence[str | Path]) -> list[Path]:
 
 def _hydra_job_record(run_dir: Path, error: str) -> dict[str, Any]:
     """What a job directory without results tells: its data, model, method and seed from ``.hydra/config.yaml``."""
-    rec: dict[str, Any] = {"status": "failed", "error": error}
+    rec: dict[str, Any] = {R.KEY_STATUS: "failed", R.KEY_ERROR: error}
     cfg_path = run_dir / HYDRA_CONFIG
     if not cfg_path.is_file():
         return rec
@@ -157,14 +159,14 @@ def _hydra_job_record(run_dir: Path, error: str) -> dict[str, Any]:
                 value = raw
             return value
 
-        for key, path in (("data", "data.name"), ("model", "model.name"), ("seed", "seed")):
+        for key, path in ((R.KEY_DATA, "data.name"), (R.KEY_MODEL, "model.name"), (R.KEY_SEED, "seed")):
             value = pick(path)
             if value is not None:
                 rec[key] = value
         if "compression" in cfg:
-            rec["config"] = {"compression": OmegaConf.to_container(cfg.compression, resolve=False)}
+            rec[R.KEY_CONFIG] = {"compression": OmegaConf.to_container(cfg.compression, resolve=False)}
     except Exception as exc:  # noqa: BLE001 - a broken config must not stop the report
-        rec["error"] = f"{error}; .hydra/config.yaml unreadable ({type(exc).__name__}: {exc})"
+        rec[R.KEY_ERROR] = f"{error}; .hydra/config.yaml unreadable ({type(exc).__name__}: {exc})"
     return rec
 
 
@@ -180,7 +182,7 @@ def load_record(run_dir: Path) -> dict[str, Any]:
                 raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
         except (OSError, ValueError) as exc:
             rec = _hydra_job_record(run_dir, f"unreadable results.json ({exc})")
-    rec["run_dir"] = str(run_dir)
+    rec[R.KEY_RUN_DIR] = str(run_dir)
     return rec
 
 
@@ -198,10 +200,10 @@ def _num(value: Any) -> float:
 
 def _compression_config(rec: Mapping[str, Any]) -> dict[str, Any]:
     """The run's compression settings: ``config.compression`` overlaid with the policy compress() reported."""
-    cfg = rec.get("config")
+    cfg = rec.get(R.KEY_CONFIG)
     comp = cfg.get("compression") if isinstance(cfg, Mapping) else None
     out = dict(comp) if isinstance(comp, Mapping) else {}
-    policy = rec.get("compress/policy")
+    policy = rec.get(R.KEY_POLICY)
     if isinstance(policy, Mapping):
         out.update(policy)
     return out
@@ -231,7 +233,7 @@ def _fmt_rank_values(values: Sequence[Any]) -> str:
 def compact_ranks(rec: Mapping[str, Any]) -> str:
     """The chosen ranks in a few characters: per layer group from ``compress/layers`` (``embedding=8 mlp=4-16``),
     else per layer from ``compress/ranks``; ``""`` when the run chose no ranks (uncompressed, int8)."""
-    layers = rec.get("compress/layers")
+    layers = rec.get(R.KEY_LAYERS)
     if isinstance(layers, list) and layers:
         by_group: dict[str, list[Any]] = {}
         for layer in layers:
@@ -241,7 +243,7 @@ def compact_ranks(rec: Mapping[str, Any]) -> str:
             by_group.setdefault(str(layer.get("group", "?")), []).extend(ranks)
         if by_group:
             return " ".join(f"{g}={_fmt_rank_values(v)}" for g, v in by_group.items())
-    ranks = rec.get("compress/ranks")
+    ranks = rec.get(R.KEY_RANKS)
     if isinstance(ranks, Mapping) and ranks:
         return " ".join(f"{name}={_fmt_rank_values(r if isinstance(r, list) else [r])}"
                         for name, r in ranks.items() if r is not None)
@@ -294,7 +296,7 @@ def _policy_setting(rec: Mapping[str, Any], method: str, ranks: str) -> str:
 
 
 def _requested_ranks(rec: Mapping[str, Any], comp: Mapping[str, Any], method: str, ranks: str) -> str:
-    target_ratio = rec.get("compress/target_ratio", _find_key(comp, "target_ratio"))
+    target_ratio = _find_key(comp, "target_ratio")  # the policy compress() reported, over the config
     if method in ("svd", "afm") and target_ratio is not None:
         return f"target_ratio={_num(target_ratio):g}"
     energy = _find_key(comp, "energy")
@@ -313,52 +315,53 @@ def _requested_ranks(rec: Mapping[str, Any], comp: Mapping[str, Any], method: st
 
 def run_row(rec: Mapping[str, Any]) -> dict[str, Any]:
     """One results.csv row from one run record (the formulas for ratio and the deltas live here)."""
-    status = str(rec.get("status") or ("ok" if "test/auc" in rec else "failed"))
+    status = str(rec.get(R.KEY_STATUS) or ("ok" if R.KEY_TEST_AUC in rec else "failed"))
     comp = _compression_config(rec)
-    method = str(rec.get("compress/method") or comp.get("method") or "none")
-    targets = rec.get("compress/targets", comp.get("targets"))
+    method = str(rec.get(R.KEY_METHOD) or comp.get("method") or "none")
+    targets = rec.get(R.KEY_TARGETS, comp.get("targets"))
     if method == "none":
         targets = []
     targets_str = "+".join(map(str, targets)) if isinstance(targets, (list, tuple)) else str(targets or "")
     ranks = compact_ranks(rec)
 
-    auc, logloss = _num(rec.get("test/auc")), _num(rec.get("test/logloss"))
-    params = _num(rec.get("compress/params", rec.get("params")))
-    nbytes = _num(rec.get("compress/bytes", rec.get("bytes")))
+    auc, logloss = _num(rec.get(R.KEY_TEST_AUC)), _num(rec.get(R.KEY_TEST_LOGLOSS))
+    params = _num(rec.get(R.KEY_COMPRESS_PARAMS, rec.get(R.KEY_PARAMS)))
+    nbytes = _num(rec.get(R.KEY_COMPRESS_BYTES, rec.get(R.KEY_BYTES)))
     # an uncompressed run is its own base (ratio 1, deltas 0): the reference point of every plot
     own = method == "none"
-    base_auc = _num(rec.get("base/test/auc", auc if own else None))
-    base_logloss = _num(rec.get("base/test/logloss", logloss if own else None))
-    base_params = _num(rec.get("base/params", params if own else None))
-    base_bytes = _num(rec.get("base/bytes", nbytes if own else None))
-    ratio = _num(rec.get("compress/ratio"))
+    base_auc = _num(rec.get(R.KEY_BASE_TEST_AUC, auc if own else None))
+    base_logloss = _num(rec.get(R.KEY_BASE_TEST_LOGLOSS, logloss if own else None))
+    base_params = _num(rec.get(R.KEY_BASE_PARAMS, params if own else None))
+    base_bytes = _num(rec.get(R.KEY_BASE_BYTES, nbytes if own else None))
+    ratio = _num(rec.get(R.KEY_RATIO))
     if math.isnan(ratio) and status == "ok" and base_bytes > 0 and nbytes > 0:
         ratio = base_bytes / nbytes
-    before_auc = _num(rec.get("compress/test/auc_before_finetune"))
-    before_logloss = _num(rec.get("compress/test/logloss_before_finetune"))
-    control_auc = _num(rec.get("control/test/auc"))
+    before_auc = _num(rec.get(R.KEY_AUC_BEFORE_FINETUNE))
+    before_logloss = _num(rec.get(R.KEY_LOGLOSS_BEFORE_FINETUNE))
+    control_auc = _num(rec.get(R.KEY_CONTROL_TEST_AUC))
 
     row: dict[str, Any] = {
-        "run_dir": rec.get("run_dir", ""), "status": status, "error": str(rec.get("error") or ""),
-        "data": str(rec.get("data") or ""), "model": str(rec.get("model") or ""), "method": method,
+        "run_dir": rec.get(R.KEY_RUN_DIR, ""), "status": status, "error": str(rec.get(R.KEY_ERROR) or ""),
+        "data": str(rec.get(R.KEY_DATA) or ""), "model": str(rec.get(R.KEY_MODEL) or ""), "method": method,
         "targets": targets_str, "ranks": ranks, "setting": _policy_setting(rec, method, ranks),
-        "seed": rec.get("seed"), "params": params, "bytes": nbytes, "base_params": base_params,
+        "seed": rec.get(R.KEY_SEED), "params": params, "bytes": nbytes, "base_params": base_params,
         "base_bytes": base_bytes, "ratio": ratio,
-        "ratio_embedding": _num(rec.get("compress/ratio/embedding")), "ratio_mlp": _num(rec.get("compress/ratio/mlp")),
+        "ratio_embedding": _num(rec.get(R.group_ratio_key("embedding"))),
+        "ratio_mlp": _num(rec.get(R.group_ratio_key("mlp"))),
         "base_auc": base_auc, "base_logloss": base_logloss, "before_ft_auc": before_auc,
         "before_ft_logloss": before_logloss, "auc": auc, "logloss": logloss,
         "delta_auc": auc - base_auc, "delta_auc_before_ft": before_auc - base_auc,
         "delta_logloss": logloss - base_logloss, "control_auc": control_auc,
-        "control_logloss": _num(rec.get("control/test/logloss")),
+        "control_logloss": _num(rec.get(R.KEY_CONTROL_TEST_LOGLOSS)),
         "delta_auc_vs_control": auc - control_auc,
-        "base_ms@4096": _num(rec.get("bench/base_ms@4096")),
-        "latency_ms@4096": _num(rec.get("bench/compressed_ms@4096", rec.get("bench/base_ms@4096"))),
-        "val_auc": _num(rec.get("val/auc")), "train_seconds": _num(rec.get("train/seconds")),
-        "compress_seconds": _num(rec.get("compress/seconds")),
-        "train_samples_per_s": _num(rec.get("train/samples_per_s")),
+        "base_ms@4096": _num(rec.get(R.bench_key("base_ms", 4096))),
+        "latency_ms@4096": _num(rec.get(R.bench_key("compressed_ms", 4096), rec.get(R.bench_key("base_ms", 4096)))),
+        "val_auc": _num(rec.get(R.KEY_VAL_AUC)), "train_seconds": _num(rec.get(R.KEY_TRAIN_SECONDS)),
+        "compress_seconds": _num(rec.get(R.KEY_COMPRESS_SECONDS)),
+        "train_samples_per_s": _num(rec.get(R.KEY_TRAIN_SAMPLES_PER_S)),
     }
     for b in BATCH_SIZES:
-        row[f"speedup@{b}"] = _num(rec.get(f"bench/speedup@{b}"))
+        row[f"speedup@{b}"] = _num(rec.get(R.bench_key("speedup", b)))
     row["undefined"] = " ".join(undefined_columns(rec, own)) if status == "ok" else ""
     return row
 
@@ -445,8 +448,8 @@ def layers_table(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     cumulative energy curve of the layer's stored spectrum (``energy_curve``)."""
     rows = []
     for rec in records:
-        layers = rec.get("compress/layers")
-        if not isinstance(layers, list) or rec.get("status", "ok") != "ok":
+        layers = rec.get(R.KEY_LAYERS)
+        if not isinstance(layers, list) or rec.get(R.KEY_STATUS, "ok") != "ok":
             continue
         base = run_row(rec)
         for layer in layers:

@@ -5,12 +5,10 @@ Importing this package imports every module in it, and each model file registers
 model is one file here plus ``conf/model/NAME.yaml``.
 """
 
-import importlib as _importlib
-import pkgutil as _pkgutil
+from lowrank_ctr.plugins import import_package_modules
 
-for _module in _pkgutil.iter_modules(__path__):  # registration: every model file, no list to keep
-    if _module.name not in ("base", "layers", "registry"):
-        _importlib.import_module(f"{__name__}.{_module.name}")
+# registration: every model file, no list to keep
+import_package_modules(__name__, __path__, skip=("base", "layers", "registry"))
 from lowrank_ctr.models.base import CTRModel
 from lowrank_ctr.models.layers import (
     CIN,

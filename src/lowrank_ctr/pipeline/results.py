@@ -19,8 +19,15 @@ from typing import Any, Mapping
 
 RESULTS_FILE = "results.json"
 
-# Keys other code reads back (report, predict, sweeps). The full set is what ``RunResult.to_json`` writes.
+# Every key other code reads back (report, predict, sweeps, summaries) is spelled once, here; ``RunResult.to_json``
+# writes them (tests/test_results_schema.py checks that every key the report reads is one that is written).
 KEY_STATUS = "status"
+KEY_ERROR = "error"  # failed records only (jobs.py, the report's record of a job without results)
+KEY_DATA = "data"
+KEY_MODEL = "model"
+KEY_SEED = "seed"
+KEY_RUN_DIR = "run_dir"
+KEY_CONFIG = "config"
 KEY_CONFIG_HASH = "config_hash"
 KEY_TEST_AUC = "test/auc"
 KEY_TEST_LOGLOSS = "test/logloss"
@@ -28,17 +35,45 @@ KEY_VAL_AUC = "val/auc"
 KEY_PARAMS = "params"
 KEY_BYTES = "bytes"
 KEY_CHECKPOINT = "checkpoint"
+KEY_TRAIN_SECONDS = "train/seconds"
+KEY_TRAIN_SAMPLES_PER_S = "train/samples_per_s"
+KEY_TRAIN_ROWS = "train/rows"
+KEY_TRAIN_PRECISION = "train/precision"
+KEY_TRAIN_OPTIMIZER = "train/optimizer"
 KEY_BASE_CHECKPOINT = "base/checkpoint"
 KEY_BASE_TEST_AUC = "base/test/auc"
 KEY_BASE_TEST_LOGLOSS = "base/test/logloss"
 KEY_BASE_PARAMS = "base/params"
 KEY_BASE_BYTES = "base/bytes"
 KEY_METHOD = "compress/method"
+KEY_TARGETS = "compress/targets"
 KEY_RATIO = "compress/ratio"
+KEY_COMPRESS_PARAMS = "compress/params"
+KEY_COMPRESS_BYTES = "compress/bytes"
+KEY_COMPRESS_SECONDS = "compress/seconds"
+KEY_RANKS = "compress/ranks"
+KEY_LAYERS = "compress/layers"
+KEY_POLICY = "compress/policy"
 KEY_LOGIT_MSE = "compress/logit_mse"
 KEY_AUC_BEFORE_FINETUNE = "compress/test/auc_before_finetune"
+KEY_LOGLOSS_BEFORE_FINETUNE = "compress/test/logloss_before_finetune"
 KEY_COMPRESSED_CHECKPOINT = "compress/checkpoint"
+KEY_FROM_SCRATCH = "compress/from_scratch"
+KEY_FINETUNE_KEPT = "compress/finetune_kept"
+KEY_FINETUNE_EPOCHS = "compress/finetune_epochs"
+KEY_AUC_DELTA = "compress/test/auc_delta"
+KEY_CONTROL_AUC_DELTA = "control/test/auc_delta"
+KEY_BENCH_THREADS = "bench/threads"
 KEY_CONTROL_TEST_AUC = "control/test/auc"
+KEY_CONTROL_TEST_LOGLOSS = "control/test/logloss"
+
+#: the batch sizes inference latency is measured at by default (``bench_batch_sizes``) and reported at
+BENCH_BATCH_SIZES: tuple[int, ...] = (1, 256, 4096)
+
+
+def group_ratio_key(group: str) -> str:
+    """``compress/ratio/embedding``: the size ratio of one layer group (embedding, mlp, other)."""
+    return f"{KEY_RATIO}/{group}"
 
 
 def bench_key(what: str, batch_size: int) -> str:
@@ -166,7 +201,7 @@ class RunResult:
     def to_json(self) -> dict[str, Any]:
         """The flat results.json: THE place where typed results become keys."""
         b = self.base
-        out: dict[str, Any] = {KEY_STATUS: "ok", "data": self.data, "model": self.model, "seed": self.seed}
+        out: dict[str, Any] = {KEY_STATUS: "ok", KEY_DATA: self.data, KEY_MODEL: self.model, KEY_SEED: self.seed}
         final_checkpoint = b.checkpoint
         out.update({KEY_PARAMS: b.params, KEY_BYTES: b.bytes})
         out.update(_metrics(self.final_test, "test/"))
@@ -177,25 +212,25 @@ class RunResult:
         if c is not None:
             out.update(_metrics(b.test, "base/test/"))
             out.update({KEY_BASE_PARAMS: b.params, KEY_BASE_BYTES: b.bytes, KEY_METHOD: c.method,
-                        "compress/targets": c.targets, KEY_RATIO: c.ratio, "compress/params": c.params,
-                        "compress/bytes": c.bytes, "compress/seconds": c.seconds,
+                        KEY_TARGETS: c.targets, KEY_RATIO: c.ratio, KEY_COMPRESS_PARAMS: c.params,
+                        KEY_COMPRESS_BYTES: c.bytes, KEY_COMPRESS_SECONDS: c.seconds,
                         "compress/calibration_batches": c.calibration_batches,
-                        "compress/ranks": {l["name"]: l.get("field_ranks") or l.get("rank") for l in c.layers},
-                        "compress/layers": c.layers, "compress/policy": c.policy,
-                        "compress/from_scratch": c.from_scratch, KEY_PARAMS: c.params, KEY_BYTES: c.bytes})
+                        KEY_RANKS: {l["name"]: l.get("field_ranks") or l.get("rank") for l in c.layers},
+                        KEY_LAYERS: c.layers, KEY_POLICY: c.policy,
+                        KEY_FROM_SCRATCH: c.from_scratch, KEY_PARAMS: c.params, KEY_BYTES: c.bytes})
             for group, ratio in c.group_ratios.items():
                 if group != "total":
-                    out[f"compress/ratio/{group}"] = ratio
+                    out[group_ratio_key(group)] = ratio
             if c.before_test is not None:
                 out[KEY_AUC_BEFORE_FINETUNE] = c.before_test.auc
-                out["compress/test/logloss_before_finetune"] = c.before_test.logloss
+                out[KEY_LOGLOSS_BEFORE_FINETUNE] = c.before_test.logloss
                 out[KEY_LOGIT_MSE] = c.logit_mse
             if c.before_val_auc is not None or not c.from_scratch:
                 out["compress/val/auc_before_finetune"] = c.before_val_auc
         f = self.finetune
         if f is not None:
             out.update({"compress/val/auc": f.val_auc, "compress/finetune_seconds": f.seconds,
-                        "compress/finetune_epochs": f.epochs, "compress/finetune_kept": f.kept,
+                        KEY_FINETUNE_EPOCHS: f.epochs, KEY_FINETUNE_KEPT: f.kept,
                         KEY_COMPRESSED_CHECKPOINT: f.checkpoint})
             final_checkpoint = f.checkpoint
         s = self.scratch
@@ -204,11 +239,11 @@ class RunResult:
             out.update({"compress/val/auc": s.val_auc, KEY_COMPRESSED_CHECKPOINT: s.checkpoint})
             final_checkpoint = s.checkpoint
         if c is not None:
-            out["compress/test/auc_delta"] = _delta(self.final_test.auc, b.test.auc)
+            out[KEY_AUC_DELTA] = _delta(self.final_test.auc, b.test.auc)
         if self.control is not None:
             out.update(_metrics(self.control.test, "control/test/"))
             out["control/finetune_kept"] = self.control.kept
-            out["control/test/auc_delta"] = _delta(self.final_test.auc, self.control.test.auc)
+            out[KEY_CONTROL_AUC_DELTA] = _delta(self.final_test.auc, self.control.test.auc)
         if self.bench is not None:
             for size, ms in self.bench.base_ms.items():
                 out[bench_key("base_ms", size)] = ms
@@ -216,10 +251,10 @@ class RunResult:
                     fast = self.bench.compressed_ms[size]
                     out[bench_key("compressed_ms", size)] = fast
                     out[bench_key("speedup", size)] = ms / fast if fast > 0 else None
-            out["bench/threads"] = self.bench.threads
+            out[KEY_BENCH_THREADS] = self.bench.threads
         out[KEY_CHECKPOINT] = final_checkpoint
         out[KEY_BASE_CHECKPOINT] = b.checkpoint
-        out.update({"run_dir": self.run_dir, KEY_CONFIG_HASH: self.config_hash, "config": self.config})
+        out.update({KEY_RUN_DIR: self.run_dir, KEY_CONFIG_HASH: self.config_hash, KEY_CONFIG: self.config})
         return {k: _finite(v) for k, v in out.items()}
 
 

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from lowrank_ctr.pipeline import results as R
 from lowrank_ctr.pipeline.results import (KEY_BASE_TEST_AUC, KEY_CHECKPOINT, KEY_CONTROL_TEST_AUC, KEY_METHOD,
                                           KEY_RATIO, KEY_TEST_AUC, RESULTS_FILE, bench_key)
 
@@ -46,7 +47,7 @@ def _signed(value: float | None) -> str:
 
 
 def _largest_speedup(results: Mapping[str, Any]) -> tuple[int, float] | None:
-    sizes = sorted(int(k.rpartition("@")[2]) for k in results if k.startswith("bench/speedup@"))
+    sizes = sorted(int(k.rpartition("@")[2]) for k in results if k.startswith(bench_key("speedup", 0)[:-1]))
     if not sizes or results.get(bench_key("speedup", sizes[-1])) is None:
         return None
     return sizes[-1], float(results[bench_key("speedup", sizes[-1])])
@@ -54,31 +55,31 @@ def _largest_speedup(results: Mapping[str, Any]) -> tuple[int, float] | None:
 
 def human_summary(results: Mapping[str, Any]) -> str:
     """A few lines a person reads at the end of a run."""
-    run_dir = Path(str(results.get("run_dir") or "."))
+    run_dir = Path(str(results.get(R.KEY_RUN_DIR) or "."))
     lines = []
     method = results.get(KEY_METHOD)
-    what = f"{results.get('model')} on {results.get('data')} (seed {results.get('seed')})"
+    what = f"{results.get(R.KEY_MODEL)} on {results.get(R.KEY_DATA)} (seed {results.get(R.KEY_SEED)})"
     if method is None:
         lines.append(f"base {what}: test AUC {_auc(results.get(KEY_TEST_AUC))}, "
-                     f"{_size(results.get('params'), results.get('bytes'))}")
+                     f"{_size(results.get(R.KEY_PARAMS), results.get(R.KEY_BYTES))}")
         speed = None
     else:
         base_auc, auc = results.get(KEY_BASE_TEST_AUC), results.get(KEY_TEST_AUC)
         lines.append(f"base {what}: test AUC {_auc(base_auc)}, "
-                     f"{_size(results.get('base/params'), results.get('base/bytes'))}")
-        how = "trained from scratch" if results.get("compress/from_scratch") else (
-            "fine-tune kept" if results.get("compress/finetune_kept") else
-            "fine-tune not kept: no validation gain" if results.get("compress/finetune_epochs") else "no fine-tune")
+                     f"{_size(results.get(R.KEY_BASE_PARAMS), results.get(R.KEY_BASE_BYTES))}")
+        how = "trained from scratch" if results.get(R.KEY_FROM_SCRATCH) else (
+            "fine-tune kept" if results.get(R.KEY_FINETUNE_KEPT) else
+            "fine-tune not kept: no validation gain" if results.get(R.KEY_FINETUNE_EPOCHS) else "no fine-tune")
         lines.append(f"compressed ({method}, {how}): test AUC {_auc(auc)} "
-                     f"({_signed(results.get('compress/test/auc_delta'))} vs base"
-                     + (f", {_signed(results.get('control/test/auc_delta'))} vs base + same fine-tune "
+                     f"({_signed(results.get(R.KEY_AUC_DELTA))} vs base"
+                     + (f", {_signed(results.get(R.KEY_CONTROL_AUC_DELTA))} vs base + same fine-tune "
                         f"{_auc(results.get(KEY_CONTROL_TEST_AUC))}" if KEY_CONTROL_TEST_AUC in results else "")
-                     + f"), {_size(results.get('params'), results.get('bytes'))}: "
+                     + f"), {_size(results.get(R.KEY_PARAMS), results.get(R.KEY_BYTES))}: "
                      f"{results.get(KEY_RATIO, float('nan')):.2f}x fewer bytes")
         speed = _largest_speedup(results)
     if speed is not None:
         lines.append(f"inference: {speed[1]:.2f}x faster than the base at batch {speed[0]} "
-                     f"(median latency, {results.get('bench/threads')} threads; a quick in-run measurement)")
+                     f"(median latency, {results.get(R.KEY_BENCH_THREADS)} threads; a quick in-run measurement)")
     elif results.get(bench_key("base_ms", 4096)) is not None:
         lines.append(f"inference: {results[bench_key('base_ms', 4096)]:.2f} ms per batch of 4096 (median)")
     lines.append(f"files: {run_dir / RESULTS_FILE}" + (f", model {results[KEY_CHECKPOINT]}"
@@ -100,13 +101,13 @@ def log_summary(loggers: list, results: Mapping[str, Any]) -> None:
         lg.log_metrics({f"final/{k}": float(v) for k, v in flat.items()})
         if type(lg).__name__ == "WandbLogger":
             lg.experiment.summary.update(flat)
-            layers = results.get("compress/layers")
+            layers = results.get(R.KEY_LAYERS)
             if layers:
                 import wandb
 
                 cols = ["name", "group", "method", "rank", "full_rank", "retained_energy", "params_before",
                         "params_after", "bytes_before", "bytes_after"]
-                lg.experiment.log({"compress/layers": wandb.Table(
+                lg.experiment.log({R.KEY_LAYERS: wandb.Table(
                     columns=cols, data=[[str(l.get(c)) for c in cols] for l in layers])})
         lg.finalize("success")
         if type(lg).__name__ == "WandbLogger":

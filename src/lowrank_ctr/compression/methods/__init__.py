@@ -13,6 +13,7 @@ from typing import TypeVar
 from torch import nn
 
 from lowrank_ctr.compression.methods.base import CompressionMethod, Info, LayerContext
+from lowrank_ctr.plugins import import_package_modules
 
 METHODS: dict[str, CompressionMethod] = {}
 
@@ -52,19 +53,8 @@ def module_types() -> dict[str, type[nn.Module]]:
     return out
 
 
-def _import_all() -> None:
-    """Import every method module of this package: the built-in ones first, in the order of reports, then any other
-    file dropped here (that is all a new method needs)."""
-    import importlib
-    import pkgutil
-
-    builtin = ["none", "svd", "afm", "tt", "int8", "qr"]
-    others = sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in builtin + ["base", "lowrank"])
-    for name in builtin + others:
-        importlib.import_module(f"{__name__}.{name}")
-
-
-_import_all()
+# the built-in methods first, in the order of reports; then any other file dropped here (all a new method needs)
+import_package_modules(__name__, __path__, skip=("base", "lowrank"), first=("none", "svd", "afm", "tt", "int8", "qr"))
 
 __all__ = ["METHODS", "CompressionMethod", "Info", "LayerContext", "get_method", "method_names", "module_types",
            "register_method"]

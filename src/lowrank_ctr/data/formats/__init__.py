@@ -7,12 +7,11 @@ of this package is imported on first use, so a new file needs no other edit.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import Any, Mapping, TypeVar
 
 from lowrank_ctr.data.errors import DataError
 from lowrank_ctr.data.formats.base import COMMON_KEYS, DatasetFormat, Key, as_list
+from lowrank_ctr.plugins import import_package_modules
 
 REGISTRY: dict[str, DatasetFormat] = {}
 F = TypeVar("F", bound=type[DatasetFormat])
@@ -32,10 +31,6 @@ def register(cls: F) -> F:
     return cls
 
 
-def _load_builtin() -> None:
-    for module in pkgutil.iter_modules(__path__):
-        if module.name != "base":
-            importlib.import_module(f"{__name__}.{module.name}")
 
 
 def registered() -> dict[str, DatasetFormat]:
@@ -61,7 +56,7 @@ def check_config(cfg: Mapping[str, Any]) -> DatasetFormat:
     return fmt
 
 
-_load_builtin()
+import_package_modules(__name__, __path__, skip=("base",))
 
 __all__ = ["REGISTRY", "COMMON_KEYS", "DatasetFormat", "Key", "as_list", "check_config", "get_format", "register",
            "registered"]
