@@ -201,3 +201,22 @@ def test_registry_plugins_import_every_module_in_order(tmp_path, monkeypatch):
         import_package_modules("plugpkg", plugpkg.__path__, first=("gamma",))
     for mod in [m for m in sys.modules if m == "plugpkg" or m.startswith("plugpkg.")]:
         monkeypatch.delitem(sys.modules, mod)
+
+
+def test_registry_entry_refuses_a_second_class_under_a_taken_name():
+    from lowrank_ctr.plugins import register_entry
+
+    class A:
+        pass
+
+    class B:
+        pass
+
+    registry: dict = {}
+    first = register_entry(registry, "x", A(), "widget")
+    assert register_entry(registry, "x", A(), "widget") is first  # the same class again: kept, no error
+    with pytest.raises(TypeError, match=r"widget 'x' is registered twice \(A, B\)"):
+        register_entry(registry, "x", B(), "widget")
+    with pytest.raises(TypeError, match="needs a name"):
+        register_entry(registry, "", B, "widget")
+    assert list(registry) == ["x"] and isinstance(registry["x"], A)

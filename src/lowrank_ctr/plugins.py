@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Iterable, Sequence
+from typing import Iterable, Sequence, TypeVar
 
 
 def import_package_modules(package: str, path: Iterable[str], skip: Sequence[str] = (),
@@ -24,3 +24,24 @@ def import_package_modules(package: str, path: Iterable[str], skip: Sequence[str
     for name in names:
         importlib.import_module(f"{package}.{name}")
     return names
+
+
+E = TypeVar("E")
+
+
+def register_entry(registry: dict[str, E], name: str, entry: E, kind: str) -> E:
+    """Put ``entry`` (a class, or an instance of one) in ``registry`` under ``name``. Registering the same class
+    again is a no-op (a module imported twice); another class under a taken name is an error naming both."""
+    if not name:
+        raise TypeError(f"{_origin(entry).__name__}: a {kind} needs a name")
+    old = registry.get(name)
+    if old is not None and _origin(old) is not _origin(entry):
+        raise TypeError(f"{kind} {name!r} is registered twice ({_origin(old).__name__}, {_origin(entry).__name__}): "
+                        "rename one")
+    if old is None:
+        registry[name] = entry
+    return registry[name]
+
+
+def _origin(entry: object) -> type:
+    return entry if isinstance(entry, type) else type(entry)

@@ -9,6 +9,7 @@ from torch import nn
 
 from lowrank_ctr.data.schema import Schema
 from lowrank_ctr.models.base import ModelArgumentError
+from lowrank_ctr.plugins import register_entry
 
 MODELS: dict[str, type[nn.Module]] = {}
 
@@ -19,10 +20,8 @@ def register_model(name: str) -> Callable[[M], M]:
     """Class decorator: make a model buildable by ``name`` and set its ``model_name``."""
 
     def decorate(cls: M) -> M:
-        if name in MODELS and MODELS[name] is not cls:
-            raise ValueError(f"model name {name!r} is already registered to {MODELS[name].__name__}")
+        register_entry(MODELS, name, cls, "model")
         cls.model_name = name
-        MODELS[name] = cls
         return cls
 
     return decorate

@@ -13,7 +13,7 @@ from typing import TypeVar
 from torch import nn
 
 from lowrank_ctr.compression.methods.base import CompressionMethod, Info, LayerContext
-from lowrank_ctr.plugins import import_package_modules
+from lowrank_ctr.plugins import import_package_modules, register_entry
 
 METHODS: dict[str, CompressionMethod] = {}
 
@@ -22,11 +22,7 @@ C = TypeVar("C", bound=type[CompressionMethod])
 
 def register_method(cls: C) -> C:
     """Class decorator: register one instance of a method under its ``name`` (registration order = report order)."""
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} has no name")
-    if cls.name in METHODS and type(METHODS[cls.name]) is not cls:
-        raise ValueError(f"compression method {cls.name!r} is already registered to {type(METHODS[cls.name]).__name__}")
-    METHODS[cls.name] = cls()
+    register_entry(METHODS, cls.name, cls(), "compression method")
     return cls
 
 

@@ -11,7 +11,7 @@ from typing import Any, Mapping, TypeVar
 
 from lowrank_ctr.data.errors import DataError
 from lowrank_ctr.data.formats.base import COMMON_KEYS, DatasetFormat, Key, as_list
-from lowrank_ctr.plugins import import_package_modules
+from lowrank_ctr.plugins import import_package_modules, register_entry
 
 REGISTRY: dict[str, DatasetFormat] = {}
 F = TypeVar("F", bound=type[DatasetFormat])
@@ -19,15 +19,10 @@ F = TypeVar("F", bound=type[DatasetFormat])
 
 def register(cls: F) -> F:
     """Class decorator: make a format known under ``cls.name``."""
-    if not cls.name:
-        raise TypeError(f"{cls.__name__}: a dataset format needs a name")
-    if cls.name in REGISTRY and type(REGISTRY[cls.name]) is not cls:
-        raise TypeError(f"dataset format {cls.name!r} is registered twice ({type(REGISTRY[cls.name]).__name__}, "
-                        f"{cls.__name__})")
     clash = sorted(set(cls.keys) & set(COMMON_KEYS))
     if clash:
         raise TypeError(f"{cls.__name__} redefines the common data keys {clash} (formats/base.py COMMON_KEYS)")
-    REGISTRY[cls.name] = cls()
+    register_entry(REGISTRY, cls.name, cls(), "dataset format")
     return cls
 
 
