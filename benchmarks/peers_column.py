@@ -66,7 +66,7 @@ def main() -> None:
 
     import lowrank_ctr.data.prepare  # noqa: F401  (imported before any timer)
     from lowrank_ctr.compression.size import model_size
-    from lowrank_ctr.metrics import evaluate
+    from lowrank_ctr.pipeline.evaluation import evaluate
     from lowrank_ctr.validate import validate
 
     S = bc.SETTINGS
@@ -156,7 +156,7 @@ def main() -> None:
     res["test_logloss"] = bc.logloss(test_labels, probs)
     labels_csv = np.loadtxt(os.path.join(args.data, "test.csv"), delimiter=",", skiprows=1, usecols=0, dtype=np.float32)
     res["labels_match_csv_order"] = bool(np.array_equal(test_labels, labels_csv))
-    res["project_test_auc"] = evaluate(model, dm.test_dataloader())["auc"]
+    res["project_test_auc"] = evaluate(model, dm.test_dataloader(), "cpu", "test")[0].auc
 
     res.update(mem.stop())
     bc.write_result(args.out, res)

@@ -9,7 +9,7 @@ from lowrank_ctr.compression.spec import apply_spec
 from lowrank_ctr.data.batch import random_batch
 from lowrank_ctr.data.schema import FieldSpec, Schema
 from lowrank_ctr.lightning.module import load_model
-from lowrank_ctr.metrics import evaluate
+from lowrank_ctr.pipeline.evaluation import evaluate
 from lowrank_ctr.pipeline.context import make_datamodule
 from lowrank_ctr.models import build_model, list_models
 from lowrank_ctr.train import run
@@ -79,7 +79,7 @@ def test_train_with_afm_writes_every_result_key_and_checkpoint_round_trips(tmp_p
     assert hp["compression_spec"]["method"] == "afm"
     assert type(model.mlp.net[0]).__name__ == "LowRankLinear"
     test = list(make_datamodule(cfg).test_dataloader())
-    assert evaluate(model, test)["auc"] == pytest.approx(res["test/auc"], abs=1e-6)
+    assert evaluate(model, test, "cpu", "test")[0].auc == pytest.approx(res["test/auc"], abs=1e-6)
     # compress/logit_mse: the compressed model before fine-tuning against the base, on the test split
     base, _ = load_model(res["base/checkpoint"])
     before, _ = load_model(res["checkpoint"])

@@ -354,7 +354,7 @@ def test_extra_metric_calibration_is_a_result_key(tmp_path, data_dir):
 # From scratch (TT-Rec protocol) -----------------------------------------------------------------------------------
 
 def test_from_scratch_trains_the_compressed_structure_like_the_base(tmp_path, data_dir):
-    from lowrank_ctr.metrics import evaluate
+    from lowrank_ctr.pipeline.evaluation import evaluate
     from lowrank_ctr.pipeline.context import make_datamodule
 
     cfg = compose_cfg("train", TINY + ["model.mlp=[16]", "bench=false", "trainer.max_epochs=2", "compression=tt",
@@ -367,7 +367,7 @@ def test_from_scratch_trains_the_compressed_structure_like_the_base(tmp_path, da
     assert res["params"] < res["base/params"] and res["checkpoint"] == res["compress/checkpoint"]
     model, hp = load_model(res["checkpoint"])
     assert hp["compression_spec"]["method"] == "tt"
-    assert evaluate(model, make_datamodule(cfg).test_dataloader())["auc"] == pytest.approx(res["test/auc"], abs=1e-6)
+    assert evaluate(model, make_datamodule(cfg).test_dataloader(), "cpu", "test")[0].auc == pytest.approx(res["test/auc"], abs=1e-6)
 
 
 def test_decay_on_plateau_goes_back_to_the_best_point_with_a_lower_rate(tmp_path):

@@ -7,7 +7,7 @@ import torch
 from conftest import sample
 from helpers import TINY, compose_cfg, read_results, run_cli, tiny_model_overrides
 from lowrank_ctr.lightning.module import load_model
-from lowrank_ctr.metrics import evaluate
+from lowrank_ctr.pipeline.evaluation import evaluate
 from lowrank_ctr.pipeline.context import make_datamodule
 from lowrank_ctr.models import list_models
 from lowrank_ctr.train import run
@@ -33,9 +33,9 @@ def test_every_model_trains_one_epoch(model, tmp_path, data_dir):
     # the best checkpoint rebuilds the model with safe loading, and IS the model the run tested
     rebuilt, hp = load_model(res["checkpoint"])
     assert hp["model_name"] == model
-    again = evaluate(rebuilt, make_datamodule(cfg).test_dataloader())
-    assert again["auc"] == pytest.approx(res["test/auc"], abs=1e-6)
-    assert again["logloss"] == pytest.approx(res["test/logloss"], abs=1e-6)
+    again = evaluate(rebuilt, make_datamodule(cfg).test_dataloader(), "cpu", "test")[0]
+    assert again.auc == pytest.approx(res["test/auc"], abs=1e-6)
+    assert again.logloss == pytest.approx(res["test/logloss"], abs=1e-6)
 
 
 def test_cli_writes_results_json_and_is_reproducible(tmp_path):

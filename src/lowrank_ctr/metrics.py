@@ -1,4 +1,5 @@
-"""The one AUC / logloss implementation of the project (torchmetrics), used by training, evaluation and predict.
+"""The one AUC / logloss implementation of the project (torchmetrics), used by training, evaluation
+(``pipeline/evaluation.py``) and predict.
 
 AUC is undefined when the labels hold a single class; torchmetrics then returns 0 with a warning, which a
 results table would show as a (terrible) number. Here an undefined AUC is ``None`` (JSON null) with one warning
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torchmetrics
@@ -61,22 +62,6 @@ def binary_metrics(logits: torch.Tensor, labels: torch.Tensor, split: str = "") 
     m = BinaryMetrics()
     m.update(torch.as_tensor(logits), torch.as_tensor(labels))
     return m.compute(split)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device | str = "cpu",
-             split: str = "") -> dict[str, float | None]:
-    """AUC and logloss of ``model`` over batches (eval mode; restores the model's mode afterwards)."""
-    metrics = BinaryMetrics().to(device)
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in batches:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            metrics.update(model(batch), batch["label"])
-    finally:
-        model.train(was_training)
-    return metrics.compute(split)
 
 
 def finite_or_none(value: Any) -> float | None:

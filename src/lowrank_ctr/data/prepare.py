@@ -60,7 +60,7 @@ def prepare(cfg: Mapping[str, Any], force: bool = False, progress: bool = True) 
     fmt = check_config(cfg)
     out = Path(cfg["out_dir"]).expanduser()
     check_out_dir(out)
-    key = config_hash(cfg)
+    key = prepared_data_hash(cfg)
     if not force and is_finished(out, key):
         summary = json.loads((out / SUMMARY_FILE).read_text())
         log.info("reusing prepared dataset %s (config hash %s)", out, key)
@@ -107,7 +107,7 @@ def is_finished(out: Path, key: str) -> bool:
         return False
 
 
-def config_hash(cfg: Mapping[str, Any]) -> str:
+def prepared_data_hash(cfg: Mapping[str, Any]) -> str:
     """Hash of everything that changes the prepared files: data config, raw files' size and mtime, code version."""
     from lowrank_ctr.data.formats import get_format
 
