@@ -626,6 +626,29 @@ def test_int8_codes_within_their_quantisation_bound():
     assert info["bytes_after"] == 300 * 3 + 40 * 8 + 3 * 8 * 4 + 3 * 9 * 8 * 8
 
 
+@pytest.mark.parametrize("code_dtype", ["float32", "int8"])
+def test_small_batch_lookup_equals_the_per_field_lookup(code_dtype):
+    """The batched small-batch path (one padded gather + one batched GEMM) returns the per-field path's rows for
+    mixed ranks: a rank-0 field (its bias) in the middle and as the LAST field (its codes start at the end), full
+    rank, and ranks below the padded width; forward picks it up to ``batched_lookup_max_rows`` rows."""
+    torch.manual_seed(0)
+    vocab, ranks = [50, 9, 30, 6, 12], [3, 0, 8, 1, 0]
+    emb = LowRankFieldEmbedding(vocab, 8, ranks, code_dtype=code_dtype)
+    emb.set_factors([torch.randn(v, k) for v, k in zip(vocab, ranks)], [torch.randn(k, 8) for k in ranks],
+                    [torch.randn(8) for _ in vocab])
+    ids = torch.stack([torch.randint(0, v, (40,)) for v in vocab], 1)
+    per_field = emb._forward_per_field(ids)
+    torch.testing.assert_close(emb._forward_batched(ids), per_field, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(emb(ids[:1]), per_field[:1], rtol=1e-5, atol=1e-5)
+    for i, k in enumerate(ranks):  # and both are the reconstructed table rows
+        torch.testing.assert_close(per_field[:, i], emb.field_table(i)[ids[:, i]], rtol=1e-5, atol=1e-5)
+    calls = []
+    emb._forward_batched = lambda x: calls.append(len(x)) or per_field[: len(x)]  # which path forward takes
+    emb(ids[:3])
+    emb(torch.cat([ids] * (emb.batched_lookup_max_rows // len(ids) + 1)))  # more rows: the per-field loop
+    assert calls == [3]
+
+
 def test_rank_zero_field_is_its_mean_and_first_order_table_becomes_int8():
     schema = toy_schema(multihot=False, vocab=(400, 25, 300, 5))
     model = trained_like(Toy(schema), schema)
