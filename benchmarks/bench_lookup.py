@@ -1,6 +1,7 @@
-"""The low-rank embedding lookup: batched (one padded gather + one batched GEMM) vs. per-field loop, against the
-dense table it replaced, at batch sizes from 1 to 4096. It is what ``LowRankFieldEmbedding.batched_lookup_max_rows``
-(the largest batch that takes the batched path) is chosen from.
+"""The low-rank embedding lookup, three ways: batched (one padded gather + one batched GEMM), rank-grouped (one row
+gather + one batched GEMM per distinct rank) and the per-field loop, against the dense table it replaced, at batch
+sizes from 1 to 4096. ``LowRankFieldEmbedding.batched_lookup_max_rows`` (the largest batch that takes the batched
+path) is chosen from it. A model compressed before the rank-grouped layout is re-laid out for that column.
 
     python benchmarks/bench_lookup.py --base BASE.ckpt --compressed COMPRESSED.ckpt [--threads 1]
         [--out outputs/bench_lookup.json]
@@ -56,6 +57,7 @@ def main() -> None:
     base, _ = load_model(args.base)
     compressed, _ = load_model(args.compressed)
     low = _table(compressed, LowRankFieldEmbedding).eval()
+    grouped = low if low.rank_grouped else low.rank_grouped_copy().eval()
     dense = base.embedding.table.eval()
     gen = torch.Generator().manual_seed(0)
     rows = []
@@ -66,12 +68,15 @@ def main() -> None:
             dense_ms = latency_ms(_Call(dense), {"ids": ids.unsqueeze(-1)} if _needs_bags(dense) else batch)
             loop_ms = latency_ms(_Call(low._forward_per_field), batch)
             batched_ms = latency_ms(_Call(low._forward_batched), batch)
-            rows.append({"batch": size, "dense_ms": dense_ms, "per_field_ms": loop_ms, "batched_ms": batched_ms,
-                         "per_field_vs_dense": loop_ms / dense_ms, "batched_vs_dense": batched_ms / dense_ms,
-                         "faster_path": "batched" if batched_ms < loop_ms else "per_field"})
-            print(f"batch {size:5d}: dense {dense_ms:.4f} ms, per-field {loop_ms:.4f} ms "
-                  f"({loop_ms / dense_ms:.2f}x), batched {batched_ms:.4f} ms ({batched_ms / dense_ms:.2f}x)")
+            grouped_ms = latency_ms(_Call(grouped._forward_rank_grouped), batch)
+            paths = {"per_field": loop_ms, "batched": batched_ms, "rank_grouped": grouped_ms}
+            rows.append({"batch": size, "dense_ms": dense_ms, **{f"{p}_ms": ms for p, ms in paths.items()},
+                         **{f"{p}_vs_dense": ms / dense_ms for p, ms in paths.items()},
+                         "fastest_path": min(paths, key=paths.get)})
+            print(f"batch {size:5d}: dense {dense_ms:.4f} ms; " + ", ".join(
+                f"{p} {ms:.4f} ms ({ms / dense_ms:.2f}x)" for p, ms in paths.items()))
     out = {"threads": args.threads, "fields": low.num_fields, "dim": low.dim, "ranks": low.ranks,
+           "distinct_ranks": len({r for r in low.ranks if r > 0}),
            "code_dtype": low.code_dtype, "batched_lookup_max_rows": LowRankFieldEmbedding.batched_lookup_max_rows,
            "machine": platform.processor() or platform.machine(), "torch": torch.__version__, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from lowrank_ctr.bench import DEFAULT_BATCH_SIZES, make_batches
+from lowrank_ctr.compression.size import model_size
 from lowrank_ctr.pipeline.results import KEY_BASE_CHECKPOINT, KEY_COMPRESSED_CHECKPOINT
 from lowrank_ctr.config import project_root
 from lowrank_ctr.export import TensorInputs, export
@@ -129,7 +130,9 @@ def main() -> None:
                                  "rows_per_s": float(size / t.mean())})
                     print(f"{name:<10} {backend:<11} batch {size:>5}: p50 {rows[-1]['p50_ms']:8.3f} ms  "
                           f"p99 {rows[-1]['p99_ms']:8.3f} ms  {rows[-1]['rows_per_s']:>12,.0f} rows/s", flush=True)
-        params = {name: sum(p.numel() for p in load_model(ckpt)[0].parameters()) for name, ckpt in models.items()}
+        # stored values and bytes as the size accounting counts them (int8 codes are buffers, not parameters)
+        sizes = {name: model_size(load_model(ckpt)[0])["total"] for name, ckpt in models.items()}
+        params = {name: size["params"] for name, size in sizes.items()}
         end_to_end = predict_throughput(hp["data_config"], work, args.predict_rows, args.threads)
 
     def p50(model: str, backend: str, size: int) -> float:
@@ -144,14 +147,17 @@ def main() -> None:
               for size in args.batch_sizes}
     report = {"threads": args.threads, "machine": f"{platform.processor() or platform.machine()}, "
                                                   f"{torch.get_num_threads()} torch threads",
-              "torch": torch.__version__, "params": params, "size_ratio": params["base"] / params["compressed"],
+              "torch": torch.__version__, "params": params,
+              "bytes": {name: size["bytes"] for name, size in sizes.items()},
+              "size_ratio": sizes["base"]["bytes"] / sizes["compressed"]["bytes"],
               "rows": rows, "ratios_p50": ratios, "predict_end_to_end": end_to_end}
     import onnxruntime
 
     report["onnxruntime"] = onnxruntime.__version__
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
-    print(f"\nparams: base {params['base']:,}  compressed {params['compressed']:,}  ({report['size_ratio']:.2f}x)")
+    print(f"\nparams: base {params['base']:,}  compressed {params['compressed']:,}  "
+          f"({report['size_ratio']:.2f}x fewer bytes)")
     for size, r in ratios.items():
         print(f"batch {size:>5}: compressed/base speedup p50 onnxruntime {r['compressed_speedup_onnxruntime']:.2f}x "
               f"pytorch {r['compressed_speedup_pytorch']:.2f}x; onnxruntime/pytorch base "

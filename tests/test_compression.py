@@ -614,6 +614,7 @@ def test_int8_codes_within_their_quantisation_bound():
     flt, _ = afm_embedding(emb, ranks, stats)
     q, info = afm_embedding(emb, ranks, stats, code_dtype="int8")
     assert q.codes.dtype == torch.int8 and not q.codes.requires_grad and info["code_dtype"] == "int8"
+    assert q.rank_grouped and flt.rank_grouped  # compression writes the rank-grouped layout
     for i, k in enumerate(ranks):
         exact, approx = flt.field_codes(i), q.field_codes(i)
         scale = exact.abs().amax(0) / 127 if k else torch.zeros(0, dtype=torch.float64)
@@ -626,27 +627,58 @@ def test_int8_codes_within_their_quantisation_bound():
     assert info["bytes_after"] == 300 * 3 + 40 * 8 + 3 * 8 * 4 + 3 * 9 * 8 * 8
 
 
-@pytest.mark.parametrize("code_dtype", ["float32", "int8"])
-def test_small_batch_lookup_equals_the_per_field_lookup(code_dtype):
-    """The batched small-batch path (one padded gather + one batched GEMM) returns the per-field path's rows for
-    mixed ranks: a rank-0 field (its bias) in the middle and as the LAST field (its codes start at the end), full
-    rank, and ranks below the padded width; forward picks it up to ``batched_lookup_max_rows`` rows."""
+def _mixed_rank_embedding(code_dtype: str, rank_grouped: bool) -> LowRankFieldEmbedding:
+    """Mixed ranks: rank 0 in the middle and as the LAST field, full rank, ranks below the padded width, and two
+    fields sharing a rank (one group)."""
     torch.manual_seed(0)
-    vocab, ranks = [50, 9, 30, 6, 12], [3, 0, 8, 1, 0]
-    emb = LowRankFieldEmbedding(vocab, 8, ranks, code_dtype=code_dtype)
-    emb.set_factors([torch.randn(v, k) for v, k in zip(vocab, ranks)], [torch.randn(k, 8) for k in ranks],
-                    [torch.randn(8) for _ in vocab])
-    ids = torch.stack([torch.randint(0, v, (40,)) for v in vocab], 1)
+    vocab, ranks = [50, 9, 30, 6, 12, 20], [3, 0, 8, 1, 0, 3]
+    emb = LowRankFieldEmbedding(vocab, 8, ranks, code_dtype=code_dtype, rank_grouped=rank_grouped)
+    return emb.set_factors([torch.randn(v, k) for v, k in zip(vocab, ranks)], [torch.randn(k, 8) for k in ranks],
+                           [torch.randn(8) for _ in vocab])
+
+
+@pytest.mark.parametrize("rank_grouped", [False, True])
+@pytest.mark.parametrize("code_dtype", ["float32", "int8"])
+def test_every_lookup_path_returns_the_reconstructed_rows(code_dtype, rank_grouped):
+    """The batched small-batch path, the per-field loop and the rank-grouped path return the same rows, and those are
+    the reconstructed table rows; forward takes the batched path up to ``batched_lookup_max_rows`` rows."""
+    emb = _mixed_rank_embedding(code_dtype, rank_grouped)
+    ids = torch.stack([torch.randint(0, v, (40,)) for v in emb.vocab_sizes], 1)
     per_field = emb._forward_per_field(ids)
+    for i in range(emb.num_fields):
+        torch.testing.assert_close(per_field[:, i], emb.field_table(i)[ids[:, i]], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(emb._forward_batched(ids), per_field, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(emb(ids[:1]), per_field[:1], rtol=1e-5, atol=1e-5)
-    for i, k in enumerate(ranks):  # and both are the reconstructed table rows
-        torch.testing.assert_close(per_field[:, i], emb.field_table(i)[ids[:, i]], rtol=1e-5, atol=1e-5)
+    if rank_grouped:
+        torch.testing.assert_close(emb._forward_rank_grouped(ids), per_field, rtol=1e-5, atol=1e-5)
     calls = []
     emb._forward_batched = lambda x: calls.append(len(x)) or per_field[: len(x)]  # which path forward takes
     emb(ids[:3])
-    emb(torch.cat([ids] * (emb.batched_lookup_max_rows // len(ids) + 1)))  # more rows: the per-field loop
+    most = emb.batched_lookup_max_rows if rank_grouped else emb.batched_lookup_max_rows_field_order
+    emb(torch.cat([ids] * (most // len(ids) + 1)))  # more rows: another path
     assert calls == [3]
+
+
+def test_rank_grouped_layout_orders_segments_by_rank_and_old_specs_keep_field_order():
+    """The same factors in both layouts give the same rows from differently ordered flat codes; a spec without
+    ``rank_grouped`` (a checkpoint from before the grouped layout) rebuilds the field order it was written in."""
+    field, grouped = _mixed_rank_embedding("float32", False), _mixed_rank_embedding("float32", True)
+    assert not torch.equal(field.codes, grouped.codes) and torch.equal(field.codes.sort()[0], grouped.codes.sort()[0])
+    ranks = grouped.ranks
+    stored = sorted((i for i in range(len(ranks)) if ranks[i]), key=lambda i: grouped.code_starts[i])
+    assert [ranks[i] for i in stored] == sorted(r for r in ranks if r)  # segments in rank order (rank 0: empty)
+    ids = torch.stack([torch.randint(0, v, (700,)) for v in field.vocab_sizes], 1)  # > 512 rows: never batched
+    torch.testing.assert_close(grouped(ids), field(ids), rtol=1e-5, atol=1e-5)
+    old_spec = {k: v for k, v in field.spec_args().items() if k != "rank_grouped"}
+    rebuilt = LowRankFieldEmbedding(**old_spec)
+    rebuilt.load_state_dict(field.state_dict())
+    torch.testing.assert_close(rebuilt(ids), field(ids))
+    assert LowRankFieldEmbedding(**grouped.spec_args()).rank_grouped
+    for code_dtype in ("float32", "int8"):  # an old-layout model re-laid out: identical rows
+        old = _mixed_rank_embedding(code_dtype, False)
+        copy = old.rank_grouped_copy()
+        assert copy.rank_grouped and not torch.equal(copy.codes, old.codes)
+        torch.testing.assert_close(copy(ids), old(ids))
 
 
 def test_rank_zero_field_is_its_mean_and_first_order_table_becomes_int8():

@@ -405,3 +405,26 @@ def test_readme_new_model_example() -> None:
         assert torch.isfinite(model(batches[1])).all()
     finally:
         MODELS.pop("nfm", None)
+
+
+@pytest.mark.parametrize("scale", [True, False])
+def test_interacting_layer_matches_its_formula_in_value_and_gradient(scale: bool) -> None:
+    """AutoInt's attention (torch's fused kernel) equals relu(softmax(Q K^T * s) V + x W_res) per head, written out
+    with explicit matmuls, in the output and in every weight's gradient."""
+    from lowrank_ctr.models.layers import InteractingLayer
+
+    torch.manual_seed(0)
+    layer = InteractingLayer(8, 12, num_heads=3, scale=scale).double()
+    x = torch.randn(5, 7, 8, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    b, f, _ = x.shape
+    q, k, v = (m(x).view(b, f, 3, 4).transpose(1, 2) for m in (layer.query, layer.key, layer.value))
+    s = 4**-0.5 if scale else 1.0
+    ref = torch.relu((torch.softmax(q @ k.transpose(-1, -2) * s, -1) @ v).transpose(1, 2).reshape(b, f, 12)
+                     + layer.residual(x))
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, *layer.parameters()], g)
+    want = torch.autograd.grad(ref, [x, *layer.parameters()], g)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w)

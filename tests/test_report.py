@@ -474,3 +474,18 @@ def test_delta_plot_shows_each_run_minus_its_control():
     assert title_fits(fig)
     no_control = [fake_results("afm", 4, 1, 0.770, 0.760, 0.765, 5.0)]
     assert delta_vs_ratio(runs_table(no_control)) is None
+
+
+def test_calibration_batches_name_a_variant_only_where_batches_are_read():
+    """AFM reads calibration batches, so 32 instead of the default is a different recipe; SVD with the variance
+    budget reads none, so the same key on an SVD run names nothing (it would split identical experiments)."""
+    from lowrank_ctr.report import runs_table
+
+    afm = fake_results("afm", 4, 1, 0.77, 0.775, 0.76, 5.0)
+    afm["config"]["compression"].update(target_ratio=5, calibration_batches=32)
+    svd = fake_results("svd", 4, 1, 0.76, 0.775, 0.75, 5.0)
+    svd["config"]["compression"].update(method="svd", target_ratio=5, calibration_batches=32, allocator="variance",
+                                        code_dtype="float32")
+    settings = runs_table([afm, svd]).set_index("method")["setting"]
+    assert settings["afm"] == "target_ratio=5 calibration_batches=32"
+    assert settings["svd"] == "target_ratio=5"

@@ -147,3 +147,43 @@ def test_peers_column_writes_the_harness_keys(tmp_path: Path) -> None:
         assert result[key] is not None, key
     assert result["labels_match_csv_order"] and abs(result["test_auc"] - result["project_test_auc"]) < 1e-4
     assert "optimizer=rowwise_adagrad" in result["overrides"]
+
+
+def _readme_speed():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_speed", REPO / "benchmarks" / "readme_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_speed_blocks_are_the_rendering_of_the_committed_results() -> None:
+    """Every speed figure in the README is regenerated from benchmarks/results/*.json, never typed in: each block
+    between its markers equals the rendering of its JSON."""
+    rs = _readme_speed()
+    readme = (REPO / "README.md").read_text()
+    rendered = rs.blocks(REPO / "benchmarks" / "results")
+    assert rendered, "no benchmark results to render"
+    for name, body in rendered.items():
+        marker = f"<!-- speed:{name}:start -->\n"
+        assert marker in readme, f"README has no block for {name}"
+        current = readme.split(marker, 1)[1].split(f"\n<!-- speed:{name}:end -->", 1)[0]
+        assert current == body, f"README block {name} differs from benchmarks/results (run benchmarks/readme_speed.py)"
+
+
+def test_readme_speed_says_missed_where_a_target_is_missed() -> None:
+    rs = _readme_speed()
+    row = {"repeats": 1, "train_samples_per_s": 1.0, "infer_samples_per_s": 1.0, "peak_rss_mb": 1.0,
+           "test_auc": 0.7, "auc_minus_project_float32_adam": 0.0}
+    d = {"workload": {"embedding_dim": 16, "mlp": [8], "batch_size": 4, "threads": 2, "epochs": 1, "data": "x"},
+         "rows": [{**row, "name": "plain", "train_over_plain": 1.0, "infer_over_plain": 1.0, "rss_over_plain": 1.0},
+                  {**row, "name": "project 32:adam", "train_over_plain": 1.9, "infer_over_plain": 1.6,
+                   "rss_over_plain": 1.2},
+                  {**row, "name": "project bf16-mixed:adam", "train_over_plain": 2.2, "infer_over_plain": 1.4,
+                   "rss_over_plain": 0.9, "auc_minus_project_float32_adam": -0.002}]}
+    text = rs.render_train(d)
+    assert "train >= 2.0x the plain dense-Adam loop: 2.20x (project bf16-mixed:adam) — met" in text
+    assert "within 0.001): -0.0020 — missed" in text
+    assert "inference >= 1.5x the plain loop: 1.60x (project 32:adam) — met" in text
+    assert "at most 1.20x (project 32:adam) — missed" in text

@@ -280,6 +280,14 @@ def _variant(comp: Mapping[str, Any], method: str) -> list[str]:
     keys = list(VARIANT_KEYS) + (list(METHODS[method].options) if method in METHODS else [])
     if comp.get("target_ratio") is None:
         keys.remove("allocator")  # only a budget allocates
+    if method in METHODS:
+        from lowrank_ctr.compression.api import reads_calibration_batches
+
+        setting = {**defaults, **{k: v for k, v in comp.items() if v is not None}}
+        if not reads_calibration_batches(METHODS[method], setting.get("allocator", "variance"),
+                                         setting.get("calibration", "oneshot"), setting.get("correction", "none"),
+                                         setting.get("fold", False), setting.get("from_scratch", False)):
+            keys.remove("calibration_batches")  # e.g. SVD: no batch is read, their number changes nothing
     out = []
     for key in keys:
         value = comp.get(key)

@@ -53,6 +53,14 @@ CORRECTIONS: tuple[str, ...] = ("none", "lstsq")
 log = logging.getLogger(__name__)
 
 
+def reads_calibration_batches(method: CompressionMethod, allocator: str, calibration: str, correction: str,
+                              fold: bool, from_scratch: bool) -> bool:
+    """Whether a compression reads training batches at all (so ``calibration_batches`` changes its result): AFM's
+    statistics, the loss allocator's gradients, sequential calibration, the least-squares correction, folding."""
+    return not from_scratch and (method.needs_calibration or allocator == "loss" or calibration == "sequential"
+                                 or correction == "lstsq" or bool(fold))
+
+
 @dataclass
 class CompressionReport:
     """What was done: per-layer entries, sizes per group before / after, the ratio and the rebuild spec.
@@ -166,9 +174,8 @@ class _Plan:
 
     @property
     def needs_batches(self) -> bool:
-        return not self.from_scratch and (self.method.needs_calibration or self.allocator == "loss"
-                                          or self.calibration == "sequential" or self.correction == "lstsq"
-                                          or self.fold)
+        return reads_calibration_batches(self.method, self.allocator, self.calibration, self.correction, self.fold,
+                                         self.from_scratch)
 
     @property
     def sequential(self) -> bool:

@@ -91,8 +91,13 @@ class LowRankFieldEmbedding(nn.Module):
     Storage (why this layout): each field keeps its own rank 0 <= k_i <= min(V_i, d). All fields' codes live in ONE
     flat 1-D tensor (field i occupies V_i * k_i values, row-major), so per-field ranks waste no memory; the
     projection is one (F, w, d) tensor (w = max(1, max k_i); rows beyond k_i are zero and never read) plus an
-    (F, d) bias. A field of rank 0 is its mean vector (the bias) for every id. A lookup is, per field, one row
-    gather in that field's (V_i, k_i) view of the codes and one GEMM.
+    (F, d) bias. A field of rank 0 is its mean vector (the bias) for every id. Compression writes the segments in
+    rank order (``rank_grouped``), so the fields of one rank share one (rows, k) view of the codes.
+
+    Three lookups, one result: up to ``batched_lookup_max_rows`` rows, one padded gather + one batched GEMM over all
+    fields (fewest ops: small batches are dispatch-bound); larger batches and exported graphs, one row gather + one
+    batched GEMM per distinct rank (``rank_grouped``); tables in field order (older checkpoints), one row gather +
+    one GEMM per field.
 
     ``code_dtype="int8"``: codes are stored as int8 (a buffer: they do not train) with one float32 scale per
     (field, component), ``code_scale`` (F, w); a looked-up code is ``q * scale``. Symmetric rounding to nearest:
@@ -102,7 +107,7 @@ class LowRankFieldEmbedding(nn.Module):
     replaces = "embedding"
 
     def __init__(self, vocab_sizes: Sequence[int], dim: int, ranks: int | Sequence[int],
-                 code_dtype: str = "float32") -> None:
+                 code_dtype: str = "float32", rank_grouped: bool = False) -> None:
         super().__init__()
         self.vocab_sizes = [int(v) for v in vocab_sizes]
         self.dim = int(dim)
@@ -121,7 +126,23 @@ class LowRankFieldEmbedding(nn.Module):
         self.width = max(1, self.max_rank)
         self.register_buffer("offsets", field_offsets(self.vocab_sizes), persistent=False)
         sizes = [v * r for v, r in zip(self.vocab_sizes, ranks)]
-        self.code_starts = field_offsets(sizes).tolist()  # Python ints: static under tracing
+        # rank_grouped: the fields' code segments are ordered by rank, so the fields of one rank k form ONE (rows, k)
+        # table and a lookup is one row gather + one batched GEMM per distinct rank (see _forward_rank_grouped);
+        # False: field order (checkpoints written before the grouped layout existed). Python ints: static in traces.
+        self.rank_grouped = bool(rank_grouped)
+        order = sorted(range(nf), key=lambda i: (ranks[i], i)) if self.rank_grouped else list(range(nf))
+        self.code_starts = [0] * nf
+        position = 0
+        for i in order:
+            self.code_starts[i] = position
+            position += sizes[i]
+        self._rank_groups: list[tuple[int, int, int]] = []  # (rank k, segment start, rows) per group, rank order
+        group_fields: list[list[int]] = []
+        if self.rank_grouped:
+            for k in sorted({r for r in ranks if r > 0}):
+                fields = [i for i in order if ranks[i] == k]
+                self._rank_groups.append((k, self.code_starts[fields[0]], sum(self.vocab_sizes[i] for i in fields)))
+                group_fields.append(fields)
         if code_dtype == "int8":
             self.register_buffer("codes", torch.zeros(sum(sizes), dtype=torch.int8))
             self.register_buffer("code_scale", torch.ones(nf, self.width))
@@ -136,6 +157,19 @@ class LowRankFieldEmbedding(nn.Module):
         slot = torch.arange(self.width).expand(nf, -1)
         self.register_buffer("_slot", torch.minimum(slot, (torch.tensor(ranks) - 1).clamp(min=0)[:, None]).clone(),
                              persistent=False)
+        # the rank-grouped lookup: per group its fields and the first row of each field in the group's table; the
+        # rank-0 fields (their bias); and the permutation from group order back to field order
+        for g, fields in enumerate(group_fields):
+            k, start, _ = self._rank_groups[g]
+            first_rows = [(self.code_starts[i] - start) // k for i in fields]
+            self.register_buffer(f"_group{g}_fields", torch.tensor(fields, dtype=torch.long), persistent=False)
+            self.register_buffer(f"_group{g}_first_row", torch.tensor(first_rows, dtype=torch.long)[:, None],
+                                 persistent=False)
+        zero = [i for i in range(nf) if ranks[i] == 0]
+        self.register_buffer("_zero_fields", torch.tensor(zero, dtype=torch.long), persistent=False)
+        grouped = [i for fields in group_fields for i in fields] + zero
+        self.register_buffer("_field_order", torch.argsort(torch.tensor(grouped, dtype=torch.long)) if grouped
+                             else torch.zeros(0, dtype=torch.long), persistent=False)
 
     @property
     def num_fields(self) -> int:
@@ -167,15 +201,31 @@ class LowRankFieldEmbedding(nn.Module):
                 q, s = quantize_columns(c.reshape(self.vocab_sizes[i], self.ranks[i]))
                 parts.append(q.reshape(-1))
                 self.code_scale[i, : self.ranks[i]] = s.to(self.code_scale)
-            self.codes.copy_(torch.cat(parts) if parts else self.codes)
         else:
-            self.codes.copy_(torch.cat([c.reshape(-1) for c in codes]).to(self.codes))
+            parts = [c.reshape(-1).to(self.codes) for c in codes]
+        for i, part in enumerate(parts):  # each field's segment at its start (field or rank-grouped order)
+            self.codes[self.code_starts[i] : self.code_starts[i] + part.numel()] = part
         self.projection.zero_()
         for i, p in enumerate(projections):
             self.projection[i, : p.shape[0]] = p.to(self.projection)
         if biases is not None:
             self.bias.copy_(torch.stack([b.reshape(-1) for b in biases]).to(self.bias))
         return self
+
+    @torch.no_grad()
+    def rank_grouped_copy(self) -> "LowRankFieldEmbedding":
+        """The same embedding in the rank-grouped layout (e.g. for a model compressed before that layout existed):
+        identical stored values, segments reordered by rank."""
+        new = LowRankFieldEmbedding(self.vocab_sizes, self.dim, self.ranks, self.code_dtype, rank_grouped=True)
+        new = new.to(self.projection.device)
+        for i, (v, k) in enumerate(zip(self.vocab_sizes, self.ranks)):
+            new.codes[new.code_starts[i] : new.code_starts[i] + v * k] = \
+                self.codes[self.code_starts[i] : self.code_starts[i] + v * k]
+        new.projection.copy_(self.projection)
+        new.bias.copy_(self.bias)
+        if self.code_dtype == "int8":
+            new.code_scale.copy_(self.code_scale)
+        return new.train(self.training)
 
     def field_codes(self, i: int) -> torch.Tensor:
         """The (V_i, k_i) codes of field ``i`` as float (int8 codes dequantised)."""
@@ -197,16 +247,42 @@ class LowRankFieldEmbedding(nn.Module):
         return self.projection
 
     #: batches up to this many rows use one padded gather + one batched GEMM over all fields (a handful of ops
-    #: whatever the number of fields); larger ones the per-field loop. 512: benchmarks/bench_lookup.py, 1 thread,
-    #: DeepFM on the synthetic default (39 fields): batched 14-17x faster at 1-64 rows, 1.5x at 512, even at 1024,
-    #: 1.2x slower at 4096 (benchmarks/results/lookup.json)
-    batched_lookup_max_rows: int = 512
+    #: whatever the number of fields; its (B, F, w) index arithmetic grows with B); larger ones the rank-grouped
+    #: lookup, or for tables in field order the per-field loop. From benchmarks/bench_lookup.py (1 thread, DeepFM on
+    #: the synthetic default, benchmarks/results/lookup.json): rank-grouped tables, the batched path is fastest up to
+    #: 32 rows and the grouped one from 64; field order, batched beats the loop up to 512 rows.
+    batched_lookup_max_rows: int = 32
+    batched_lookup_max_rows_field_order: int = 512
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if (ids.dim() == 2 and ids.shape[0] <= self.batched_lookup_max_rows and self.codes.numel() > 0
-                and not torch.jit.is_tracing() and not torch.jit.is_scripting()):
+        tracing = torch.jit.is_tracing() or torch.jit.is_scripting()
+        most = self.batched_lookup_max_rows if self.rank_grouped else self.batched_lookup_max_rows_field_order
+        if ids.dim() == 2 and ids.shape[0] <= most and self.codes.numel() > 0 and not tracing:
             return self._forward_batched(ids)
+        if self.rank_grouped and ids.dim() == 2:
+            return self._forward_rank_grouped(ids)
         return self._forward_per_field(ids)
+
+    def _forward_rank_grouped(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, F) ids -> (B, F, d): per distinct rank k, one row gather of (F_k, B) ids in the group's (rows, k)
+        table and one (F_k, B, k) @ (F_k, k, d) GEMM; then the groups back in field order. Row gathers (one index per
+        row and field, blocks of k codes) are what onnxruntime's Gather is fast at; the op count grows with the
+        number of distinct ranks, not of fields. Exported models (ONNX, TorchScript) use this path."""
+        proj = self.effective_projection()
+        ids_by_field = ids.t()  # (F, B)
+        parts = []
+        for g, (k, start, rows) in enumerate(self._rank_groups):
+            fields = getattr(self, f"_group{g}_fields")
+            table = self.codes[start : start + rows * k].view(rows, k)
+            rows_ids = ids_by_field.index_select(0, fields) + getattr(self, f"_group{g}_first_row")  # (F_k, B)
+            z = nn.functional.embedding(rows_ids, table).to(proj.dtype)  # (F_k, B, k)
+            parts.append(torch.baddbmm(self.bias.index_select(0, fields).unsqueeze(1), z,
+                                       proj.index_select(0, fields)[:, :k]))
+        if self._zero_fields.numel():
+            parts.append(self.bias.index_select(0, self._zero_fields).unsqueeze(1)
+                         .expand(-1, ids.shape[0], -1).to(proj.dtype))
+        out = torch.cat(parts, 0) if len(parts) > 1 else parts[0]  # (F, B, d), fields in group order
+        return out.index_select(0, self._field_order).transpose(0, 1)
 
     def _forward_batched(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, F) ids -> (B, F, d) in one gather of (B, F, w) codes and one (F, B, w) @ (F, w, d) GEMM. The padded
@@ -240,7 +316,7 @@ class LowRankFieldEmbedding(nn.Module):
 
     def spec_args(self) -> dict:
         return {"vocab_sizes": list(self.vocab_sizes), "dim": self.dim, "ranks": list(self.ranks),
-                "code_dtype": self.code_dtype}
+                "code_dtype": self.code_dtype, "rank_grouped": self.rank_grouped}
 
     def extra_repr(self) -> str:
         return (f"fields={self.num_fields}, rows={sum(self.vocab_sizes)}, dim={self.dim}, max_rank={self.max_rank}, "

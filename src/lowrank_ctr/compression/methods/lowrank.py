@@ -114,7 +114,8 @@ class LowRankMethod(CompressionMethod):
             projs.append(u.T)
             kept.append(kept_share(spectra[i], order))
             order_used.append(order)
-        new = place(LowRankFieldEmbedding(emb.vocab_sizes, emb.dim, ranks, code_dtype=ctx.code_dtype), emb.weight)
+        new = LowRankFieldEmbedding(emb.vocab_sizes, emb.dim, ranks, code_dtype=ctx.code_dtype, rank_grouped=True)
+        new = place(new, emb.weight)
         new.set_factors(codes, projs, means)
         totals = [float(s.sum()) for s in spectra]
         retained = sum(s * t for s, t in zip(kept, totals)) / sum(totals) if sum(totals) > 0 else 1.0

@@ -1,0 +1,192 @@
+"""The README's speed figures, rendered from the benchmark results (never typed in).
+
+    python benchmarks/readme_speed.py [--results benchmarks/results] [--write README.md]
+
+Each block between ``<!-- speed:NAME:start -->`` and ``<!-- speed:NAME:end -->`` in the README is the rendering of
+one JSON file in ``benchmarks/results/`` (train.json, zoo.json, scale.json, serving.json, lookup.json). Without
+``--write`` the blocks are printed. A block whose JSON is missing is left as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _f(value: Any, fmt: str = ",.0f") -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+def _load_note(d: dict[str, Any]) -> str:
+    share = (d.get("machine") or {}).get("other_cpu_share")
+    return "" if share is None else f"Other processes used {share:.1%} of the CPU during the run (0 = quiet)."
+
+
+def render_train(d: dict[str, Any]) -> str:
+    w = d["workload"]
+    lines = [f"DeepFM (embedding {w['embedding_dim']}, MLP {'x'.join(map(str, w['mlp']))}), batch {w['batch_size']}, "
+             f"{w['threads']} threads, {w['epochs']} epoch, data `{Path(str(w['data'])).name}`; medians of "
+             f"{d['rows'][0]['repeats']} interleaved runs; ratios against the plain loop of the same run. "
+             + _load_note(d), "",
+             "| column | train samples/s | x plain | inference samples/s | x plain | peak RSS MB | x plain | test AUC "
+             "| AUC - project 32:adam |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        lines.append(f"| {r['name']} | {_f(r['train_samples_per_s'])} | {r['train_over_plain']:.2f} | "
+                     f"{_f(r['infer_samples_per_s'])} | {r['infer_over_plain']:.2f} | {_f(r['peak_rss_mb'])} | "
+                     f"{r['rss_over_plain']:.2f} | {r['test_auc']:.4f} | {r['auc_minus_project_float32_adam']:+.4f} |")
+    rows = {r["name"]: r for r in d["rows"]}
+    project = [r for r in d["rows"] if r["name"].startswith("project")]
+    fastest = max(project, key=lambda r: r["train_over_plain"])
+    lines += ["", "Targets (issue 14), from this table:"]
+    lines.append(f"- train >= 2.0x the plain dense-Adam loop: {fastest['train_over_plain']:.2f}x "
+                 f"({fastest['name']}) — {'met' if fastest['train_over_plain'] >= 2.0 else 'missed'}")
+    bf16 = rows.get("project bf16-mixed:adam")
+    if bf16 is not None:
+        diff = bf16["auc_minus_project_float32_adam"]
+        lines.append(f"- bf16-mixed keeps the float32 AUC (same optimizer, within 0.001): {diff:+.4f} — "
+                     f"{'met' if abs(diff) <= 0.001 else 'missed'}")
+    best_infer = max(project, key=lambda r: r["infer_over_plain"])
+    lines.append(f"- inference >= 1.5x the plain loop: {best_infer['infer_over_plain']:.2f}x ({best_infer['name']}) — "
+                 f"{'met' if best_infer['infer_over_plain'] >= 1.5 else 'missed'}")
+    worst_rss = max(project, key=lambda r: r["rss_over_plain"])
+    lines.append(f"- peak RSS <= the plain loop's: at most {worst_rss['rss_over_plain']:.2f}x ({worst_rss['name']}) — "
+                 f"{'met' if worst_rss['rss_over_plain'] <= 1.0 else 'missed'}")
+    if d.get("breakdown"):
+        lines += ["", "Where one training step goes (`--breakdown`, shares of a step):", "",
+                  "| column | step ms | data | forward | backward | optimizer | Lightning loop |", "|---|---|---|---|---|---|---|"]
+        for name, b in d["breakdown"].items():
+            s = b["shares"]
+            lines.append(f"| {name} | {b['step_s'] * 1000:.0f} | {s['data']:.1%} | {s['forward']:.1%} | "
+                         f"{s['backward']:.1%} | {s['optimizer']:.1%} | {s['lightning_loop_overhead']:.1%} |")
+    return "\n".join(lines)
+
+
+def render_zoo(d: dict[str, Any]) -> str:
+    w = d["workload"]
+    lines = [f"Every registered model, {w['data']}, batch {w['batch_size']}, {w['threads']} threads, "
+             f"{w['timed_batches']} timed training steps; `fast` = `{w['fast']}`. " + _load_note(d), "",
+             "| model | parameters | train samples/s 32:adam | train samples/s fast | x | inference samples/s "
+             "32:adam | inference fast | x |", "|---|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        lines.append(f"| {r['model']} | {_f(r.get('params'))} | {_f(r['float32_adam_train_samples_per_s'])} | "
+                     f"{_f(r['fast_train_samples_per_s'])} | {r['train_speedup']:.2f} | "
+                     f"{_f(r['float32_adam_infer_samples_per_s'])} | {_f(r['fast_infer_samples_per_s'])} | "
+                     f"{r['infer_speedup']:.2f} |")
+    return "\n".join(lines)
+
+
+def render_scale(d: dict[str, Any]) -> str:
+    w = d["workload"]
+    lines = [f"{w['rows']:,} synthetic rows, vocabularies up to {w['max_vocab']:,}, {w['threads']} threads, "
+             f"training `{w['fast']}`, fine-tune epochs {w['finetune_epochs']}. " + _load_note(d), "",
+             "| stage | wall s | peak RSS MB | rows | rows/s |", "|---|---|---|---|---|"]
+    for name, s in d["stages"].items():
+        lines.append(f"| {name} | {_f(s.get('wall_s'), '.1f')} | {_f(s.get('peak_rss_mb'))} | {_f(s.get('rows'))} | "
+                     f"{_f(s.get('rows_per_s'))} |")
+    t = d["stages"].get("train_epoch", {})
+    c = d["stages"].get("compress", {})
+    lines += ["", f"Training: {_f(t.get('train/samples_per_s'))} samples/s, test AUC {_f(t.get('test/auc'), '.4f')}; "
+              f"compressed {_f(c.get('compress/ratio'), '.2f')}x, test AUC {_f(c.get('test/auc'), '.4f')}, "
+              f"compression {_f(c.get('compress/seconds'), '.1f')} s. Preparation peak RSS, {w['rows']:,} rows over "
+              f"{w['small_rows']:,}: {d['prepare_peak_rss_ratio_big_over_small']:.2f}x (bounded by the vocabularies, "
+              "not the rows)."]
+    p = d.get("projection_full_criteo")
+    if p:
+        lines.append(f"Projected to full Criteo ({p['rows']:,} rows) from these rates: preparation "
+                     f"{p['prepare_s'] / 60:.1f} min, one training epoch {_f((p['train_epoch_s'] or 0) / 60, '.1f')} "
+                     f"min, prediction {p['predict_s_per_million_rows']:.1f} s per million rows (vocabularies of real "
+                     "Criteo are larger: see the note in scale.json).")
+    return "\n".join(lines)
+
+
+def render_serving(d: dict[str, Any]) -> str:
+    lines = [f"{d['threads']} intra-op thread, torch {d['torch']}; base {d['params']['base']:,} stored values, "
+             f"compressed {d['params']['compressed']:,} ({d['size_ratio']:.2f}x fewer bytes). p50 / p99 latency per "
+             "call:", "",
+             "| batch | model | PyTorch | TorchScript | onnxruntime | onnxruntime rows/s |", "|---|---|---|---|---|---|"]
+    cells: dict[tuple[int, str], dict[str, dict[str, Any]]] = {}
+    for r in d["rows"]:
+        cells.setdefault((r["batch"], r["model"]), {})[r["backend"]] = r
+    for (batch, model), by in sorted(cells.items()):
+        def cell(backend: str) -> str:
+            r = by.get(backend)
+            return "n/a" if r is None else f"{r['p50_ms']:.3f} / {r['p99_ms']:.3f} ms"
+
+        ort = by.get("onnxruntime")
+        lines.append(f"| {batch} | {model} | {cell('pytorch')} | {cell('torchscript')} | {cell('onnxruntime')} | "
+                     f"{_f(ort['rows_per_s'] if ort else None)} |")
+    ratios = d.get("ratios_p50") or {}
+    if ratios:
+        lines += ["", "Compressed over base (p50 speed-up): " + "; ".join(
+            f"batch {batch}: PyTorch {r['compressed_speedup_pytorch']:.2f}x, onnxruntime "
+            f"{r['compressed_speedup_onnxruntime']:.2f}x" for batch, r in ratios.items())]
+    e2e = d.get("predict_end_to_end")
+    if isinstance(e2e, dict) and e2e:
+        lines.append("End to end (`lowrank-ctr-predict`: raw Criteo-format TSV rows read, encoded, scored by the ONNX "
+                     "model, written as CSV): " + ", ".join(
+                         f"{k} {_f(v.get('rows_per_second'))} rows/s" for k, v in e2e.items()) + ".")
+    return "\n".join(lines)
+
+
+def render_lookup(d: dict[str, Any]) -> str:
+    lines = [f"The compressed embedding alone ({d['fields']} fields, dim {d['dim']}, {d['code_dtype']} codes, "
+             f"{d.get('distinct_ranks', 'n/a')} distinct ranks), {d['threads']} thread; median ms per lookup and the "
+             "ratio to the dense table it replaced:", "",
+             "| batch | dense | per-field loop | batched | rank-grouped | fastest |", "|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        def cell(path: str) -> str:
+            ms = r.get(f"{path}_ms")
+            return "n/a" if ms is None else f"{ms:.3f} ({r[f'{path}_vs_dense']:.1f}x)"
+
+        lines.append(f"| {r['batch']} | {r['dense_ms']:.3f} | {cell('per_field')} | {cell('batched')} | "
+                     f"{cell('rank_grouped')} | {r.get('fastest_path', r.get('faster_path', ''))} |")
+    return "\n".join(lines)
+
+
+RENDERERS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
+    "train": ("train.json", render_train), "zoo": ("zoo.json", render_zoo), "scale": ("scale.json", render_scale),
+    "serving": ("serving.json", render_serving), "lookup": ("lookup.json", render_lookup),
+}
+
+
+def blocks(results: Path) -> dict[str, str]:
+    """Rendered block per name whose JSON exists in ``results``."""
+    out = {}
+    for name, (file, render) in RENDERERS.items():
+        path = results / file
+        if path.exists():
+            out[name] = render(json.loads(path.read_text()))
+    return out
+
+
+def replace_blocks(text: str, rendered: dict[str, str]) -> str:
+    for name, body in rendered.items():
+        pattern = re.compile(rf"(<!-- speed:{name}:start -->\n)(?:.*?\n)?(<!-- speed:{name}:end -->)", re.S)
+        text, found = pattern.subn(lambda m: m.group(1) + body + "\n" + m.group(2), text)
+        if not found:
+            raise SystemExit(f"no <!-- speed:{name}:start --> ... end markers in the README: add them where it goes")
+    return text
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
+    ap.add_argument("--write", default=None, help="README to update in place")
+    args = ap.parse_args()
+    rendered = blocks(Path(args.results))
+    if args.write:
+        path = Path(args.write)
+        path.write_text(replace_blocks(path.read_text(), rendered))
+        print(f"updated {', '.join(rendered)} in {path}")
+    else:
+        for name, body in rendered.items():
+            print(f"<!-- speed:{name} -->\n{body}\n")
+
+
+if __name__ == "__main__":
+    main()
