@@ -428,3 +428,6 @@ def test_interacting_layer_matches_its_formula_in_value_and_gradient(scale: bool
     want = torch.autograd.grad(ref, [x, *layer.parameters()], g)
     for a, w in zip(got, want):
         torch.testing.assert_close(a, w)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the explicit bf16 path: the same formula at bf16 precision
+        low = layer.float()(x.detach().float())
+    torch.testing.assert_close(low.float(), ref.detach().float(), rtol=0.05, atol=0.05)

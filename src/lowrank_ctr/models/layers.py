@@ -459,9 +459,11 @@ class InteractingLayer(nn.Module):
             return t.view(b, f, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, F, dh)
 
         q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
-        # softmax(q k^T * scale) v in torch's fused kernel: B*H tiny (F x F) products as separate matmuls + softmax
-        # were memory-bound (AutoInt trained at ~1/4 of its FLOP rate, benchmarks/results/zoo.json)
-        out = nn.functional.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        if q.dtype in (torch.float32, torch.float64):
+            # torch's fused kernel: 1.5x the explicit matmuls + softmax in float32 training (bench_zoo)...
+            out = nn.functional.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        else:  # ...but 4x slower than them under bf16 autocast on CPU (its bf16 backward), so not there
+            out = torch.softmax((q @ k.transpose(-1, -2)) * self.scale, dim=-1) @ v
         out = out.transpose(1, 2).reshape(b, f, self.out_dim)
         if self.residual is not None:
             out = out + self.residual(x)
