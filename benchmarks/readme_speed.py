@@ -22,6 +22,11 @@ def _f(value: Any, fmt: str = ",.0f") -> str:
     return "n/a" if value is None else format(value, fmt)
 
 
+def _header(*columns: str) -> list[str]:
+    """A Markdown table's header and rule lines."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def _load_note(d: dict[str, Any]) -> str:
     share = (d.get("machine") or {}).get("other_cpu_share")
     return "" if share is None else f"Other processes used {share:.1%} of the CPU during the run (0 = quiet)."
@@ -33,8 +38,8 @@ def render_train(d: dict[str, Any]) -> str:
              f"{w['threads']} threads, {w['epochs']} epoch, data `{Path(str(w['data'])).name}`; medians of "
              f"{d['rows'][0]['repeats']} interleaved runs; ratios against the plain loop of the same run. "
              + _load_note(d), "",
-             "| column | train samples/s | x plain | inference samples/s | x plain | peak RSS MB | x plain | test AUC "
-             "| AUC - project 32:adam |", "|---|---|---|---|---|---|---|---|---|"]
+             *_header("column", "train samples/s", "x plain", "inference samples/s", "x plain", "peak RSS MB",
+                      "x plain", "test AUC", "AUC - project 32:adam")]
     for r in d["rows"]:
         lines.append(f"| {r['name']} | {_f(r['train_samples_per_s'])} | {r['train_over_plain']:.2f} | "
                      f"{_f(r['infer_samples_per_s'])} | {r['infer_over_plain']:.2f} | {_f(r['peak_rss_mb'])} | "
@@ -58,7 +63,7 @@ def render_train(d: dict[str, Any]) -> str:
                  f"{'met' if worst_rss['rss_over_plain'] <= 1.0 else 'missed'}")
     if d.get("breakdown"):
         lines += ["", "Where one training step goes (`--breakdown`, shares of a step):", "",
-                  "| column | step ms | data | forward | backward | optimizer | Lightning loop |", "|---|---|---|---|---|---|---|"]
+                  *_header("column", "step ms", "data", "forward", "backward", "optimizer", "Lightning loop")]
         for name, b in d["breakdown"].items():
             s = b["shares"]
             lines.append(f"| {name} | {b['step_s'] * 1000:.0f} | {s['data']:.1%} | {s['forward']:.1%} | "
@@ -70,8 +75,8 @@ def render_zoo(d: dict[str, Any]) -> str:
     w = d["workload"]
     lines = [f"Every registered model, {w['data']}, batch {w['batch_size']}, {w['threads']} threads, "
              f"{w['timed_batches']} timed training steps; `fast` = `{w['fast']}`. " + _load_note(d), "",
-             "| model | parameters | train samples/s 32:adam | train samples/s fast | x | inference samples/s "
-             "32:adam | inference fast | x |", "|---|---|---|---|---|---|---|---|"]
+             *_header("model", "parameters", "train samples/s 32:adam", "train samples/s fast", "x",
+                      "inference samples/s 32:adam", "inference fast", "x")]
     for r in d["rows"]:
         lines.append(f"| {r['model']} | {_f(r.get('params'))} | {_f(r['float32_adam_train_samples_per_s'])} | "
                      f"{_f(r['fast_train_samples_per_s'])} | {r['train_speedup']:.2f} | "
@@ -84,7 +89,7 @@ def render_scale(d: dict[str, Any]) -> str:
     w = d["workload"]
     lines = [f"{w['rows']:,} synthetic rows, vocabularies up to {w['max_vocab']:,}, {w['threads']} threads, "
              f"training `{w['fast']}`, fine-tune epochs {w['finetune_epochs']}. " + _load_note(d), "",
-             "| stage | wall s | peak RSS MB | rows | rows/s |", "|---|---|---|---|---|"]
+             *_header("stage", "wall s", "peak RSS MB", "rows", "rows/s")]
     for name, s in d["stages"].items():
         lines.append(f"| {name} | {_f(s.get('wall_s'), '.1f')} | {_f(s.get('peak_rss_mb'))} | {_f(s.get('rows'))} | "
                      f"{_f(s.get('rows_per_s'))} |")
@@ -108,7 +113,7 @@ def render_serving(d: dict[str, Any]) -> str:
     lines = [f"{d['threads']} intra-op thread, torch {d['torch']}; base {d['params']['base']:,} stored values, "
              f"compressed {d['params']['compressed']:,} ({d['size_ratio']:.2f}x fewer bytes). p50 / p99 latency per "
              "call:", "",
-             "| batch | model | PyTorch | TorchScript | onnxruntime | onnxruntime rows/s |", "|---|---|---|---|---|---|"]
+             *_header("batch", "model", "PyTorch", "TorchScript", "onnxruntime", "onnxruntime rows/s")]
     cells: dict[tuple[int, str], dict[str, dict[str, Any]]] = {}
     for r in d["rows"]:
         cells.setdefault((r["batch"], r["model"]), {})[r["backend"]] = r
@@ -137,7 +142,7 @@ def render_lookup(d: dict[str, Any]) -> str:
     lines = [f"The compressed embedding alone ({d['fields']} fields, dim {d['dim']}, {d['code_dtype']} codes, "
              f"{d.get('distinct_ranks', 'n/a')} distinct ranks), {d['threads']} thread; median ms per lookup and the "
              "ratio to the dense table it replaced:", "",
-             "| batch | dense | per-field loop | batched | rank-grouped | fastest |", "|---|---|---|---|---|---|"]
+             *_header("batch", "dense", "per-field loop", "batched", "rank-grouped", "fastest")]
     for r in d["rows"]:
         def cell(path: str) -> str:
             ms = r.get(f"{path}_ms")
