@@ -25,6 +25,8 @@ from typing import Any
 
 import speed_common as sc
 
+from lowrank_ctr.pipeline import results as R
+
 CRITEO_ROWS = 45_840_617
 BIN = Path(sys.executable).parent
 # Runs a command and prints the peak RSS of its process tree's largest member (ru_maxrss of waited children).
@@ -82,21 +84,21 @@ def main() -> None:
         "compression=none", "early_stopping_patience=null", *args.fast.split(), *args.model_overrides.split(),
         f"hydra.run.dir={train_dir}"])
     trained = json.loads((train_dir / "results.json").read_text())
-    stages["train_epoch"].update({k: trained.get(k) for k in ("train/samples_per_s", "train/seconds", "train/rows",
-                                                              "train/precision", "train/optimizer", "test/auc",
-                                                              "params")})
+    stages["train_epoch"].update({k: trained.get(k) for k in (R.KEY_TRAIN_SAMPLES_PER_S, R.KEY_TRAIN_SECONDS,
+                                                              R.KEY_TRAIN_ROWS, R.KEY_TRAIN_PRECISION,
+                                                              R.KEY_TRAIN_OPTIMIZER, R.KEY_TEST_AUC, R.KEY_PARAMS)})
 
     compress_dir = work / "run-compress"
     stages["compress"] = measure("compress", [
-        "lowrank-ctr-compress", f"ckpt_path={trained['checkpoint']}", "compression=afm",
+        "lowrank-ctr-compress", f"ckpt_path={trained[R.KEY_CHECKPOINT]}", "compression=afm",
         f"compression.finetune_epochs={args.finetune_epochs}", *quiet, *args.fast.split(),
         f"paths.root_dir={work}", f"hydra.run.dir={compress_dir}"])
     compressed = json.loads((compress_dir / "results.json").read_text())
-    stages["compress"].update({k: compressed.get(k) for k in ("compress/ratio", "test/auc", "params",
-                                                              "compress/seconds")})
+    stages["compress"].update({k: compressed.get(k) for k in (R.KEY_RATIO, R.KEY_TEST_AUC, R.KEY_PARAMS,
+                                                              R.KEY_COMPRESS_SECONDS)})
 
     export_dir = work / "export"
-    stages["export"] = measure("export", ["lowrank-ctr-export", f"ckpt_path={compressed['checkpoint']}", "format=onnx",
+    stages["export"] = measure("export", ["lowrank-ctr-export", f"ckpt_path={compressed[R.KEY_CHECKPOINT]}", "format=onnx",
                                           f"out={export_dir}", "overwrite=true", f"paths.root_dir={work}",
                                           f"hydra.run.dir={work / 'logs' / 'export'}"])
 
@@ -112,12 +114,12 @@ def main() -> None:
     stages["predict"]["rows_per_s"] = test_rows / stages["predict"]["wall_s"]
 
     scale = CRITEO_ROWS / args.rows
-    train_rows = trained.get("train/rows") or int(0.8 * args.rows)
+    train_rows = trained.get(R.KEY_TRAIN_ROWS) or int(0.8 * args.rows)
     projection = {
         "rows": CRITEO_ROWS,
         "prepare_s": stages["prepare"]["wall_s"] * scale,
-        "train_epoch_s": (CRITEO_ROWS * train_rows / args.rows) / trained["train/samples_per_s"]
-        if trained.get("train/samples_per_s") else None,
+        "train_epoch_s": (CRITEO_ROWS * train_rows / args.rows) / trained[R.KEY_TRAIN_SAMPLES_PER_S]
+        if trained.get(R.KEY_TRAIN_SAMPLES_PER_S) else None,
         "compress_s": stages["compress"]["wall_s"],
         "export_s": stages["export"]["wall_s"],
         "predict_s_per_million_rows": 1e6 / stages["predict"]["rows_per_s"],

@@ -20,7 +20,8 @@ from typing import Any, Mapping
 RESULTS_FILE = "results.json"
 
 # Every key other code reads back (report, predict, sweeps, summaries) is spelled once, here; ``RunResult.to_json``
-# writes them (tests/test_results_schema.py checks that every key the report reads is one that is written).
+# writes them (tests/test_pipeline.py::test_results_schema_* check that every one is written and that no
+# reader spells a key itself).
 KEY_STATUS = "status"
 KEY_ERROR = "error"  # failed records only (jobs.py, the report's record of a job without results)
 KEY_DATA = "data"

@@ -26,8 +26,6 @@ def register(cls: F) -> F:
     return cls
 
 
-
-
 def registered() -> dict[str, DatasetFormat]:
     """Every known format by name."""
     return dict(REGISTRY)
