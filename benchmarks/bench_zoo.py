@@ -1,13 +1,15 @@
 """Training and inference samples/s of every zoo model, float32 + Adam against the fast settings, in one run.
 
     python benchmarks/bench_zoo.py [--rows 200000] [--batches 20] [--models deepfm,xdeepfm,...]
-        [--fast bf16-mixed:rowwise_adagrad] [--out benchmarks/results/zoo.json]
+        [--fast bf16-mixed:rowwise_adagrad] [--out benchmarks/results/zoo.json] [--merge]
 
 Each model is built from its own ``conf/model/NAME.yaml`` (the sizes a user gets), on the same data as
 bench_train.py (synthetic Criteo-shaped rows, 39 categorical fields, batch 4096, 2 threads), in its own process.
 Training: ``--batches`` Lightning steps after 3 warm-up steps (data loading included); inference: the test split
 through the project's loader under ``lowrank_ctr.precision.inference``. ``--tiny`` shrinks every model (the
-tests' sizes) to check the script quickly. The result records the CPU share other processes used.
+tests' sizes) to check the script quickly. The result records the CPU share other processes used. ``--merge``
+re-measures only ``--models`` and replaces their rows in an existing ``--out`` (other rows kept; each row keeps
+the machine load of the run that measured it).
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=2026)
     ap.add_argument("--workdir", default=str(sc.REPO / "data_cache" / "bench"))
     ap.add_argument("--out", default=None)
+    ap.add_argument("--merge", action="store_true", help="replace only these models' rows in an existing --out")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -102,13 +105,30 @@ def main() -> None:
                     batch_size=args.batch_size, batches=args.batches, fast=args.fast)
         print(f"[bench_zoo] {name}", flush=True)
         rows.append({"model": name, **sc.run_child(Path(__file__), spec)})
-    result = {"workload": {"data": f"synthetic rows={args.rows} max_vocab={args.max_vocab}", "batch_size": args.batch_size,
-                           "threads": args.threads, "timed_batches": args.batches, "fast": args.fast,
-                           "model_sizes": "tiny (tests)" if args.tiny else "conf/model/NAME.yaml, embedding 16"},
-              "rows": rows, "machine": load.report()}
+    workload = {"data": f"synthetic rows={args.rows} max_vocab={args.max_vocab}", "batch_size": args.batch_size,
+                "threads": args.threads, "timed_batches": args.batches, "fast": args.fast,
+                "model_sizes": "tiny (tests)" if args.tiny else "conf/model/NAME.yaml, embedding 16"}
+    machine = load.report()
     for row in rows:
         row["train_samples_per_s"] = row["fast_train_samples_per_s"]
-    sc.write_json(args.out, result)
+        row["machine"] = machine
+    if args.merge:
+        rows = merged_rows(args.out, workload, rows)
+    sc.write_json(args.out, {"workload": workload, "rows": rows, "machine": machine})
+
+
+def merged_rows(out: str | None, workload: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of an earlier run of the same workload with these models' rows replaced (sorted by model)."""
+    if not out or not Path(out).is_file():
+        raise SystemExit(f"--merge needs an existing --out file to merge into, got {out!r}")
+    old = json.loads(Path(out).read_text())
+    if old.get("workload") != workload:
+        raise SystemExit(f"--merge: {out} was measured on another workload ({old.get('workload')}); "
+                         f"re-run every model without --merge")
+    fresh = {row["model"]: row for row in rows}
+    kept = [{**row, "machine": row.get("machine", old.get("machine"))} for row in old["rows"]
+            if row["model"] not in fresh]
+    return sorted([*kept, *rows], key=lambda row: row["model"])
 
 
 if __name__ == "__main__":

@@ -243,12 +243,17 @@ def test_cin_and_bilinear() -> None:
     assert CIN(5, [6, 4], split_half=False)(x).shape == (3, 10)
     with pytest.raises(ValueError, match="even"):
         CIN(5, [5, 4])
-    bi = BilinearInteraction(5, DIM, "field_interaction")
-    p = bi(x)
-    assert p.shape == (3, 10, DIM)
-    assert torch.allclose(p[:, 0], (x[:, 0] @ bi.weight[0]) * x[:, 1], atol=1e-6)
-    for kind in ("field_all", "field_each"):
-        assert BilinearInteraction(5, DIM, kind)(x).shape == (3, 10, DIM)
+    # p_ij = (v_i W) * v_j over i < j in triu order; W shared / per left field i / per pair
+    pairs = [(i, j) for i in range(5) for j in range(i + 1, 5)]
+    for kind in ("field_all", "field_each", "field_interaction"):
+        bi = BilinearInteraction(5, DIM, kind)
+        ws = {"field_all": lambda: [bi.weight[0]] * len(pairs), "field_each": lambda: [bi.weight[i] for i, _ in pairs],
+              "field_interaction": lambda: list(bi.weight)}[kind]()
+        expected = torch.stack([(x[:, i] @ w) * x[:, j] for (i, j), w in zip(pairs, ws)], dim=1)
+        assert bi.num_pairs == len(pairs)
+        assert torch.allclose(bi(x), expected, atol=1e-6), kind
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.allclose(bi(x).float(), expected, atol=0.05, rtol=0.05), kind
 
 
 def _cin_by_formula(x0: torch.Tensor, cin: CIN) -> torch.Tensor:

@@ -111,6 +111,23 @@ def test_benchmark_scripts_run_at_a_tiny_size(tmp_path: Path, script: str, args:
         assert row["train_samples_per_s"] > 0
 
 
+def test_zoo_merge_replaces_only_the_remeasured_rows(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_zoo import merged_rows
+
+    workload = {"data": "synthetic rows=10", "batch_size": 4}
+    out = tmp_path / "zoo.json"
+    out.write_text(json.dumps({"workload": workload, "machine": {"other_cpu_share": 0.01},
+                               "rows": [{"model": "deepfm", "v": 1}, {"model": "fibinet", "v": 1}]}))
+    rows = merged_rows(str(out), workload, [{"model": "fibinet", "v": 2, "machine": {"other_cpu_share": 0.02}}])
+    assert [(r["model"], r["v"], r["machine"]["other_cpu_share"]) for r in rows] == [
+        ("deepfm", 1, 0.01), ("fibinet", 2, 0.02)]
+    with pytest.raises(SystemExit, match="another workload"):
+        merged_rows(str(out), {**workload, "batch_size": 8}, [])
+    with pytest.raises(SystemExit, match="existing --out"):
+        merged_rows(str(tmp_path / "missing.json"), workload, [])
+
+
 @pytest.mark.slow
 def test_scale_benchmark_runs_every_stage_at_a_tiny_size(tmp_path: Path) -> None:
     out = tmp_path / "scale.json"
