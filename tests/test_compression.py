@@ -522,6 +522,7 @@ CONTRACT_SETTINGS = {
     "int8": dict(targets=("embedding", "mlp", "other")),
     "qr": dict(options={"collisions": 4}),
     "qr-scratch": dict(method="qr", options={"collisions": 4}, from_scratch=True),
+    "tt+afm": dict(method="tt", mlp_method="afm", embedding_rank=2, mlp_rank=4),
 }
 
 
@@ -534,6 +535,52 @@ class BatchInputs(nn.Module):
 
     def forward(self, cat, num, multi):
         return self.model({"cat": cat, "num": num, "multi": multi})
+
+
+def test_embedding_method_then_linear_method_is_the_two_calls_in_sequence():
+    """tt + afm: the TT embeddings first, then AFM on the Linears measured on the TT model; a target_ratio is the
+    whole model's (the TT bytes fixed) and holds within 2%; the same as the two calls by hand."""
+    from lowrank_ctr.models import build_model
+
+    schema = toy_schema(multihot=True, vocab=(400, 150, 300, 5))
+
+    def fresh():
+        torch.manual_seed(0)
+        return build_model("deepfm", schema, embedding_dim=8, mlp=[256, 256]).eval()
+
+    data = batches(schema, 4)
+    model = fresh()
+    base_bytes = model_size(model)["total"]["bytes"]
+    report = compress(model, "tt", data, embedding_rank=2, mlp_method="afm", mlp_rank=5)
+    by_hand = fresh()
+    compress(by_hand, "tt", data, embedding_rank=2, targets=["embedding"])
+    compress(by_hand, "afm", data, mlp_rank=5, targets=["mlp"])
+    torch.testing.assert_close(predict(model, data), predict(by_hand, data), atol=0, rtol=0)
+    assert report.method == "tt+afm" and report.base["total"]["bytes"] == base_bytes
+    kinds = {l["name"]: l["method"] for l in report.layers}
+    assert kinds["embedding.table"] == "tt" and kinds["mlp.net.0"] == "afm"
+    assert report.ratio == pytest.approx(base_bytes / model_size(model)["total"]["bytes"])
+
+    for ratio in (3.0, 6.0):
+        m = fresh()
+        r = compress(m, "tt", data, embedding_rank=2, mlp_method="afm", target_ratio=ratio)
+        assert ratio <= r.ratio <= ratio * 1.02, (ratio, r.ratio)
+        assert any(l["method"] == "afm" for l in r.layers)  # the budget needed the MLP too
+    from lowrank_ctr.compression import check_config
+
+    for ratio in (6.0, 200.0):  # checked before any training, on the untrained model: the same verdict
+        cfg = {"method": "tt", "embedding_rank": 2, "mlp_method": "afm", "target_ratio": ratio}
+        if ratio < 100:
+            check_config(fresh(), cfg)
+            continue
+        with pytest.raises(ValueError, match="target_ratio"):
+            check_config(fresh(), cfg)
+        with pytest.raises(ValueError, match="target_ratio"):
+            compress(fresh(), "tt", data, embedding_rank=2, mlp_method="afm", target_ratio=ratio)
+    with pytest.raises(ValueError, match="only embeddings"):
+        compress(fresh(), "afm", data, embedding_rank=2, mlp_method="svd", mlp_rank=4)
+    with pytest.raises(ValueError, match="from_scratch"):
+        compress(fresh(), "tt", data, embedding_rank=2, mlp_method="afm", mlp_rank=4, from_scratch=True)
 
 
 def test_every_registered_method_has_a_contract_setting_and_a_config():
@@ -567,7 +614,7 @@ def test_method_registry_contract(tmp_path, setting):
     model = build_model("deepfm", schema, embedding_dim=8, mlp=[32, 32]).eval()
     data = batches(schema, 4)
     report = compress(model, name, data, **kw)
-    assert report.ratio > 1.0 and report.method == name
+    assert report.ratio > 1.0 and report.method == "+".join([name, *([kw["mlp_method"]] if "mlp_method" in kw else [])])
     assert isinstance(method.setting(report.policy, ""), str)
     after = predict(model, data)
     assert torch.isfinite(after).all()

@@ -19,10 +19,11 @@ SCHEMA = Schema("toy", [FieldSpec(f"c{i}", "categorical", 50 + 10 * i) for i in 
 SMALL = {"mlp": [32, 32], "cin_layers": [8, 8], "cross_layers": 2, "mlp1": [32], "mlp2": [32], "fs_hidden": [16],
          "num_heads": 2, "attention_dim": 8, "attention_layers": 1}
 RANKS = {"svd": dict(embedding_rank=2, mlp_rank=4), "afm": dict(embedding_rank=2, mlp_rank=4),
-         "tt": dict(embedding_rank=2), "int8": {}}
+         "tt": dict(embedding_rank=2), "int8": {},
+         "tt+afm": dict(embedding_rank=2, mlp_rank=4, other_rank=0.5, mlp_method="afm")}
 
 
-@pytest.mark.parametrize("method", ["svd", "afm", "tt", "int8"])
+@pytest.mark.parametrize("method", ["svd", "afm", "tt", "int8", "tt+afm"])
 @pytest.mark.parametrize("name", list_models())
 def test_every_model_compresses_with_every_method(name, method):
     from lowrank_ctr.models import model_arguments
@@ -34,9 +35,11 @@ def test_every_model_compresses_with_every_method(name, method):
     batches = [random_batch(SCHEMA, 64, g) for _ in range(4)]
     before = model(batches[0])
     targets = ["embedding"] if name in ("lr", "fm") or method == "tt" else ["embedding", "mlp"]
-    if name == "lr":
-        pytest.skip("lr has only dim-1 tables: nothing low-rank to compress")
-    report = compress(model, method, calibration_batches=batches, targets=targets, **RANKS[method])
+    if method == "tt+afm":  # TT embeddings, then AFM on every Linear the model has
+        targets = ["embedding", "mlp", "other"]
+    if name == "lr" or (name == "fm" and method == "tt+afm"):
+        pytest.skip(f"{name} has no low-rank embedding or no Linear layer to compress")
+    report = compress(model, method.split("+")[0], calibration_batches=batches, targets=targets, **RANKS[method])
     after = model(batches[0])
     assert after.shape == before.shape and torch.isfinite(after).all()
     assert report.ratio > 1.0 and any(l["replaced"] for l in report.layers)

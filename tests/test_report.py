@@ -436,6 +436,22 @@ def test_recipe_variants_are_separate_settings():
     qr = g[g["method"] == "qr"]
     assert sorted(qr["setting"]) == ["collisions=20", "collisions=5", "from_scratch=true collisions=5"]
     assert (qr["n"] == 2).all()
+    # combined methods (compression.mlp_method): the embedding method's setting, then the Linear method's budget
+    recs = []
+    for seed in (1, 2):
+        for method, key, value in (("tt", "embedding_rank", 4), ("tt", "embedding_rank", 8), ("qr", "collisions", 20)):
+            rec = fake_results(f"{method}+afm", 4, seed, 0.7 + seed / 100, 0.775, 0.69, 5.0 + seed / 100)
+            rec["config"]["compression"].update({"method": method, "mlp_method": "afm", "target_ratio": 5,
+                                                 "mlp_rank": None, "embedding_rank": None, key: value})
+            recs.append(rec)
+    g = grouped_table(runs_table(recs)).set_index(["method", "setting"])
+    assert set(g.index) == {("tt+afm", "embedding_rank=4 target_ratio=5"), ("tt+afm", "embedding_rank=8 target_ratio=5"),
+                            ("qr+afm", "target_ratio=5 collisions=20")}
+    assert (g["n"] == 2).all() and g["auc_mean"].tolist() == pytest.approx([0.715] * 3)
+    from lowrank_ctr.compression.methods import get_method
+    from lowrank_ctr.report import method_label
+
+    assert method_label("tt+afm") == f"{get_method('tt').label}+{get_method('afm').label}"
 
 
 def test_readme_table_means_stds_and_target_verdicts():

@@ -22,7 +22,9 @@ def test_shipped_configs_are_valid(tmp_path):
                   ["compression=svd", "compression.energy=0.9", "compression.target_ratio=null"],
                   ["compression=afm", "compression.target_ratio=null", "compression.targets=[embedding,mlp]",
                    "compression.embedding_rank=2", "compression.mlp_rank=0.16"],
-                  ["experiment=criteo_dcnv2"], ["experiment=criteo_dcnv2", "compression=tt"]):
+                  ["experiment=criteo_dcnv2"], ["experiment=criteo_dcnv2", "compression=tt"],
+                  ["compression=tt", "compression.mlp_method=afm", "compression.target_ratio=5"],
+                  ["compression=qr", "compression.mlp_method=svd", "compression.mlp_rank=8"]):
         assert problems(cfg_with(tmp_path, *extra)) == [], extra
 
 
@@ -72,6 +74,14 @@ def test_wrong_types_and_ranges_name_the_key(tmp_path, overrides, key, need):
     (["compression=afm", "compression.control=true", "compression.finetune_epochs=0"], "finetune_epochs >= 1"),
     (["compression=afm", "compression.control_cache=/tmp/c"], "set compression.control=true or control_cache=null"),
     (["trainer.max_epochs=1", "trainer.min_epochs=3"], "more than trainer.max_epochs=1"),
+    (["compression=afm", "compression.mlp_method=svd"], "compresses only embeddings"),
+    (["compression=tt", "compression.mlp_method=int8"], "must be a low-rank method"),
+    (["compression=tt", "compression.mlp_method=afm", "compression.target_ratio=5", "compression.from_scratch=true"],
+     "cannot be combined with compression.from_scratch=true"),
+    (["compression=tt", "compression.mlp_method=afm"], "no rank policy for target group(s) ['mlp']"),
+    (["compression=tt", "compression.mlp_method=afm", "compression.targets=[mlp]"], "must name 'embedding'"),
+    (["compression=tt", "compression.mlp_method=afm", "compression.mlp_rank=4", "compression.embedding_rank=0.5"],
+     "needs the TT-rank"),
 ])
 def test_contradictions_are_one_clear_message(tmp_path, overrides, expected):
     found = problems(cfg_with(tmp_path, *overrides))

@@ -257,14 +257,16 @@ VARIANT_KEYS: tuple[str, ...] = ("code_dtype", "allocator", "calibration", "corr
 
 @functools.lru_cache(maxsize=None)  # two YAML files per method, read once per report, not once per run
 def _method_defaults(method: str) -> dict[str, Any]:
-    """The shipped defaults of ``conf/compression/<method>.yaml`` (over ``none.yaml``): a variant is named only
-    where a run differs from them."""
+    """The shipped defaults of ``conf/compression/<method>.yaml`` (over ``none.yaml``; for a combined ``tt+afm``,
+    the file of its first method, which the run was started from): a variant is named only where a run differs
+    from them."""
     import yaml
 
+    from lowrank_ctr.compression.methods import method_parts
     from lowrank_ctr.config import CONF_DIR
 
     out: dict[str, Any] = {}
-    for name in ("none", method):
+    for name in ("none", method_parts(method)[0]):
         path = Path(CONF_DIR) / "compression" / f"{name}.yaml"
         if path.exists():
             out.update({k: v for k, v in (yaml.safe_load(path.read_text()) or {}).items() if k != "defaults"})
@@ -274,17 +276,18 @@ def _method_defaults(method: str) -> dict[str, Any]:
 def _variant(comp: Mapping[str, Any], method: str) -> list[str]:
     """``code_dtype=float32 collisions=5 from_scratch=true``: the recipe keys and the method's own options whose
     value is not the method's default. Without them, runs of different recipes would be averaged as one setting."""
-    from lowrank_ctr.compression.methods import METHODS
+    from lowrank_ctr.compression.methods import METHODS, method_parts
 
     defaults = _method_defaults(method)
-    keys = list(VARIANT_KEYS) + (list(METHODS[method].options) if method in METHODS else [])
+    parts = [METHODS[p] for p in method_parts(method) if p in METHODS]
+    keys = list(VARIANT_KEYS) + [k for m in parts for k in m.options]
     if comp.get("target_ratio") is None:
         keys.remove("allocator")  # only a budget allocates
-    if method in METHODS:
+    if parts:
         from lowrank_ctr.compression.api import reads_calibration_batches
 
         setting = {**defaults, **{k: v for k, v in comp.items() if v is not None}}
-        if not reads_calibration_batches(METHODS[method], setting.get("allocator", "variance"),
+        if not reads_calibration_batches(parts[-1], setting.get("allocator", "variance"),
                                          setting.get("calibration", "oneshot"), setting.get("correction", "none"),
                                          setting.get("fold", False), setting.get("from_scratch", False)):
             keys.remove("calibration_batches")  # e.g. SVD: no batch is read, their number changes nothing
@@ -304,6 +307,15 @@ def _policy_setting(rec: Mapping[str, Any], method: str, ranks: str) -> str:
 
 
 def _requested_ranks(rec: Mapping[str, Any], comp: Mapping[str, Any], method: str, ranks: str) -> str:
+    from lowrank_ctr.compression.methods import method_parts
+
+    parts = method_parts(method)
+    if len(parts) > 1:  # tt+afm: the embedding method's rank, then what the Linear method was asked for
+        asked = {g: _find_key(comp, f"{g}_rank") for g in ("mlp", "other")}
+        linears = _requested_ranks(rec, {**comp, "embedding_rank": None}, parts[-1], "") \
+            or " ".join(f"{g}_rank={r}" for g, r in asked.items() if r is not None)
+        emb = _find_key(comp, "embedding_rank")  # qr has none: its collisions name the variant
+        return " ".join(filter(None, [f"embedding_rank={emb}" if emb is not None else "", linears]))
     target_ratio = _find_key(comp, "target_ratio")  # the policy compress() reported, over the config
     if method in ("svd", "afm") and target_ratio is not None:
         return f"target_ratio={_num(target_ratio):g}"
@@ -495,9 +507,11 @@ def method_rank(method: str) -> int:
 
 
 def method_label(method: str) -> str:
-    """How plots name a method (``AFM``, ``SVD``, ``base``); its name when the registry does not know it."""
-    registered = _registry().get(method)
-    return str(getattr(registered, "label", "") or method)
+    """How plots name a method (``AFM``, ``SVD``, ``base``, ``TT+AFM``); its name when the registry does not know
+    it."""
+    from lowrank_ctr.compression.methods import method_parts
+
+    return "+".join(str(getattr(_registry().get(p), "label", "") or p) for p in method_parts(method))
 
 
 def method_color(method: str) -> str:

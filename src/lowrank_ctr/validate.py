@@ -156,11 +156,48 @@ def _data_problems(cfg: DictConfig) -> list[str]:
 
 def _compression_conflicts(cfg: DictConfig) -> list[str]:
     """Contradictions between compression keys; what a method itself requires comes from its registry entry."""
-    from lowrank_ctr.compression.methods import METHODS
-
     comp = cfg.get("compression")
     if comp is None or comp.get("method", "none") == "none":
         return []
+    if comp.get("mlp_method") not in (None, "none"):
+        return _two_stage_conflicts(comp)
+    return _method_conflicts(comp)
+
+
+def _two_stage_conflicts(comp: DictConfig) -> list[str]:
+    """``method`` on the embeddings + ``mlp_method`` on the Linears: the pair itself, then each stage checked as
+    the single-method config it runs as."""
+    from lowrank_ctr.compression.api import split_groups
+    from lowrank_ctr.compression.methods import METHODS
+
+    names = {"method": str(comp.method), "mlp_method": str(comp.mlp_method)}
+    unknown = [f"compression.{k}={v!r} is not a known method; choose one of {list(METHODS)}"
+               for k, v in names.items() if v not in METHODS]
+    if unknown:
+        return unknown
+    for key in ("from_scratch", "fold"):
+        if comp.get(key):
+            return [f"compression.mlp_method={names['mlp_method']} compresses trained Linear layers: it cannot be "
+                    f"combined with compression.{key}=true"]
+    targets = comp.get("targets")
+    try:
+        emb_groups, layer_groups = split_groups(METHODS[names["method"]], METHODS[names["mlp_method"]],
+                                                None if targets is None else list(targets), comp.get("target_ratio"))
+    except ValueError as e:
+        return [str(e)]
+    plain = OmegaConf.to_container(comp, resolve=True)
+    embedding_stage = {**plain, "targets": emb_groups, "target_ratio": None, "energy": None, "mlp_rank": None,
+                       "other_rank": None, "code_dtype": "float32", "allocator": "variance", "mlp_method": None}
+    linear_stage = {**plain, "method": names["mlp_method"], "targets": layer_groups, "embedding_rank": None,
+                    "mlp_method": None}
+    found = _method_conflicts(OmegaConf.create(embedding_stage)) + _method_conflicts(OmegaConf.create(linear_stage))
+    return list(dict.fromkeys(found))
+
+
+def _method_conflicts(comp: DictConfig) -> list[str]:
+    """The checks of a one-method ``compression`` config."""
+    from lowrank_ctr.compression.methods import METHODS
+
     name = str(comp.method)
     if name not in METHODS:
         return [f"compression.method={name!r} is not a known method; choose one of {list(METHODS)}"]

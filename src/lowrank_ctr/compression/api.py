@@ -25,7 +25,7 @@ from torch import nn
 
 from lowrank_ctr.compression.calibrate import forward_order, linear_moments, refit_linear
 from lowrank_ctr.compression.fold import fold_model, find_field_readers
-from lowrank_ctr.compression.methods import CompressionMethod, LayerContext, get_method
+from lowrank_ctr.compression.methods import METHODS, CompressionMethod, LayerContext, get_method
 from lowrank_ctr.compression.methods.lowrank import LowRankMethod, embedding_full_ranks, linear_full_rank
 from lowrank_ctr.compression.modules import CODE_DTYPES, LowRankFieldEmbedding
 from lowrank_ctr.compression.ranks import (
@@ -225,6 +225,8 @@ def compress(
     allocator: str = "variance",
     from_scratch: bool = False,
     options: Mapping[str, Any] | None = None,
+    mlp_method: str | None = None,
+    reference_bytes: int | None = None,
 ) -> CompressionReport:
     """Compress ``model`` in place and report what was done.
 
@@ -242,7 +244,17 @@ def compress(
     ``forward_fn(model, batch)``, default ``model(batch)``, in eval mode, at most ``max_calibration_batches``).
     fold: Linears that read the svd/afm field vectors read them through each field's small basis (fold.py).
     from_scratch: build the method's structure with random initialisation (tt, qr), for training from scratch.
+    mlp_method: a second method for the Linear layers (groups mlp and other) when ``method`` compresses the
+    embeddings only (tt, qr): the embeddings first (``embedding_rank``), then the Linears (``mlp_rank`` /
+    ``other_rank`` / ``energy`` / ``target_ratio``, measured on the model whose embeddings are already
+    compressed); a ``target_ratio`` is then the WHOLE model's, the compressed embeddings counted as fixed bytes.
+    reference_bytes: the size a ``target_ratio`` divides (default: this model's size now).
     """
+    if mlp_method not in (None, "none"):
+        return _compress_embeddings_then_linears(
+            model, method, str(mlp_method), calibration_batches, targets, embedding_rank, mlp_rank, other_rank,
+            energy, target_ratio, include, exclude, forward_fn, max_calibration_batches, fold, code_dtype,
+            calibration, correction, allocator, from_scratch, options or {})
     plan = _Plan(model, method, targets, include, exclude, code_dtype, calibration, correction, allocator, energy,
                  target_ratio, fold, from_scratch, options or {})
     m = plan.method
@@ -281,7 +293,8 @@ def compress(
         if (m.needs_calibration or plan.allocator == "loss") and plan.active:
             stats, _ = collect_output_stats(model, {t.name: t.module for t in plan.active}, batches, forward_fn,
                                             gradients=plan.allocator == "loss")
-        ranks, orders = _choose_ranks(model, plan, stats, base, policy, group_ranks, energy, target_ratio)
+        ranks, orders = _choose_ranks(model, plan, stats, base, policy, group_ranks, energy, target_ratio,
+                                      reference_bytes)
         teacher = copy.deepcopy(model).eval() if correction == "lstsq" else None
         layers += _replace(model, plan, stats, ranks, orders, batches, forward_fn, teacher, replaced)
         if fold:
@@ -306,6 +319,64 @@ def compress(
         spec=make_spec(m.name, replaced), calibration_batches=len(batches))
 
 
+def split_groups(method: CompressionMethod, mlp_method: CompressionMethod, targets: Sequence[str] | None,
+                 target_ratio: float | None) -> tuple[list[str], list[str]]:
+    """The groups of the two stages of ``method`` + ``mlp_method``: (embedding groups, Linear groups); raises
+    ValueError (naming the key) when the pair cannot be combined."""
+    if tuple(method.groups) != ("embedding",):
+        raise ValueError(f"compression.mlp_method={mlp_method.name} adds a method for the Linear layers to one that "
+                         f"compresses only embeddings (e.g. tt, qr); {method.name!r} already compresses "
+                         f"{list(method.groups)}: set compression.mlp_method=null")
+    if mlp_method.name == "none" or "mlp" not in mlp_method.groups or not mlp_method.low_rank:
+        low = [n for n, m in METHODS.items() if m.low_rank and "mlp" in m.groups]
+        raise ValueError(f"compression.mlp_method={mlp_method.name!r} must be a low-rank method for the Linear "
+                         f"layers: one of {low}")
+    # targets naming only the embedding (tt.yaml's own default): the Linear groups are mlp_method's defaults
+    groups = list(targets) if targets is not None else ["embedding"]
+    layer_groups = [g for g in groups if g != "embedding"] or \
+        [g for g in mlp_method.targets_for(target_ratio) if g != "embedding"]
+    if "embedding" not in groups:
+        raise ValueError(f"compression.mlp_method={mlp_method.name} compresses the embeddings with {method.name} "
+                         f"and the Linear layers with {mlp_method.name}: compression.targets must name 'embedding' "
+                         f"(got {groups})")
+    return ["embedding"], layer_groups
+
+
+def _compress_embeddings_then_linears(
+        model: nn.Module, method: str, mlp_method: str, calibration_batches: Iterable[Any] | None,
+        targets: Sequence[str] | None, embedding_rank: RankArg, mlp_rank: RankArg, other_rank: RankArg,
+        energy: float | None, target_ratio: float | None, include: Sequence[str], exclude: Sequence[str],
+        forward_fn: Callable[[nn.Module, Any], Any] | None, max_calibration_batches: int | None, fold: bool,
+        code_dtype: str, calibration: str, correction: str, allocator: str, from_scratch: bool,
+        options: Mapping[str, Any]) -> CompressionReport:
+    """``method`` on the embeddings, then ``mlp_method`` on the Linears of the result; one report for both."""
+    first, second = get_method(method), get_method(mlp_method)
+    emb_groups, layer_groups = split_groups(first, second, targets, target_ratio)
+    if from_scratch or fold:
+        raise ValueError(f"compression.mlp_method={mlp_method} compresses trained Linear layers: it cannot be "
+                         f"combined with compression.{'from_scratch' if from_scratch else 'fold'}=true")
+    batches = list(itertools.islice(calibration_batches, max_calibration_batches)) \
+        if calibration_batches is not None else None
+    original = model_size(model, module_groups(model))
+    common = dict(include=include, exclude=exclude, forward_fn=forward_fn, options=options)
+    r1 = compress(model, method, batches, targets=emb_groups, embedding_rank=embedding_rank, **common)
+    r2 = compress(model, mlp_method, batches, targets=layer_groups, mlp_rank=mlp_rank, other_rank=other_rank,
+                  energy=energy, target_ratio=target_ratio, code_dtype=code_dtype, calibration=calibration,
+                  correction=correction, allocator=allocator, reference_bytes=original["total"]["bytes"], **common)
+    name = "+".join([first.name, second.name])  # methods.method_parts splits it
+    policy = {**r2.policy, "targets": [*emb_groups, *layer_groups], "embedding_method": first.name,
+              "mlp_method": second.name, "embedding_rank": embedding_rank,
+              **{k: v for k, v in r1.policy.items() if k in first.options}}
+    after = r2.compressed
+    return CompressionReport(
+        method=name, policy=policy, layers=[*r1.layers, *r2.layers], base=original, compressed=after,
+        ratio=compression_ratio(original["total"]["bytes"], after["total"]["bytes"]),
+        group_ratios={g: compression_ratio(original[g]["bytes"], after[g]["bytes"])
+                      for g in SIZE_GROUPS + ("total",) if original[g]["bytes"]},
+        spec={**r2.spec, "method": name, "modules": [*r1.spec["modules"], *r2.spec["modules"]]},
+        calibration_batches=max(r1.calibration_batches, r2.calibration_batches))
+
+
 def _loss_orders(stats: OutputStats, full_ranks: Sequence[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per group: the estimated loss of dropping each of its first ``full_ranks[g]`` eigen-components, descending,
     and the component indices in that order (the order in which the loss allocator keeps them)."""
@@ -320,7 +391,8 @@ def _loss_orders(stats: OutputStats, full_ranks: Sequence[int]) -> tuple[list[to
 
 def _choose_ranks(model: nn.Module, plan: _Plan, stats: Mapping[str, OutputStats], base: dict[str, dict[str, int]],
                   policy: dict[str, Any], group_ranks: dict[str, RankArg], energy: float | None,
-                  target_ratio: float | None) -> tuple[dict[str, Any], dict[str, list[torch.Tensor] | None]]:
+                  target_ratio: float | None, reference_bytes: int | None = None,
+                  ) -> tuple[dict[str, Any], dict[str, list[torch.Tensor] | None]]:
     """Ranks per active target, and for the loss allocator the order in which components are kept."""
     m = plan.method
     orders: dict[str, list[torch.Tensor] | None] = {t.name: None for t in plan.active}
@@ -343,7 +415,7 @@ def _choose_ranks(model: nn.Module, plan: _Plan, stats: Mapping[str, OutputStats
                 gains[t.name], orders[t.name] = _loss_orders(stats[t.name], full)
             else:  # each spectrum normalised to sum 1: shares of the layer's (field's) own variance
                 gains[t.name] = [s / s.sum() if float(s.sum()) > 0 else s for s in spectra(t)]
-        chosen, predicted = allocate_budget(plan.budget_layers(stats, gains), base["total"]["bytes"],
+        chosen, predicted = allocate_budget(plan.budget_layers(stats, gains), reference_bytes or base["total"]["bytes"],
                                             float(target_ratio), _fixed_parts(model, plan.active))
         policy["predicted_bytes"] = predicted
         return chosen, orders
@@ -452,7 +524,7 @@ def _rank_arg(value: Any) -> Any:
 #: fine-tune, distillation, control); a method's own keys (``CompressionMethod.options``) come on top
 COMPRESS_KEYS: tuple[str, ...] = ("method", "targets", "embedding_rank", "mlp_rank", "other_rank", "energy",
                                   "target_ratio", "include", "exclude", "fold", "code_dtype", "calibration",
-                                  "correction", "allocator", "from_scratch")
+                                  "correction", "allocator", "from_scratch", "mlp_method")
 
 
 def _compress_kwargs(cfg: Any) -> dict[str, Any]:
@@ -469,8 +541,12 @@ def _compress_kwargs(cfg: Any) -> dict[str, Any]:
             kw[k] = float(kw[k])
     for k in ("fold", "from_scratch"):
         kw[k] = bool(kw.get(k, False))
-    method = get_method(str(kw.get("method", "none")))
-    kw["options"] = {k: get(k) for k in method.options}
+    if kw.get("mlp_method") == "none":
+        del kw["mlp_method"]
+    methods = [get_method(str(kw.get("method", "none")))]
+    if "mlp_method" in kw:
+        methods.append(get_method(str(kw["mlp_method"])))
+    kw["options"] = {k: get(k) for m in methods for k in m.options}
     return kw
 
 
@@ -495,6 +571,9 @@ def check_config(model: nn.Module, cfg: Any, batch: Any | None = None,
     kw = _compress_kwargs(cfg)
     if kw.get("method", "none") == "none":
         return
+    if "mlp_method" in kw:
+        _check_two_stage(model, kw, forward_fn)
+        return
     plan = _Plan(model, kw["method"], kw.get("targets"), kw.get("include", ()), kw.get("exclude", ()),
                  kw.get("code_dtype", "float32"), kw.get("calibration", "oneshot"), kw.get("correction", "none"),
                  kw.get("allocator", "variance"), kw.get("energy"), kw.get("target_ratio"), kw["fold"],
@@ -502,14 +581,7 @@ def check_config(model: nn.Module, cfg: Any, batch: Any | None = None,
     m = plan.method
     group_ranks = {g: kw.get(f"{g}_rank") for g in ("embedding", "mlp", "other")}
     if kw.get("target_ratio") is not None:
-        base = model_size(model)["total"]["bytes"]
-        budget = int(base / kw["target_ratio"])
-        fixed = _fixed_parts(model, plan.active)
-        layers = plan.budget_layers(None, None)
-        minimum = minimum_bytes(layers) + sum(fixed.values())
-        if minimum > budget:
-            raise ValueError(unreachable_message(kw["target_ratio"], base, budget, minimum,
-                                                 {repr(l.name): l.bytes_of(l.min_ranks) for l in layers}, fixed))
+        _check_budget(model, plan, kw["target_ratio"], model_size(model)["total"]["bytes"])
     elif m.low_rank:
         for t in plan.active:
             r = group_ranks[t.group]
@@ -532,3 +604,39 @@ def check_config(model: nn.Module, cfg: Any, batch: Any | None = None,
             raise ValueError(f"compression.fold=true: no Linear layer of {type(model).__name__} reads the embedded "
                              "field vectors directly (e.g. a DNN fed by a cross network or by attention), so there is "
                              "nothing to fold; set compression.fold=false")
+
+
+def _check_two_stage(model: nn.Module, kw: dict[str, Any], forward_fn: Callable[[nn.Module, Any], Any] | None) -> None:
+    """``check_config`` of ``method`` + ``mlp_method``: the embedding method's structure is built with random
+    initialisation on a copy of the model (sizes only), then the Linear stage is checked on that copy with the
+    original size as the reference of ``target_ratio``."""
+    first, second = get_method(kw["method"]), get_method(kw["mlp_method"])
+    emb_groups, layer_groups = split_groups(first, second, kw.get("targets"), kw.get("target_ratio"))
+    if kw["from_scratch"] or kw["fold"]:
+        raise ValueError(f"compression.mlp_method={second.name} compresses trained Linear layers: it cannot be "
+                         f"combined with compression.{'from_scratch' if kw['from_scratch'] else 'fold'}=true")
+    if not first.from_scratch:
+        return  # no cheap way to know the embedding stage's size before it runs: checked when it runs
+    shell = copy.deepcopy(model)
+    original = model_size(shell)["total"]["bytes"]
+    common = dict(include=kw.get("include", ()), exclude=kw.get("exclude", ()), options=kw["options"])
+    compress(shell, first.name, targets=emb_groups, embedding_rank=kw.get("embedding_rank"), from_scratch=True,
+             **common)
+    plan = _Plan(shell, second.name, layer_groups, common["include"], common["exclude"],
+                 kw.get("code_dtype", "float32"), kw.get("calibration", "oneshot"), kw.get("correction", "none"),
+                 kw.get("allocator", "variance"), kw.get("energy"), kw.get("target_ratio"), False, False,
+                 kw["options"])
+    if kw.get("target_ratio") is not None:
+        _check_budget(shell, plan, kw["target_ratio"], original)
+
+
+def _check_budget(model: nn.Module, plan: _Plan, target_ratio: float, reference_bytes: int) -> None:
+    """Raise when even the smallest ranks of the plan's layers, plus everything they do not touch, exceed the
+    budget ``reference_bytes / target_ratio``."""
+    budget = int(reference_bytes / target_ratio)
+    fixed = _fixed_parts(model, plan.active)
+    layers = plan.budget_layers(None, None)
+    minimum = minimum_bytes(layers) + sum(fixed.values())
+    if minimum > budget:
+        raise ValueError(unreachable_message(target_ratio, reference_bytes, budget, minimum,
+                                             {repr(l.name): l.bytes_of(l.min_ranks) for l in layers}, fixed))

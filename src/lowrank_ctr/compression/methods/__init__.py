@@ -32,6 +32,11 @@ def get_method(name: str) -> CompressionMethod:
     return METHODS[name]
 
 
+def method_parts(name: str) -> list[str]:
+    """The methods a run's method name combines: ``"tt+afm"`` (``compression.mlp_method``) -> ["tt", "afm"]."""
+    return str(name).split("+")
+
+
 def method_names() -> list[str]:
     """Registered methods in registration order (the order of reports and plots)."""
     return list(METHODS)
@@ -52,5 +57,5 @@ def module_types() -> dict[str, type[nn.Module]]:
 # the built-in methods first, in the order of reports; then any other file dropped here (all a new method needs)
 import_package_modules(__name__, __path__, skip=("base", "lowrank"), first=("none", "svd", "afm", "tt", "int8", "qr"))
 
-__all__ = ["METHODS", "CompressionMethod", "Info", "LayerContext", "get_method", "method_names", "module_types",
-           "register_method"]
+__all__ = ["METHODS", "CompressionMethod", "Info", "LayerContext", "get_method", "method_names", "method_parts",
+           "module_types", "register_method"]
