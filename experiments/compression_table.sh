@@ -12,6 +12,9 @@
 #   qr        quotient-remainder embeddings from the trained tables, 5 and 20 collisions (MLP left dense)
 #   qr        the same trained from scratch
 #   int8      row-wise int8 embeddings + int8 Linear weights
+#   tt_afm    TT embeddings (TT-rank 8) + AFM on the Linear layers (compression.mlp_method=afm, loss budget) at
+#             whole-model target_ratio 3, 5, 10, 20: the TT family at the same budgets as afm / svd
+#   qr_afm    QR embeddings (20 collisions) + AFM on the Linear layers, the same budgets
 # and, on the first seed only, what did not make the default (ablations): afm with float32 codes / the variance
 # budget / sequential calibration + least-squares correction / folding, at 5 and 10.
 #
@@ -24,7 +27,7 @@ OUT=${OUT:-outputs/compression_table}
 DATASETS=${DATASETS:-"synthetic:deepfm synthetic:dcnv2 movielens100k:deepfm criteo_sample:deepfm avazu_sample:deepfm"}
 SEEDS=${SEEDS:-"1 2 3"}
 RATIOS=${RATIOS:-"3,5,10,20"}
-FAMILIES=${FAMILIES:-"afm svd tt tt_scratch qr qr_scratch int8"}  # a subset runs only those
+FAMILIES=${FAMILIES:-"afm svd tt tt_scratch qr qr_scratch int8 tt_afm qr_afm"}  # a subset runs only those
 ABLATIONS=${ABLATIONS:-1}                                          # 0: skip the first-seed ablations
 SYNTHETIC_ROWS=${SYNTHETIC_ROWS:-}                                 # e.g. 200000: a smaller synthetic dataset
 EXTRA=${EXTRA:-}
@@ -62,6 +65,10 @@ for pair in $DATASETS; do
     compress "$ckpt" "$seed" "$runs/qr" compression=qr compression.collisions=5,20
     compress "$ckpt" "$seed" "$runs/qr_scratch" compression=qr compression.collisions=5,20 compression.from_scratch=true
     compress "$ckpt" "$seed" "$runs/int8" compression=int8
+    compress "$ckpt" "$seed" "$runs/tt_afm" compression=tt compression.embedding_rank=8 compression.mlp_method=afm \
+      compression.allocator=loss compression.target_ratio="$RATIOS"
+    compress "$ckpt" "$seed" "$runs/qr_afm" compression=qr compression.collisions=20 compression.mlp_method=afm \
+      compression.allocator=loss compression.target_ratio="$RATIOS"
     if [ "$seed" = "$first_seed" ] && [ "$ABLATIONS" = 1 ]; then
       abl="$OUT/ablations/$data/$model/seed$seed"
       compress "$ckpt" "$seed" "$abl/float32_codes" compression=afm $ALL $BUDGET compression.target_ratio=5,10 \

@@ -411,6 +411,28 @@ def test_one_panel_titles_fit_and_labels_clear_the_markers(tmp_path):
             assert matplotlib.colors.to_hex(legend[registered.label].get_color()) == registered.color
 
 
+def test_coincident_points_share_one_label_next_to_them(tmp_path):
+    """Two settings at the same ratio and AUC (e.g. a recipe and its ablation that changed nothing) are one marker:
+    one label naming both, placed by the point, not two labels pushing each other across the panel."""
+    import matplotlib.pyplot as plt
+
+    from lowrank_ctr.plots import label_overlaps, place_labels
+
+    fig, ax = plt.subplots(figsize=(4, 3))
+    xs, ys = [1.0, 5.0, 5.0, 5.0, 10.0], [0.0, -0.001, -0.001, -0.001, -0.002]
+    ax.scatter(xs, ys)
+    labels = ["a", "AFM target_ratio=5", "AFM target_ratio=5 calibration_batches=32", "AFM target_ratio=5", "b"]
+    placed = place_labels(ax, xs, ys, labels)
+    texts = [a.get_text() for a in placed]
+    assert texts == ["a", "AFM target_ratio=5\nAFM target_ratio=5 calibration_batches=32", "b"]
+    assert label_overlaps(fig) == []
+    for ann in placed:  # every label starts within 30 points of its point (a leader line when beyond 10)
+        dx, dy = ann.xyann
+        assert (dx * dx + dy * dy) ** 0.5 <= 30
+        assert (ann.arrow_patch is not None) == ((dx * dx + dy * dy) ** 0.5 > 10)
+    plt.close(fig)
+
+
 def test_recipe_variants_are_separate_settings():
     """Two recipes at the same budget (int8 vs float32 codes; qr with 5 vs 20 collisions, from scratch or not) are
     different experiments: never averaged as one setting's seeds."""

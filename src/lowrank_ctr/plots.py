@@ -15,14 +15,14 @@ import io
 import math
 import textwrap
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Iterator, Any, Sequence
 
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import PathCollection
 from matplotlib.figure import Figure
-from matplotlib.text import Annotation
+from matplotlib.text import Annotation, Text
 from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import Bbox
 
@@ -158,12 +158,37 @@ def _line_boxes(ax: Any, step_px: float = 3.0) -> list[Bbox]:
 _DIRECTIONS = [(1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1)]
 
 
+def _text_box(ann: Annotation, renderer: Any) -> Bbox:
+    """The box of a label's text alone (an Annotation's own extent includes its leader line, which may cross
+    markers: it points at one)."""
+    ann.update_positions(renderer)  # what Annotation.get_window_extent does before measuring
+    return Text.get_window_extent(ann, renderer)
+
+
+def _merge_coincident(ax: Any, xs: Sequence[float], ys: Sequence[float], labels: Sequence[str],
+                      radius_px: float) -> list[tuple[float, float, str]]:
+    """Points drawn within ``radius_px`` of each other share one label (their texts one per line, in order): two
+    labels for one visible marker would push each other far from it."""
+    pts = ax.transData.transform(np.column_stack([xs, ys]).astype(float)) if len(xs) else np.zeros((0, 2))
+    groups: list[list[int]] = []
+    for i, p in enumerate(pts):
+        for g in groups:
+            if np.hypot(*(pts[g[0]] - p)) <= radius_px:
+                g.append(i)
+                break
+        else:
+            groups.append([i])
+    return [(float(xs[g[0]]), float(ys[g[0]]), "\n".join(dict.fromkeys(labels[i] for i in g))) for g in groups]
+
+
 def place_labels(ax: Any, xs: Sequence[float], ys: Sequence[float], labels: Sequence[str],
-                 fontsize: float = 7) -> list[Annotation]:
+                 fontsize: float = 7, merge_px: float = 8.0) -> list[Annotation]:
     """Label points so that no label overlaps a marker, another label or the panel's edge.
 
-    The figure's layout is drawn and frozen first (constrained layout would move the panels afterwards); then each
-    label tries 8 directions at growing distances and takes the first free spot, or the least-overlapping one.
+    The figure's layout is drawn and frozen first (constrained layout would move the panels afterwards); points
+    within ``merge_px`` of each other on screen get one multi-line label; then each label tries 8 directions at
+    growing distances and takes the first free spot, or the least-overlapping one; a label placed away from its
+    point gets a thin leader line to it.
     """
     fig = ax.figure
     renderer = _renderer(fig)
@@ -173,31 +198,50 @@ def place_labels(ax: Any, xs: Sequence[float], ys: Sequence[float], labels: Sequ
     obstacles = marker_boxes(ax) + _line_boxes(ax)
     placed: list[Annotation] = []
     taken: list[Bbox] = []
-    for x, y, text in zip(xs, ys, labels):
+    for x, y, text in _merge_coincident(ax, xs, ys, labels, merge_px):
         best: tuple[float, Annotation] | None = None
-        for dist in (5, 9, 14, 20, 28):
-            for dx, dy in _DIRECTIONS:
-                ann = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx * dist, dy * dist),
-                                  ha={1: "left", -1: "right", 0: "center"}[dx],
-                                  va={1: "bottom", -1: "top", 0: "center"}[dy], fontsize=fontsize, color="#333333")
-                box = ann.get_window_extent(renderer).padded(1)
-                overlap = sum(_area(box, o) for o in (*obstacles, *taken))
-                outside = box.width * box.height - _area(box, inside)
-                cost = overlap + 10 * outside
-                if best is None or cost < best[0]:
-                    if best is not None:
-                        best[1].remove()
-                    best = (cost, ann)
-                else:
-                    ann.remove()
-                if cost == 0:
-                    break
-            if best is not None and best[0] == 0:
+        for dx, dy, ha, va in _candidate_offsets(ax, x, y, inside):
+            ann = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, va=va,
+                              fontsize=fontsize, color="#333333")
+            box = ann.get_window_extent(renderer).padded(1)
+            overlap = sum(_area(box, o) for o in (*obstacles, *taken))
+            outside = box.width * box.height - _area(box, inside)
+            cost = overlap + 10 * outside
+            if best is None or cost < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (cost, ann)
+            else:
+                ann.remove()
+            if cost == 0:
                 break
         assert best is not None
+        dx, dy = best[1].xyann
+        if np.hypot(dx, dy) > 10:  # beyond the nearest ring: draw where it belongs
+            best[1].remove()
+            best = (best[0], ax.annotate(best[1].get_text(), (x, y), textcoords="offset points", xytext=(dx, dy),
+                                         ha=best[1].get_ha(), va=best[1].get_va(), fontsize=fontsize,
+                                         color="#333333", arrowprops=dict(arrowstyle="-", lw=0.5, color="#777777",
+                                                                          shrinkA=0, shrinkB=2)))
         placed.append(best[1])
-        taken.append(best[1].get_window_extent(renderer).padded(1))
+        taken.append(_text_box(best[1], renderer).padded(1))
     return placed
+
+
+def _candidate_offsets(ax: Any, x: float, y: float, inside: Bbox) -> Iterator[tuple[float, float, str, str]]:
+    """Label positions (offset in points from the point, alignment) in order of preference: 8 directions at
+    growing distances, then a grid over the whole panel (a crowded corner: the label goes where there is room,
+    with a leader line)."""
+    for dist in (5, 9, 14, 20, 28, 40):
+        for dx, dy in _DIRECTIONS:
+            yield (dx * dist, dy * dist, {1: "left", -1: "right", 0: "center"}[dx],
+                   {1: "bottom", -1: "top", 0: "center"}[dy])
+    px, py = ax.transData.transform((x, y))
+    to_pt = 72.0 / ax.figure.dpi
+    spots = [(inside.x0 + inside.width * fx, inside.y0 + inside.height * fy)
+             for fx in np.linspace(0.05, 0.95, 7) for fy in np.linspace(0.05, 0.95, 7)]
+    for sx, sy in sorted(spots, key=lambda s: np.hypot(s[0] - px, s[1] - py)):
+        yield ((sx - px) * to_pt, (sy - py) * to_pt, "left" if sx >= px else "right", "bottom" if sy >= py else "top")
 
 
 def _area(a: Bbox, b: Bbox) -> float:
@@ -400,7 +444,7 @@ def label_overlaps(fig: Figure) -> list[str]:
         inside = ax.get_window_extent(renderer)
         boxes = marker_boxes(ax, pad_px=0.0)
         texts = [t for t in ax.texts if isinstance(t, Annotation)]
-        extents = [t.get_window_extent(renderer) for t in texts]
+        extents = [_text_box(t, renderer) for t in texts]
         for i, (t, box) in enumerate(zip(texts, extents)):
             if any(_area(box, b) > 0 for b in boxes):
                 problems.append(f"{t.get_text()!r} overlaps a marker")
