@@ -66,9 +66,9 @@ for pair in $DATASETS; do
     compress "$ckpt" "$seed" "$runs/qr_scratch" compression=qr compression.collisions=5,20 compression.from_scratch=true
     compress "$ckpt" "$seed" "$runs/int8" compression=int8
     compress "$ckpt" "$seed" "$runs/tt_afm" compression=tt compression.embedding_rank=8 compression.mlp_method=afm \
-      compression.allocator=loss compression.target_ratio="$RATIOS"
+      compression.allocator=loss compression.code_dtype=int8 compression.target_ratio="$RATIOS"
     compress "$ckpt" "$seed" "$runs/qr_afm" compression=qr compression.collisions=20 compression.mlp_method=afm \
-      compression.allocator=loss compression.target_ratio="$RATIOS"
+      compression.allocator=loss compression.code_dtype=int8 compression.target_ratio="$RATIOS"
     if [ "$seed" = "$first_seed" ] && [ "$ABLATIONS" = 1 ]; then
       abl="$OUT/ablations/$data/$model/seed$seed"
       compress "$ckpt" "$seed" "$abl/float32_codes" compression=afm $ALL $BUDGET compression.target_ratio=5,10 \

@@ -566,6 +566,7 @@ def test_embedding_method_then_linear_method_is_the_two_calls_in_sequence():
         r = compress(m, "tt", data, embedding_rank=2, mlp_method="afm", target_ratio=ratio)
         assert ratio <= r.ratio <= ratio * 1.02, (ratio, r.ratio)
         assert any(l["method"] == "afm" for l in r.layers)  # the budget needed the MLP too
+        assert "linear.table" in {l["name"] for l in r.layers}  # the first-order table TT left is the budget's too
     from lowrank_ctr.compression import check_config
 
     for ratio in (6.0, 200.0):  # checked before any training, on the untrained model: the same verdict

@@ -321,7 +321,7 @@ def compress(
 
 def split_groups(method: CompressionMethod, mlp_method: CompressionMethod, targets: Sequence[str] | None,
                  target_ratio: float | None) -> tuple[list[str], list[str]]:
-    """The groups of the two stages of ``method`` + ``mlp_method``: (embedding groups, Linear groups); raises
+    """The groups of the two stages of ``method`` + ``mlp_method``: (first stage's, second stage's); raises
     ValueError (naming the key) when the pair cannot be combined."""
     if tuple(method.groups) != ("embedding",):
         raise ValueError(f"compression.mlp_method={mlp_method.name} adds a method for the Linear layers to one that "
@@ -339,6 +339,10 @@ def split_groups(method: CompressionMethod, mlp_method: CompressionMethod, targe
         raise ValueError(f"compression.mlp_method={mlp_method.name} compresses the embeddings with {method.name} "
                          f"and the Linear layers with {mlp_method.name}: compression.targets must name 'embedding' "
                          f"(got {groups})")
+    if target_ratio is not None and mlp_method.first_order:
+        # under a budget the second method also gets what the first left of the embedding group: the dim-1
+        # first-order tables (int8 codes or rank 0), which tt / qr do not touch and which cap the ratio at ~d
+        layer_groups = ["embedding", *layer_groups]
     return ["embedding"], layer_groups
 
 
