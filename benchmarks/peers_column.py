@@ -73,8 +73,19 @@ def main() -> None:
     workdir = Path(os.path.abspath(args.workdir or (args.out + ".work")))
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
+    import resource
+
+    def mark(stage: str) -> None:  # peak RSS so far and RSS now (MB): where the column's peak is reached
+        res.setdefault("peak_rss_mb_by_stage", {})[stage] = round(
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        status = Path("/proc/self/status")
+        if status.exists():
+            kb = next((int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmRSS")), 0)
+            res.setdefault("rss_mb_by_stage", {})[stage] = round(kb / 1024, 1)
+
     res = {"peer": "lowrank-ctr", "peer_version": project_version(), "settings": S, "data": args.data,
            "tag": args.tag, "num_workers": "0 (data.num_workers; the loader reads parquet row groups in the main process)"}
+    mark("after_imports")
 
     t0 = time.perf_counter()
     sc.convert_peers_csv(args.data, workdir)
@@ -110,6 +121,7 @@ def main() -> None:
     dm.setup("fit")
     res["prep_setup_s"] = time.perf_counter() - t0
     res["prep_s"] = time.perf_counter() - t_all
+    mark("after_prepare")
     schema = dm.schema
     res["n_train"], res["n_test"] = int(dm.datasets["train"].rows), int(dm.datasets["test"].rows)
     assert (res["n_train"], res["n_test"]) == (n_tr_csv, n_te_csv), (res["n_train"], res["n_test"], n_tr_csv, n_te_csv)
@@ -129,6 +141,7 @@ def main() -> None:
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     res["fit_total_s"] = time.perf_counter() - t0
+    mark("after_train")
     assert len(timer.seconds) == S["epochs"] and timer.rows == res["n_train"], (timer.seconds, timer.rows)
     res["train_epoch_s"] = timer.seconds[0]
     res["train_samples_per_s"] = res["n_train"] / res["train_epoch_s"]
@@ -145,6 +158,7 @@ def main() -> None:
     sc.score(model, train_eval, cfg.trainer.precision)
     test_logits, test_labels, test_rows = sc.score(model, test_loader, cfg.trainer.precision)
     res["infer_s"] = time.perf_counter() - t0
+    mark("after_inference")
     res["infer_rows"] = res["n_train"] + test_rows
     res["infer_samples_per_s"] = res["infer_rows"] / res["infer_s"]
     res["infer_path"] = ("project loaders (ShardedBatches, batch 4096), sigmoid(model(batch)) under "
@@ -158,6 +172,7 @@ def main() -> None:
     res["labels_match_csv_order"] = bool(np.array_equal(test_labels, labels_csv))
     res["project_test_auc"] = evaluate(model, dm.test_dataloader(), "cpu", "test")[0].auc
 
+    mark("end")
     res.update(mem.stop())
     bc.write_result(args.out, res)
     shutil.rmtree(workdir, ignore_errors=True)

@@ -3,7 +3,8 @@
     python benchmarks/readme_speed.py [--results benchmarks/results] [--write README.md]
 
 Each block between ``<!-- speed:NAME:start -->`` and ``<!-- speed:NAME:end -->`` in the README is the rendering of
-one JSON file in ``benchmarks/results/`` (train.json, zoo.json, scale.json, serving.json, lookup.json). Without
+one JSON file in ``benchmarks/results/`` (train.json, zoo.json, scale.json, serving.json, lookup.json,
+peers.json). Without
 ``--write`` the blocks are printed. A block whose JSON is missing is left as it is.
 """
 
@@ -153,9 +154,28 @@ def render_lookup(d: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_peers(d: dict[str, Any]) -> str:
+    cols = d["columns"]
+    share = max(c["other_cpu_share_max"] for c in cols)
+    lines = [f"`../shared/peers-bench/run_all.sh` run {d['run']}: DeepFM, {d['n_train']:,} train / {d['n_test']:,} "
+             f"test rows, {d['threads']} threads, torch {d['torch']}; medians of {cols[0]['repeats']} interleaved "
+             f"runs per column; ratios against the plain loop of the same run. Other processes used at most "
+             f"{share:.1%} of the CPU during any run (0 = quiet).", "",
+             *_header("column", "settings", "prepare s", "train samples/s", "x plain", "inference samples/s",
+                      "x plain", "peak RSS MB", "x plain", "test AUC")]
+    for c in cols:
+        settings = " ".join(o for o in (c.get("overrides") or []) if o.startswith(("trainer.precision", "optimizer=")))
+        lines.append(f"| {c['peer']} | {settings or '-'} | {c['prep_s']:.1f} | {_f(c['train_samples_per_s'])} | "
+                     f"{c['train_samples_per_s_over_plain']:.2f} | {_f(c['infer_samples_per_s'])} | "
+                     f"{c['infer_samples_per_s_over_plain']:.2f} | {_f(c['peak_rss_mb'])} | "
+                     f"{c['peak_rss_mb_over_plain']:.2f} | {c['test_auc']:.4f} |")
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "train": ("train.json", render_train), "zoo": ("zoo.json", render_zoo), "scale": ("scale.json", render_scale),
     "serving": ("serving.json", render_serving), "lookup": ("lookup.json", render_lookup),
+    "peers": ("peers.json", render_peers),
 }
 
 

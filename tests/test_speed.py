@@ -128,6 +128,28 @@ def test_zoo_merge_replaces_only_the_remeasured_rows(tmp_path: Path) -> None:
         merged_rows(str(tmp_path / "missing.json"), workload, [])
 
 
+def test_collect_peers_takes_medians_and_ratios_to_the_plain_loop(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from collect_peers import collect
+
+    synth = tmp_path / "run1" / "synth"
+    synth.mkdir(parents=True)
+    figures = {"prep_s": 1.0, "infer_samples_per_s": 100.0, "peak_rss_mb": 800.0, "test_auc": 0.75,
+               "test_logloss": 0.5, "torch_threads": 2, "n_train": 8, "n_test": 2}
+    for i, (peer, train, share) in enumerate([("plain-pytorch", 10.0, 0.01), ("plain-pytorch", 30.0, 0.0),
+                                              ("lowrank-ctr", 40.0, 0.03), ("lowrank-ctr", 44.0, 0.0),
+                                              ("lowrank-ctr", 90.0, 0.0)]):
+        (synth / f"{i}.json").write_text(json.dumps({**figures, "peer": peer, "train_samples_per_s": train,
+                                                     "other_cpu_share": share}))
+    cols = {c["peer"]: c for c in collect(tmp_path / "run1")["columns"]}
+    assert list(cols) == ["plain-pytorch", "lowrank-ctr"]  # the harness's order, plain first
+    assert cols["plain-pytorch"]["train_samples_per_s"] == 20.0 and cols["lowrank-ctr"]["train_samples_per_s"] == 44.0
+    assert cols["lowrank-ctr"]["train_samples_per_s_over_plain"] == pytest.approx(2.2)
+    assert cols["lowrank-ctr"]["other_cpu_share_max"] == 0.03 and cols["lowrank-ctr"]["repeats"] == 3
+    with pytest.raises(SystemExit, match="no run JSON"):
+        collect(tmp_path)
+
+
 @pytest.mark.slow
 def test_scale_benchmark_runs_every_stage_at_a_tiny_size(tmp_path: Path) -> None:
     out = tmp_path / "scale.json"

@@ -13,6 +13,7 @@ finished one is reused only while the data config and the raw files are unchange
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
@@ -77,7 +78,21 @@ def prepare(cfg: Mapping[str, Any], force: bool = False, progress: bool = True) 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    release_memory()
     return Prepared(out, Schema.load(out), summary, reused=False)
+
+
+def release_memory() -> None:
+    """Hand the memory preparation freed back to the OS: pyarrow's allocator and glibc's malloc keep freed pages
+    for reuse, so training in the same process (``lowrank-ctr-train``) would otherwise peak on top of them."""
+    import gc
+
+    gc.collect()
+    pa.default_memory_pool().release_unused()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        pass
 
 
 def check_out_dir(out: Path) -> None:
