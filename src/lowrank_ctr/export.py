@@ -160,7 +160,9 @@ def _write_export(directory: Path, model: nn.Module, hp: dict[str, Any], schema:
             inputs = [i.name for i in session.get_inputs()]  # inputs the model never reads are dropped
             got = session.run(None, {k: check[k].numpy() for k in inputs})[0]
         else:
-            traced = torch.jit.trace(wrapper, args)
+            # frozen: weights become constants and TorchScript folds / fuses around them -- at batch 1 the
+            # compressed model's many small ops cost 1.4x less than traced-only (bench_serving)
+            traced = torch.jit.freeze(torch.jit.trace(wrapper, args).eval())
             traced.save(str(path))
             inputs = list(INPUTS)
             got = torch.jit.load(str(path))(*(check[k] for k in INPUTS)).numpy()
