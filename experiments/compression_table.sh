@@ -12,9 +12,9 @@
 #   qr        quotient-remainder embeddings from the trained tables, 5 and 20 collisions (MLP left dense)
 #   qr        the same trained from scratch
 #   int8      row-wise int8 embeddings + int8 Linear weights
-#   tt_afm    TT embeddings (TT-rank 8) + AFM on the Linear layers (compression.mlp_method=afm, loss budget) at
-#             whole-model target_ratio 3, 5, 10, 20: the TT family at the same budgets as afm / svd
-#   qr_afm    QR embeddings (20 collisions) + AFM on the Linear layers, the same budgets
+#   tt_afm    TT embeddings (TT-rank 8) + AFM on the Linear layers and first-order tables (conf/compression/
+#             tt_afm.yaml: compression.mlp_method=afm, int8, loss budget) at whole-model target_ratio 3, 5, 10, 20
+#   qr_afm    QR embeddings (20 collisions) + AFM the same way (qr_afm.yaml), the same budgets
 # and, on the first seed only, what did not make the default (ablations): afm with float32 codes / the variance
 # budget / sequential calibration + least-squares correction / folding, at 5 and 10.
 #
@@ -65,10 +65,8 @@ for pair in $DATASETS; do
     compress "$ckpt" "$seed" "$runs/qr" compression=qr compression.collisions=5,20
     compress "$ckpt" "$seed" "$runs/qr_scratch" compression=qr compression.collisions=5,20 compression.from_scratch=true
     compress "$ckpt" "$seed" "$runs/int8" compression=int8
-    compress "$ckpt" "$seed" "$runs/tt_afm" compression=tt compression.embedding_rank=8 compression.mlp_method=afm \
-      compression.allocator=loss compression.code_dtype=int8 compression.target_ratio="$RATIOS"
-    compress "$ckpt" "$seed" "$runs/qr_afm" compression=qr compression.collisions=20 compression.mlp_method=afm \
-      compression.allocator=loss compression.code_dtype=int8 compression.target_ratio="$RATIOS"
+    compress "$ckpt" "$seed" "$runs/tt_afm" compression=tt_afm compression.target_ratio="$RATIOS"
+    compress "$ckpt" "$seed" "$runs/qr_afm" compression=qr_afm compression.target_ratio="$RATIOS"
     if [ "$seed" = "$first_seed" ] && [ "$ABLATIONS" = 1 ]; then
       abl="$OUT/ablations/$data/$model/seed$seed"
       compress "$ckpt" "$seed" "$abl/float32_codes" compression=afm $ALL $BUDGET compression.target_ratio=5,10 \

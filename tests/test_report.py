@@ -461,15 +461,18 @@ def test_recipe_variants_are_separate_settings():
     # combined methods (compression.mlp_method): the embedding method's setting, then the Linear method's budget
     recs = []
     for seed in (1, 2):
-        for method, key, value in (("tt", "embedding_rank", 4), ("tt", "embedding_rank", 8), ("qr", "collisions", 20)):
+        for method, key, value in (("tt", "embedding_rank", 4), ("tt", "embedding_rank", 8), ("qr", "collisions", 20),
+                                   ("qr", "collisions", 5)):
             rec = fake_results(f"{method}+afm", 4, seed, 0.7 + seed / 100, 0.775, 0.69, 5.0 + seed / 100)
             rec["config"]["compression"].update({"method": method, "mlp_method": "afm", "target_ratio": 5,
-                                                 "mlp_rank": None, "embedding_rank": None, key: value})
+                                                 "mlp_rank": None, "embedding_rank": None, "code_dtype": "int8",
+                                                 "allocator": "loss", key: value})
             recs.append(rec)
     g = grouped_table(runs_table(recs)).set_index(["method", "setting"])
+    # the presets conf/compression/tt_afm.yaml / qr_afm.yaml are the defaults: only departures from them name a variant
     assert set(g.index) == {("tt+afm", "embedding_rank=4 target_ratio=5"), ("tt+afm", "embedding_rank=8 target_ratio=5"),
-                            ("qr+afm", "target_ratio=5 collisions=20")}
-    assert (g["n"] == 2).all() and g["auc_mean"].tolist() == pytest.approx([0.715] * 3)
+                            ("qr+afm", "target_ratio=5"), ("qr+afm", "target_ratio=5 collisions=5")}
+    assert (g["n"] == 2).all() and g["auc_mean"].tolist() == pytest.approx([0.715] * 4)
     from lowrank_ctr.compression.methods import get_method
     from lowrank_ctr.report import method_label
 

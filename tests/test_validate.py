@@ -24,7 +24,8 @@ def test_shipped_configs_are_valid(tmp_path):
                    "compression.embedding_rank=2", "compression.mlp_rank=0.16"],
                   ["experiment=criteo_dcnv2"], ["experiment=criteo_dcnv2", "compression=tt"],
                   ["compression=tt", "compression.mlp_method=afm", "compression.target_ratio=5"],
-                  ["compression=qr", "compression.mlp_method=svd", "compression.mlp_rank=8"]):
+                  ["compression=qr", "compression.mlp_method=svd", "compression.mlp_rank=8"],
+                  ["compression=tt_afm"], ["compression=qr_afm", "compression.target_ratio=10"]):
         assert problems(cfg_with(tmp_path, *extra)) == [], extra
 
 

@@ -255,21 +255,32 @@ VARIANT_KEYS: tuple[str, ...] = ("code_dtype", "allocator", "calibration", "corr
                                 "calibration_batches")
 
 
-@functools.lru_cache(maxsize=None)  # two YAML files per method, read once per report, not once per run
+@functools.lru_cache(maxsize=None)  # a few YAML files per method, read once per report, not once per run
 def _method_defaults(method: str) -> dict[str, Any]:
-    """The shipped defaults of ``conf/compression/<method>.yaml`` (over ``none.yaml``; for a combined ``tt+afm``,
-    the file of its first method, which the run was started from): a variant is named only where a run differs
-    from them."""
-    import yaml
-
+    """The shipped defaults of the method's ``conf/compression/`` file with everything its defaults list pulls in
+    (``none.yaml`` first): a variant is named only where a run differs from them. A combined ``tt+afm`` reads its
+    preset ``tt_afm.yaml`` when there is one, else the file of its first method (the one the run started from)."""
     from lowrank_ctr.compression.methods import method_parts
     from lowrank_ctr.config import CONF_DIR
 
+    folder = Path(CONF_DIR) / "compression"
+    preset = method.replace("+", "_")
+    return _compression_yaml(folder, preset if (folder / f"{preset}.yaml").exists() else method_parts(method)[0])
+
+
+def _compression_yaml(folder: Path, name: str) -> dict[str, Any]:
+    """One ``conf/compression/NAME.yaml`` over the files its ``defaults`` list names (``_self_`` last)."""
+    import yaml
+
+    path = folder / f"{name}.yaml"
+    if not path.exists():
+        return {}
+    raw = yaml.safe_load(path.read_text()) or {}
     out: dict[str, Any] = {}
-    for name in ("none", method_parts(method)[0]):
-        path = Path(CONF_DIR) / "compression" / f"{name}.yaml"
-        if path.exists():
-            out.update({k: v for k, v in (yaml.safe_load(path.read_text()) or {}).items() if k != "defaults"})
+    for parent in raw.get("defaults") or []:
+        if isinstance(parent, str) and parent != "_self_":
+            out.update(_compression_yaml(folder, parent))
+    out.update({k: v for k, v in raw.items() if k != "defaults"})
     return out
 
 
