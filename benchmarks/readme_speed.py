@@ -4,7 +4,7 @@
 
 Each block between ``<!-- speed:NAME:start -->`` and ``<!-- speed:NAME:end -->`` in the README is the rendering of
 one JSON file in ``benchmarks/results/`` (train.json, zoo.json, scale.json, serving.json, lookup.json,
-peers.json). Without
+peers.json, default_recipe.json). Without
 ``--write`` the blocks are printed. A block whose JSON is missing is left as it is.
 """
 
@@ -172,10 +172,21 @@ def render_peers(d: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_default_recipe(d: dict[str, Any]) -> str:
+    lines = [*_header("precision:optimizer", "seeds", "test AUC (mean; per seed)", "test logloss (mean)",
+                      "epochs (mean)", "training s (mean)", "samples/s (mean)")]
+    for s in d["settings"]:
+        m, runs = s["mean"], s["runs"]
+        per_seed = ", ".join(f"{r['test/auc']:.4f}" for r in runs)
+        lines.append(f"| {s['label']} | {len(runs)} | {m['test/auc']:.4f} ({per_seed}) | {m['test/logloss']:.4f} | "
+                     f"{m['train/epochs']:.1f} | {m['train/seconds']:.0f} | {_f(m['train/samples_per_s'])} |")
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "train": ("train.json", render_train), "zoo": ("zoo.json", render_zoo), "scale": ("scale.json", render_scale),
     "serving": ("serving.json", render_serving), "lookup": ("lookup.json", render_lookup),
-    "peers": ("peers.json", render_peers),
+    "peers": ("peers.json", render_peers), "default_recipe": ("default_recipe.json", render_default_recipe),
 }
 
 

@@ -41,10 +41,10 @@ def test_bf16_mixed_rowwise_training_gives_finite_metrics_and_records_choices(tm
     assert res["test/auc"] > 0.55  # it learned (the tiny synthetic data is learnable to ~0.7)
 
 
-def test_default_run_records_float32_and_adam(tmp_path: Path) -> None:
+def test_default_run_records_float32_and_rowwise_adam(tmp_path: Path) -> None:
     res = _run(tmp_path, [])
     assert res["train/precision"] in ("32", "32-true")
-    assert res["train/optimizer"] == "adam"
+    assert res["train/optimizer"] == "rowwise_adam"
 
 
 def test_rowwise_optimizer_serves_the_compression_finetune(tmp_path: Path) -> None:

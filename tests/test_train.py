@@ -81,7 +81,8 @@ def test_default_run_reaches_good_auc(tmp_path, data_dir):
 @pytest.mark.slow
 def test_ddp_cpu_two_processes(tmp_path):
     r = run_cli(["lowrank-ctr-train", *TINY, "data.rows=20000", "trainer.max_epochs=2", "model.mlp=[16,16]",
-                 "trainer=ddp_cpu", f"paths.data_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"])
+                 "trainer=ddp_cpu", "optimizer=adam", f"paths.data_dir={tmp_path / 'cache'}",
+                 f"hydra.run.dir={tmp_path / 'run'}"])
     assert r.returncode == 0, r.stderr[-3000:]
     res = read_results(tmp_path / "run")
     assert res["config"]["trainer"]["devices"] == 2
