@@ -150,6 +150,22 @@ def test_collect_peers_takes_medians_and_ratios_to_the_plain_loop(tmp_path: Path
         collect(tmp_path)
 
 
+def test_collect_runs_keeps_each_setting_s_runs_and_means(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from collect_runs import collect
+
+    for name, auc in (("a1", 0.70), ("a2", 0.72), ("b1", 0.75)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(
+            {"seed": 1, "test/auc": auc, "test/logloss": 0.5, "train/seconds": 10.0, "train/epochs": 2,
+             "train/samples_per_s": 100.0, "train/optimizer": "adam"}))
+    out = collect([f"A={tmp_path}/a*", f"B={tmp_path}/b*"])["settings"]
+    assert [s["label"] for s in out] == ["A", "B"] and [len(s["runs"]) for s in out] == [2, 1]
+    assert out[0]["mean"]["test/auc"] == pytest.approx(0.71) and out[1]["runs"][0]["optimizer"] == "adam"
+    with pytest.raises(SystemExit, match="no results.json"):
+        collect([f"C={tmp_path}/c*"])
+
+
 @pytest.mark.slow
 def test_scale_benchmark_runs_every_stage_at_a_tiny_size(tmp_path: Path) -> None:
     out = tmp_path / "scale.json"
