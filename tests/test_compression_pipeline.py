@@ -74,13 +74,14 @@ def test_train_with_afm_writes_every_result_key_and_checkpoint_round_trips(tmp_p
     assert on_disk["compress/ratio"] == pytest.approx(on_disk["base/bytes"] / on_disk["compress/bytes"])
     assert on_disk["bytes"] == on_disk["compress/bytes"] < on_disk["base/bytes"]
     ranks = {l["name"]: l for l in on_disk["compress/layers"]}
-    assert ranks["mlp.net.0"]["rank"] == 4 and ranks["mlp.net.0"]["replaced"]
+    first = ranks["mlp.net.0"]  # the budget's choice depends on the trained weights; it must be a real low rank
+    assert first["replaced"] and 1 <= first["rank"] < first["full_rank"]
     assert 0 < ranks["mlp.net.0"]["retained_energy"] <= 1
     # checkpoint = the final (compressed) model: it rebuilds its own structure and IS the model the run tested
     assert res["checkpoint"] == res["compress/checkpoint"] != res["base/checkpoint"]
     model, hp = load_model(res["checkpoint"])
     assert hp["compression_spec"]["method"] == "afm"
-    assert type(model.mlp.net[0]).__name__ == "LowRankLinear"
+    assert type(model.mlp.net[0]).__name__ == "LowRankLinear" and model.mlp.net[0].rank == first["rank"]
     test = list(make_datamodule(cfg).test_dataloader())
     assert evaluate(model, test, "cpu", "test")[0].auc == pytest.approx(res["test/auc"], abs=1e-6)
     # compress/logit_mse: the compressed model before fine-tuning against the base, on the test split
