@@ -175,21 +175,18 @@ def _two_stage_conflicts(comp: DictConfig) -> list[str]:
                for k, v in names.items() if v not in METHODS]
     if unknown:
         return unknown
-    for key in ("from_scratch", "fold"):
-        if comp.get(key):
-            return [f"compression.mlp_method={names['mlp_method']} compresses trained Linear layers: it cannot be "
-                    f"combined with compression.{key}=true"]
     targets = comp.get("targets")
     try:
         emb_groups, layer_groups = split_groups(METHODS[names["method"]], METHODS[names["mlp_method"]],
-                                                None if targets is None else list(targets), comp.get("target_ratio"))
+                                                None if targets is None else list(targets), comp.get("target_ratio"),
+                                                bool(comp.get("from_scratch")), bool(comp.get("fold")))
     except ValueError as e:
         return [str(e)]
     plain = OmegaConf.to_container(comp, resolve=True)
     embedding_stage = {**plain, "targets": emb_groups, "target_ratio": None, "energy": None, "mlp_rank": None,
                        "other_rank": None, "code_dtype": "float32", "allocator": "variance", "mlp_method": None}
     linear_stage = {**plain, "method": names["mlp_method"], "targets": layer_groups, "embedding_rank": None,
-                    "mlp_method": None, "fold": False}
+                    "mlp_method": None}
     found = _method_conflicts(OmegaConf.create(embedding_stage)) + _method_conflicts(OmegaConf.create(linear_stage))
     return list(dict.fromkeys(found))
 

@@ -320,9 +320,13 @@ def compress(
 
 
 def split_groups(method: CompressionMethod, mlp_method: CompressionMethod, targets: Sequence[str] | None,
-                 target_ratio: float | None) -> tuple[list[str], list[str]]:
+                 target_ratio: float | None, from_scratch: bool = False, fold: bool = False
+                 ) -> tuple[list[str], list[str]]:
     """The groups of the two stages of ``method`` + ``mlp_method``: (first stage's, second stage's); raises
     ValueError (naming the key) when the pair cannot be combined."""
+    if from_scratch or fold:
+        raise ValueError(f"compression.mlp_method={mlp_method.name} compresses trained Linear layers: it cannot be "
+                         f"combined with compression.{'from_scratch' if from_scratch else 'fold'}=true")
     if tuple(method.groups) != ("embedding",):
         raise ValueError(f"compression.mlp_method={mlp_method.name} adds a method for the Linear layers to one that "
                          f"compresses only embeddings (e.g. tt, qr); {method.name!r} already compresses "
@@ -355,10 +359,7 @@ def _compress_embeddings_then_linears(
         options: Mapping[str, Any]) -> CompressionReport:
     """``method`` on the embeddings, then ``mlp_method`` on the Linears of the result; one report for both."""
     first, second = get_method(method), get_method(mlp_method)
-    emb_groups, layer_groups = split_groups(first, second, targets, target_ratio)
-    if from_scratch or fold:
-        raise ValueError(f"compression.mlp_method={mlp_method} compresses trained Linear layers: it cannot be "
-                         f"combined with compression.{'from_scratch' if from_scratch else 'fold'}=true")
+    emb_groups, layer_groups = split_groups(first, second, targets, target_ratio, from_scratch, fold)
     batches = list(itertools.islice(calibration_batches, max_calibration_batches)) \
         if calibration_batches is not None else None
     original = model_size(model, module_groups(model))
@@ -576,7 +577,7 @@ def check_config(model: nn.Module, cfg: Any, batch: Any | None = None,
     if kw.get("method", "none") == "none":
         return
     if "mlp_method" in kw:
-        _check_two_stage(model, kw, forward_fn)
+        _check_two_stage(model, kw)
         return
     plan = _Plan(model, kw["method"], kw.get("targets"), kw.get("include", ()), kw.get("exclude", ()),
                  kw.get("code_dtype", "float32"), kw.get("calibration", "oneshot"), kw.get("correction", "none"),
@@ -610,15 +611,13 @@ def check_config(model: nn.Module, cfg: Any, batch: Any | None = None,
                              "nothing to fold; set compression.fold=false")
 
 
-def _check_two_stage(model: nn.Module, kw: dict[str, Any], forward_fn: Callable[[nn.Module, Any], Any] | None) -> None:
+def _check_two_stage(model: nn.Module, kw: dict[str, Any]) -> None:
     """``check_config`` of ``method`` + ``mlp_method``: the embedding method's structure is built with random
     initialisation on a copy of the model (sizes only), then the Linear stage is checked on that copy with the
     original size as the reference of ``target_ratio``."""
     first, second = get_method(kw["method"]), get_method(kw["mlp_method"])
-    emb_groups, layer_groups = split_groups(first, second, kw.get("targets"), kw.get("target_ratio"))
-    if kw["from_scratch"] or kw["fold"]:
-        raise ValueError(f"compression.mlp_method={second.name} compresses trained Linear layers: it cannot be "
-                         f"combined with compression.{'from_scratch' if kw['from_scratch'] else 'fold'}=true")
+    emb_groups, layer_groups = split_groups(first, second, kw.get("targets"), kw.get("target_ratio"),
+                                            kw["from_scratch"], kw["fold"])
     if not first.from_scratch:
         return  # no cheap way to know the embedding stage's size before it runs: checked when it runs
     shell = copy.deepcopy(model)

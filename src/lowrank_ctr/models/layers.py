@@ -513,12 +513,13 @@ class BilinearInteraction(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, f, d = x.shape
         if self.bilinear_type == "field_interaction":
-            pieces, start = [], 0
+            pieces, start, xr = [], 0, None
             for i in range(f - 1):
                 n = f - 1 - i  # pairs (i, i+1) .. (i, f-1); their weights are rows start..start+n
                 w = self.weight[start:start + n].permute(1, 0, 2).reshape(d, n * d)
                 left = (x[:, i] @ w).view(b, n, d)
-                pieces.append(left * x[:, i + 1:].to(left.dtype))
+                xr = x.to(left.dtype) if xr is None else xr  # cast once (bf16 under autocast), not per slice
+                pieces.append(left * xr[:, i + 1:])
                 start += n
             return torch.cat(pieces, dim=1)
         if self.bilinear_type == "field_all":
