@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from conftest import sample
+from lowrank_ctr.data import datamodule
 from lowrank_ctr.data import prepare as prep_mod
 from lowrank_ctr.data.datamodule import CTRDataModule, ShardedBatches, batch_sizes
 from lowrank_ctr.data.encoding import bucketize
@@ -287,6 +288,42 @@ def test_every_row_exactly_once_across_ranks_and_workers(synth, world, workers):
     ids = torch.cat(seen)
     assert ids.numel() == rows and torch.equal(ids.sort().values, torch.arange(rows))
     assert len(set(counts)) == 1  # ranks stay in lock-step
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_row_groups_read_in_slices_keep_every_row_once(synth, monkeypatch, shuffle):
+    # slices smaller than a row group (3000 rows) and not dividing it: slice edges cross the ranks' row ranges
+    monkeypatch.setattr(datamodule, "READ_ROWS", 700)
+    rows = synth.summary["rows"]["train"]
+    ids = []
+    for rank in range(3):
+        ds = ShardedBatches(synth.path / "train", synth.schema, 300, shuffle=shuffle, seed=2, shuffle_buffer=1000,
+                            world=(rank, 3))
+        batches = list(ds)
+        assert len(batches) == len(ds) and all(len(b["label"]) <= 300 for b in batches)
+        ids.append(torch.cat([b["row_id"] for b in batches]))
+    ids = torch.cat(ids)
+    if shuffle:
+        assert not torch.equal(ids, torch.arange(rows))
+        ids = ids.sort().values
+    assert torch.equal(ids, torch.arange(rows))
+
+
+def test_loader_holds_about_one_copy_of_its_rows(synth):
+    """A shuffle buffer as large as the split holds the split once: no concatenated copy next to the parts read."""
+    import tracemalloc
+
+    ds = ShardedBatches(synth.path / "train", synth.schema, 512, shuffle=True, seed=0, shuffle_buffer=1 << 20)
+    first = next(iter(ds))
+    split_bytes = ds.rows * sum(v[:1].numel() * v.element_size() for v in first.values())
+    tracemalloc.start()
+    try:
+        for _ in ds:
+            pass
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.4 * split_bytes, (peak, split_bytes)
 
 
 def test_shuffle_changes_with_epoch_and_eval_order_is_fixed(synth):

@@ -19,6 +19,7 @@ from typing import Any, Iterator, Mapping
 
 import lightning.pytorch as pl
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from omegaconf import OmegaConf
@@ -123,6 +124,10 @@ class ShardedBatches(IterableDataset):
 
     # Reading ----------------------------------------------------------------------------------------------
     def _read_range(self, start: int, stop: int) -> Iterator[dict[str, np.ndarray]]:
+        """Rows [start, stop) of the (ordered) row groups as batch arrays of at most READ_ROWS rows each.
+
+        A row group is decoded in slices, so pyarrow's memory (which its pool keeps for reuse) stays one slice,
+        whatever the size of the row groups."""
         pos = 0
         files: dict[str, pq.ParquetFile] = {}
         for piece in self._ordered_pieces():
@@ -130,48 +135,88 @@ class ShardedBatches(IterableDataset):
             pos = hi
             if hi <= start or lo >= stop:
                 continue
+            a, b = max(start - lo, 0), min(stop, hi) - lo  # rows of this piece that are ours
             pf = files.get(piece.path) or files.setdefault(piece.path, pq.ParquetFile(piece.path))
-            table = pf.read_row_group(piece.row_group)
-            a, b = max(start - lo, 0), min(stop, hi) - lo
-            if a or b < piece.rows:
-                table = table.slice(a, b - a)
-            yield self._arrays(table)
+            at = 0
+            for record_batch in pf.iter_batches(batch_size=READ_ROWS, row_groups=[piece.row_group]):
+                first, last = max(a - at, 0), min(b - at, record_batch.num_rows)
+                at += record_batch.num_rows
+                if first < last:
+                    yield self._arrays(pa.Table.from_batches([record_batch.slice(first, last - first)]))
+                if at >= b:
+                    break
 
     def _arrays(self, table) -> dict[str, np.ndarray]:
         return batch_arrays(self.schema, table)
 
     def _batches(self, parts: Iterator[dict[str, np.ndarray]], sizes: list[int],
                  rng: np.random.Generator) -> Iterator[dict[str, torch.Tensor]]:
-        """Cut ``sizes`` batches from the row stream; shuffled batches gather random rows of a buffer."""
-        buffer: list[dict[str, np.ndarray]] = []
-        buffered = 0
+        """Cut ``sizes`` batches from the row stream; shuffled batches gather random rows of a buffer.
+
+        The buffer is one set of arrays filled in place (no concatenation of parts, no copy of the rows kept for
+        mixing beyond the half that stays), so the loader holds about one buffer of rows, not three."""
+        target = max(self.shuffle_buffer, self.batch_size) if self.shuffle else self.batch_size
+        buffer = _RowBuffer(min(sum(sizes), target + READ_ROWS))
         i = 0
         exhausted = False
         while i < len(sizes):
-            while not exhausted and buffered < max(self.shuffle_buffer if self.shuffle else 0, sizes[i]):
+            while not exhausted and buffer.rows < max(self.shuffle_buffer if self.shuffle else 0, sizes[i]):
                 part = next(parts, None)
                 if part is None:
                     exhausted = True
                     break
                 buffer.append(part)
-                buffered += len(part["label"])
-            data = {k: np.concatenate([p[k] for p in buffer]) for k in buffer[0]} if len(buffer) > 1 else buffer[0]
-            order = rng.permutation(buffered) if self.shuffle else None
+                del part  # not alive while the next part is read
+            order = rng.permutation(buffer.rows) if self.shuffle else None
             # Emit as many batches as the buffer holds while keeping it at least half full for mixing.
             offset = 0
             keep = self.shuffle_buffer // 2 if (self.shuffle and not exhausted) else 0
-            while i < len(sizes) and buffered - offset - sizes[i] >= keep and offset + sizes[i] <= buffered:
+            while i < len(sizes) and buffer.rows - offset - sizes[i] >= keep and offset + sizes[i] <= buffer.rows:
                 rows = slice(offset, offset + sizes[i]) if order is None else order[offset: offset + sizes[i]]
-                yield {k: torch.from_numpy(v[rows]) for k, v in data.items()}
+                yield buffer.take(rows)
                 offset += sizes[i]
                 i += 1
-            if buffered - offset:
-                rest = slice(offset, None) if order is None else order[offset:]
-                buffer, buffered = [{k: v[rest] for k, v in data.items()}], buffered - offset
-            else:
-                buffer, buffered = [], 0
             if exhausted and offset == 0 and i < len(sizes):
                 raise RuntimeError(f"internal: {len(sizes) - i} batches planned but no rows left")
+            buffer.keep(slice(offset, None) if order is None else order[offset:])
+
+
+READ_ROWS = 8192  # rows decoded from parquet at a time: pyarrow's pool then holds ~10 MB, not a row group
+
+
+class _RowBuffer:
+    """Rows waiting to be batched: preallocated arrays of ``capacity`` rows, filled and compacted in place."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(int(capacity), 1)
+        self.arrays: dict[str, np.ndarray] = {}
+        self.rows = 0
+
+    def append(self, part: dict[str, np.ndarray]) -> None:
+        n = len(part["label"])
+        if not self.arrays:
+            self.arrays = {k: np.empty((self.capacity, *v.shape[1:]), v.dtype) for k, v in part.items()}
+        if self.rows + n > self.capacity:  # not expected (capacity = target + one read), but never lose rows
+            self.capacity = self.rows + n
+            self.arrays = {k: np.concatenate([v[: self.rows], np.empty((n, *v.shape[1:]), v.dtype)])
+                           for k, v in self.arrays.items()}
+        for k, v in part.items():
+            self.arrays[k][self.rows: self.rows + n] = v
+        self.rows += n
+
+    def take(self, rows: slice | np.ndarray) -> dict[str, torch.Tensor]:
+        """A batch of the buffer's ``rows``, copied: the buffer is refilled while the batch is still in use."""
+        return {k: torch.from_numpy(v[rows].copy() if isinstance(rows, slice) else v[rows])
+                for k, v in self.arrays.items()}
+
+    def keep(self, rows: slice | np.ndarray) -> None:
+        """Keep only ``rows`` (in this order), moved to the front."""
+        if isinstance(rows, slice):
+            rows = slice(*rows.indices(self.rows))
+        n = len(range(*rows.indices(self.rows))) if isinstance(rows, slice) else len(rows)
+        for v in self.arrays.values():
+            v[:n] = v[rows]  # numpy copies through a temporary where source and destination overlap
+        self.rows = n
 
 
 class CTRDataModule(pl.LightningDataModule):

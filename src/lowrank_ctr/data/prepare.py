@@ -13,7 +13,6 @@ finished one is reused only while the data config and the raw files are unchange
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import logging
@@ -33,6 +32,7 @@ from lowrank_ctr.data import readers
 from lowrank_ctr.data.encoding import VOCAB_FINGERPRINT, Layout, categorical_values, encode_table, vocab_fingerprint
 from lowrank_ctr.data.errors import DataError, check_input_file
 from lowrank_ctr.data.formats import DatasetFormat, as_list, check_config
+from lowrank_ctr.data.memory import lean_allocators
 from lowrank_ctr.data.schema import FIRST_VALUE_ID, FieldSpec, Schema
 from lowrank_ctr.data.split import SPLITS, RowSplitter
 
@@ -71,28 +71,15 @@ def prepare(cfg: Mapping[str, Any], force: bool = False, progress: bool = True) 
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        summary = _prepare_into(tmp, fmt, cfg, key, progress)
+        with lean_allocators():  # training in the same process then does not stack on preparation's slack
+            summary = _prepare_into(tmp, fmt, cfg, key, progress)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    release_memory()
     return Prepared(out, Schema.load(out), summary, reused=False)
-
-
-def release_memory() -> None:
-    """Hand the memory preparation freed back to the OS: pyarrow's allocator and glibc's malloc keep freed pages
-    for reuse, so training in the same process (``lowrank-ctr-train``) would otherwise peak on top of them."""
-    import gc
-
-    gc.collect()
-    pa.default_memory_pool().release_unused()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
-        pass
 
 
 def check_out_dir(out: Path) -> None:
