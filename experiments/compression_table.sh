@@ -15,6 +15,8 @@
 #   tt_afm    TT embeddings (TT-rank 8) + AFM on the Linear layers and first-order tables (conf/compression/
 #             tt_afm.yaml: compression.mlp_method=afm, int8, loss budget) at whole-model target_ratio 3, 5, 10, 20
 #   qr_afm    QR embeddings (20 collisions) + AFM the same way (qr_afm.yaml), the same budgets
+#   tt_afm_scratch / qr_afm_scratch  the same, the TT / QR embeddings trained from scratch for the base's epochs
+#             (TT-Rec protocol) before AFM compresses the Linears of that trained model; then the usual fine-tune
 # and, on the first seed only, what did not make the default (ablations): afm with float32 codes / the variance
 # budget / sequential calibration + least-squares correction / folding, at 5 and 10.
 #
@@ -27,7 +29,7 @@ OUT=${OUT:-outputs/compression_table}
 DATASETS=${DATASETS:-"synthetic:deepfm synthetic:dcnv2 movielens100k:deepfm criteo_sample:deepfm avazu_sample:deepfm"}
 SEEDS=${SEEDS:-"1 2 3"}
 RATIOS=${RATIOS:-"3,5,10,20"}
-FAMILIES=${FAMILIES:-"afm svd tt tt_scratch qr qr_scratch int8 tt_afm qr_afm"}  # a subset runs only those
+FAMILIES=${FAMILIES:-"afm svd tt tt_scratch qr qr_scratch int8 tt_afm qr_afm tt_afm_scratch qr_afm_scratch"}  # a subset runs only those
 ABLATIONS=${ABLATIONS:-1}                                          # 0: skip the first-seed ablations
 SYNTHETIC_ROWS=${SYNTHETIC_ROWS:-}                                 # e.g. 200000: a smaller synthetic dataset
 EXTRA=${EXTRA:-}
@@ -68,6 +70,10 @@ for pair in $DATASETS; do
     compress "$ckpt" "$seed" "$runs/int8" compression=int8
     compress "$ckpt" "$seed" "$runs/tt_afm" compression=tt_afm compression.target_ratio="$RATIOS"
     compress "$ckpt" "$seed" "$runs/qr_afm" compression=qr_afm compression.target_ratio="$RATIOS"
+    compress "$ckpt" "$seed" "$runs/tt_afm_scratch" compression=tt_afm compression.from_scratch=true \
+      compression.target_ratio="$RATIOS"
+    compress "$ckpt" "$seed" "$runs/qr_afm_scratch" compression=qr_afm compression.from_scratch=true \
+      compression.target_ratio="$RATIOS"
     if [ "$seed" = "$first_seed" ] && [ "$ABLATIONS" = 1 ]; then
       abl="$OUT/ablations/$data/$model/seed$seed"
       compress "$ckpt" "$seed" "$abl/float32_codes" compression=afm $ALL $BUDGET compression.target_ratio=5,10 \

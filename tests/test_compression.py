@@ -19,6 +19,7 @@ from lowrank_ctr.compression import (
     apply_spec,
     collect_output_stats,
     compress,
+    compress_from_config,
     find_targets,
     model_size,
     module_groups,
@@ -580,8 +581,41 @@ def test_embedding_method_then_linear_method_is_the_two_calls_in_sequence():
             compress(fresh(), "tt", data, embedding_rank=2, mlp_method="afm", target_ratio=ratio)
     with pytest.raises(ValueError, match="only embeddings"):
         compress(fresh(), "afm", data, embedding_rank=2, mlp_method="svd", mlp_rank=4)
-    with pytest.raises(ValueError, match="from_scratch"):
-        compress(fresh(), "tt", data, embedding_rank=2, mlp_method="afm", mlp_rank=4, from_scratch=True)
+    with pytest.raises(ValueError, match="fold"):
+        compress(fresh(), "tt", data, embedding_rank=2, mlp_method="afm", mlp_rank=4, fold=True)
+
+
+def test_embedding_method_from_scratch_then_linear_stage_on_the_trained_model():
+    """from_scratch + mlp_method: the first call builds only the TT structure (random init, Linears untouched);
+    after training, compress_linear_stage runs AFM on that model's Linears, the budget against the ORIGINAL size."""
+    from lowrank_ctr.compression import compress_linear_stage
+    from lowrank_ctr.models import build_model
+
+    schema = toy_schema(multihot=True, vocab=(400, 150, 300, 5))
+    torch.manual_seed(0)
+    model = build_model("deepfm", schema, embedding_dim=8, mlp=[256, 256]).eval()
+    data = batches(schema, 4)
+    original = model_size(model)["total"]["bytes"]
+    cfg = {"method": "tt", "embedding_rank": 2, "mlp_method": "afm", "target_ratio": 4.0, "from_scratch": True}
+    first = compress_from_config(model, cfg, data)
+    assert first.method == "tt" and first.policy["mlp_method"] == "afm"
+    assert {l["method"] for l in first.layers if l.get("replaced")} == {"tt"}
+    assert isinstance(model.mlp.net[0], torch.nn.Linear)  # the Linear stage waits for the trained structure
+    with torch.no_grad():  # "training": the structure's weights move away from their initialisation
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    trained = predict(model, data)
+    report = compress_linear_stage(model, cfg, data, first)
+    assert report.method == "tt+afm" and report.policy["from_scratch"] is True
+    assert report.base["total"]["bytes"] == original
+    assert report.ratio == pytest.approx(original / model_size(model)["total"]["bytes"])
+    assert 4.0 <= report.ratio <= 4.0 * 1.02, report.ratio
+    assert {l["name"] for l in report.layers if l["method"] == "afm"} >= {"mlp.net.0"}
+    assert [m["name"] for m in report.spec["modules"]][: len(first.spec["modules"])] == \
+        [m["name"] for m in first.spec["modules"]]
+    # the Linear stage approximates the TRAINED model (calibrated on it), not the initialisation
+    err = (predict(model, data) - trained).pow(2).mean() / trained.var()
+    assert err < 0.5, err
 
 
 def test_every_registered_method_has_a_contract_setting_and_a_config():

@@ -370,6 +370,32 @@ def test_from_scratch_trains_the_compressed_structure_like_the_base(tmp_path, da
     assert evaluate(model, make_datamodule(cfg).test_dataloader(), "cpu", "test")[0].auc == pytest.approx(res["test/auc"], abs=1e-6)
 
 
+def test_from_scratch_then_linear_stage_then_fine_tune(tmp_path, data_dir):
+    """tt_afm from scratch: TT trained from scratch for the base's epochs, then AFM on the Linears of THAT model at
+    the whole-model budget, then the usual fine-tune; the final model reloads and reproduces the final AUC."""
+    from lowrank_ctr.pipeline.context import make_datamodule
+    from lowrank_ctr.pipeline.evaluation import evaluate
+
+    cfg = compose_cfg("train", TINY + ["model.mlp=[32]", "bench=false", "compression=tt_afm",
+                                       "compression.embedding_rank=2", "compression.from_scratch=true",
+                                       "compression.target_ratio=3", "compression.finetune_epochs=1",
+                                       "early_stopping_patience=null"], tmp_path, data_dir)
+    res = run(cfg)
+    assert res["compress/method"] == "tt+afm" and res["compress/from_scratch"] is True
+    assert res["scratch/train/epochs"] == res["train/epochs"]
+    assert 3.0 <= res["compress/ratio"] <= 3.06 and res["base/bytes"] / res["bytes"] == pytest.approx(
+        res["compress/ratio"])
+    layers = {l["name"]: l["method"] for l in res["compress/layers"] if l.get("replaced")}
+    assert layers["embedding.table"] == "tt" and "afm" in layers.values()
+    assert "scratch/test/auc" in res and "compress/test/auc_before_finetune" in res
+    assert "compress/finetune_kept" in res and res["checkpoint"] == res["compress/checkpoint"]
+    assert res["checkpoint"].endswith("compressed.ckpt")
+    model, hp = load_model(res["checkpoint"])
+    assert hp["compression_spec"]["method"] == "tt+afm"
+    auc = evaluate(model, make_datamodule(cfg).test_dataloader(), "cpu", "test")[0].auc
+    assert auc == pytest.approx(res["test/auc"], abs=1e-6)
+
+
 def test_decay_on_plateau_goes_back_to_the_best_point_with_a_lower_rate(tmp_path):
     from lowrank_ctr.lightning.callbacks import DecayOnPlateau
 

@@ -25,7 +25,9 @@ def test_shipped_configs_are_valid(tmp_path):
                   ["experiment=criteo_dcnv2"], ["experiment=criteo_dcnv2", "compression=tt"],
                   ["compression=tt", "compression.mlp_method=afm", "compression.target_ratio=5"],
                   ["compression=qr", "compression.mlp_method=svd", "compression.mlp_rank=8"],
-                  ["compression=tt_afm"], ["compression=qr_afm", "compression.target_ratio=10"]):
+                  ["compression=tt_afm"], ["compression=qr_afm", "compression.target_ratio=10"],
+                  ["compression=tt_afm", "compression.from_scratch=true"],
+                  ["compression=qr_afm", "compression.from_scratch=true", "compression.target_ratio=3"]):
         assert problems(cfg_with(tmp_path, *extra)) == [], extra
 
 
@@ -77,8 +79,8 @@ def test_wrong_types_and_ranges_name_the_key(tmp_path, overrides, key, need):
     (["trainer.max_epochs=1", "trainer.min_epochs=3"], "more than trainer.max_epochs=1"),
     (["compression=afm", "compression.mlp_method=svd"], "compresses only embeddings"),
     (["compression=tt", "compression.mlp_method=int8"], "must be a low-rank method"),
-    (["compression=tt", "compression.mlp_method=afm", "compression.target_ratio=5", "compression.from_scratch=true"],
-     "cannot be combined with compression.from_scratch=true"),
+    (["compression=tt", "compression.mlp_method=afm", "compression.target_ratio=5", "compression.fold=true"],
+     "cannot be combined with compression.fold=true"),
     (["compression=tt", "compression.mlp_method=afm"], "no rank policy for target group(s) ['mlp']"),
     (["compression=tt", "compression.mlp_method=afm", "compression.targets=[mlp]"], "must name 'embedding'"),
     (["compression=tt", "compression.mlp_method=afm", "compression.mlp_rank=4", "compression.embedding_rank=0.5"],

@@ -300,7 +300,8 @@ def _variant(comp: Mapping[str, Any], method: str) -> list[str]:
         setting = {**defaults, **{k: v for k, v in comp.items() if v is not None}}
         if not reads_calibration_batches(parts[-1], setting.get("allocator", "variance"),
                                          setting.get("calibration", "oneshot"), setting.get("correction", "none"),
-                                         setting.get("fold", False), setting.get("from_scratch", False)):
+                                         setting.get("fold", False),
+                                         setting.get("from_scratch", False) and len(parts) == 1):  # a 2nd stage calibrates
             keys.remove("calibration_batches")  # e.g. SVD: no batch is read, their number changes nothing
     out = []
     for key in keys:

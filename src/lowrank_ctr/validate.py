@@ -186,7 +186,7 @@ def _two_stage_conflicts(comp: DictConfig) -> list[str]:
     embedding_stage = {**plain, "targets": emb_groups, "target_ratio": None, "energy": None, "mlp_rank": None,
                        "other_rank": None, "code_dtype": "float32", "allocator": "variance", "mlp_method": None}
     linear_stage = {**plain, "method": names["mlp_method"], "targets": layer_groups, "embedding_rank": None,
-                    "mlp_method": None}
+                    "mlp_method": None, "from_scratch": False}  # the Linear stage calibrates the trained model
     found = _method_conflicts(OmegaConf.create(embedding_stage)) + _method_conflicts(OmegaConf.create(linear_stage))
     return list(dict.fromkeys(found))
 

@@ -13,6 +13,7 @@ from lowrank_ctr.compression.api import (
     check_config,
     compress,
     compress_from_config,
+    compress_linear_stage,
 )
 from lowrank_ctr.compression.methods import METHODS, get_method, method_names, module_types
 from lowrank_ctr.compression.methods.int8 import Int8FieldEmbedding, Int8Linear
@@ -26,6 +27,7 @@ from lowrank_ctr.compression.targets import find_targets, module_groups
 
 __all__ = [
     "COMPRESS_KEYS", "CompressionReport", "METHODS", "check_config", "compress", "compress_from_config",
+    "compress_linear_stage",
     "get_method", "method_names", "module_types", "apply_spec", "model_size", "module_size", "OutputStats",
     "collect_output_stats", "find_targets", "module_groups", "LowRankLinear", "LowRankFieldEmbedding",
     "TTEmbedding", "TTFieldEmbedding", "Int8FieldEmbedding", "Int8Linear", "QRFieldEmbedding",

@@ -323,10 +323,13 @@ def split_groups(method: CompressionMethod, mlp_method: CompressionMethod, targe
                  target_ratio: float | None, from_scratch: bool = False, fold: bool = False
                  ) -> tuple[list[str], list[str]]:
     """The groups of the two stages of ``method`` + ``mlp_method``: (first stage's, second stage's); raises
-    ValueError (naming the key) when the pair cannot be combined."""
-    if from_scratch or fold:
-        raise ValueError(f"compression.mlp_method={mlp_method.name} compresses trained Linear layers: it cannot be "
-                         f"combined with compression.{'from_scratch' if from_scratch else 'fold'}=true")
+    ValueError (naming the key) when the pair cannot be combined. With ``from_scratch`` the first stage is built
+    with random initialisation and trained (the pipeline's from-scratch stage) before the second one runs."""
+    if fold:
+        raise ValueError(f"compression.mlp_method={mlp_method.name} compresses the Linear layers with their own "
+                         "method: it cannot be combined with compression.fold=true (folding reads svd/afm tables)")
+    if from_scratch and not method.from_scratch:
+        raise ValueError(f"compression.from_scratch=true: {method.name!r} cannot be trained from scratch")
     if tuple(method.groups) != ("embedding",):
         raise ValueError(f"compression.mlp_method={mlp_method.name} adds a method for the Linear layers to one that "
                          f"compresses only embeddings (e.g. tt, qr); {method.name!r} already compresses "
@@ -357,20 +360,59 @@ def _compress_embeddings_then_linears(
         forward_fn: Callable[[nn.Module, Any], Any] | None, max_calibration_batches: int | None, fold: bool,
         code_dtype: str, calibration: str, correction: str, allocator: str, from_scratch: bool,
         options: Mapping[str, Any]) -> CompressionReport:
-    """``method`` on the embeddings, then ``mlp_method`` on the Linears of the result; one report for both."""
+    """``method`` on the embeddings, then ``mlp_method`` on the Linears of the result; one report for both.
+
+    With ``from_scratch`` only the first stage is built (random initialisation): its report names the stage still
+    to come (``policy["mlp_method"]``), which ``compress_linear_stage`` runs once the structure is trained."""
     first, second = get_method(method), get_method(mlp_method)
     emb_groups, layer_groups = split_groups(first, second, targets, target_ratio, from_scratch, fold)
     batches = list(itertools.islice(calibration_batches, max_calibration_batches)) \
         if calibration_batches is not None else None
-    original = model_size(model, module_groups(model))
-    common = dict(include=include, exclude=exclude, forward_fn=forward_fn, options=options)
-    r1 = compress(model, method, batches, targets=emb_groups, embedding_rank=embedding_rank, **common)
-    r2 = compress(model, mlp_method, batches, targets=layer_groups, mlp_rank=mlp_rank, other_rank=other_rank,
+    r1 = compress(model, method, batches, targets=emb_groups, embedding_rank=embedding_rank, include=include,
+                  exclude=exclude, forward_fn=forward_fn, options=options, from_scratch=from_scratch)
+    if from_scratch:
+        r1.policy.update(mlp_method=second.name, stage="embeddings from scratch; the Linear stage follows training")
+        return r1
+    return _linear_stage(model, first, second, r1, batches, layer_groups, mlp_rank, other_rank, energy,
+                         target_ratio, include, exclude, forward_fn, code_dtype, calibration, correction, allocator,
+                         options)
+
+
+def compress_linear_stage(model: nn.Module, cfg: Any, calibration_batches: Iterable[Any] | None,
+                          first: CompressionReport,
+                          forward_fn: Callable[[nn.Module, Any], Any] | None = None) -> CompressionReport:
+    """The second stage of a ``method`` + ``mlp_method`` config whose first stage ``first`` was built from scratch
+    and has since been trained: ``mlp_method`` on the Linears, a ``target_ratio`` measured against the size before
+    the first stage (``first.base``); one report for both stages."""
+    kw = _compress_kwargs(cfg)
+    one, two = get_method(kw["method"]), get_method(kw["mlp_method"])
+    _, layer_groups = split_groups(one, two, kw.get("targets"), kw.get("target_ratio"), kw["from_scratch"],
+                                   kw["fold"])
+    limit = cfg.get("calibration_batches") if hasattr(cfg, "get") else None
+    batches = list(itertools.islice(calibration_batches, int(limit) if limit else None)) \
+        if calibration_batches is not None else None
+    return _linear_stage(model, one, two, first, batches, layer_groups, kw.get("mlp_rank"), kw.get("other_rank"),
+                         kw.get("energy"), kw.get("target_ratio"), kw.get("include", ()), kw.get("exclude", ()),
+                         forward_fn, kw.get("code_dtype", "float32"), kw.get("calibration", "oneshot"),
+                         kw.get("correction", "none"), kw.get("allocator", "variance"), kw["options"])
+
+
+def _linear_stage(model: nn.Module, first: CompressionMethod, second: CompressionMethod, r1: CompressionReport,
+                  batches: list[Any] | None, layer_groups: list[str], mlp_rank: RankArg, other_rank: RankArg,
+                  energy: float | None, target_ratio: float | None, include: Sequence[str], exclude: Sequence[str],
+                  forward_fn: Callable[[nn.Module, Any], Any] | None, code_dtype: str, calibration: str,
+                  correction: str, allocator: str, options: Mapping[str, Any]) -> CompressionReport:
+    """``second`` on the Linears of a model whose embeddings ``r1`` compressed; the report of both stages, sizes
+    against the model before the first stage."""
+    original = r1.base
+    r2 = compress(model, second.name, batches, targets=layer_groups, mlp_rank=mlp_rank, other_rank=other_rank,
                   energy=energy, target_ratio=target_ratio, code_dtype=code_dtype, calibration=calibration,
-                  correction=correction, allocator=allocator, reference_bytes=original["total"]["bytes"], **common)
+                  correction=correction, allocator=allocator, reference_bytes=original["total"]["bytes"],
+                  include=include, exclude=exclude, forward_fn=forward_fn, options=options)
     name = "+".join([first.name, second.name])  # methods.method_parts splits it
-    policy = {**r2.policy, "targets": [*emb_groups, *layer_groups], "embedding_method": first.name,
-              "mlp_method": second.name, "embedding_rank": embedding_rank,
+    policy = {**r2.policy, "targets": ["embedding", *layer_groups],
+              "embedding_method": first.name, "mlp_method": second.name,
+              "embedding_rank": r1.policy.get("embedding_rank"), "from_scratch": bool(r1.policy.get("from_scratch")),
               **{k: v for k, v in r1.policy.items() if k in first.options}}
     after = r2.compressed
     return CompressionReport(

@@ -1,5 +1,9 @@
 """The compress stage (calibrate + replace + evaluate before fine-tuning) and the from-scratch stage (the compressed
-structure trained from random initialisation with the base recipe: the TT-Rec protocol)."""
+structure trained from random initialisation with the base recipe: the TT-Rec protocol).
+
+With ``compression.mlp_method`` and ``from_scratch`` both set, the embedding method's structure is trained from
+scratch first, then the compress stage runs ``mlp_method`` on that trained model's Linears (``first``) and the
+fine-tune follows, as after any compression."""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import time
 import torch
 from torch import nn
 
-from lowrank_ctr.compression import compress_from_config
+from lowrank_ctr.compression import compress_from_config, compress_linear_stage
 from lowrank_ctr.compression.api import CompressionReport
 from lowrank_ctr.compression.spec import apply_spec
 from lowrank_ctr.lightning.module import CTRModule
@@ -32,25 +36,36 @@ def _result(report: CompressionReport, seconds: float, **kw) -> CompressResult:
                           policy=report.policy, spec=report.spec, **kw)
 
 
-def compress_stage(ctx: RunContext, module: CTRModule) -> tuple[nn.Module, CompressResult]:
+def two_stage_from_scratch(comp) -> bool:
+    """``method`` trained from scratch, then ``mlp_method`` on the Linears of the trained model."""
+    return bool(comp.get("from_scratch")) and str(comp.get("mlp_method") or "none") != "none"
+
+
+def compress_stage(ctx: RunContext, module: CTRModule, first: CompressionReport | None = None,
+                   reference: nn.Module | None = None) -> tuple[nn.Module, CompressResult]:
     """Compress ``module.model`` in place; returns (a frozen copy of the base model, the result).
 
     The compressed model is tested against the base in one pass (AUC, logloss and ``compress/logit_mse``) and
     validated before any fine-tuning; those weights are saved as the fine-tune's fallback.
+    ``first``: the report of a first stage trained from scratch (``two_stage_from_scratch``): only the Linear stage
+    runs here. ``reference``: the base model (default: ``module.model`` as it comes in).
     """
     comp = ctx.cfg.compression
-    base_model = copy.deepcopy(module.model).eval()
+    base_model = reference if reference is not None else copy.deepcopy(module.model).eval()
     weights = ctx.run_dir / "checkpoints" / PRE_FINETUNE_WEIGHTS
     done = ctx.records.read(STAGE, CompressResult) if ctx.resuming else None
     if done is not None and weights.exists():
-        apply_spec(module.model, done.spec)
+        built = {m["name"] for m in first.spec["modules"]} if first is not None else set()
+        apply_spec(module.model, [m for m in done.spec["modules"] if m["name"] not in built])
         module.set_compression_spec(done.spec)
         module.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         log.info("resuming after the finished compression stage: calibration is not repeated")
         return base_model, done
     t0 = time.perf_counter()
     module.model.to(ctx.device)
-    report = compress_from_config(module.model, comp, ctx.calibration_batches(int(comp.calibration_batches)))
+    batches = ctx.calibration_batches(int(comp.calibration_batches))
+    report = (compress_from_config(module.model, comp, batches) if first is None
+              else compress_linear_stage(module.model, comp, batches, first))
     module.set_compression_spec(report.spec)
     seconds = time.perf_counter() - t0
     log.info("%s", report.summary())
@@ -58,7 +73,8 @@ def compress_stage(ctx: RunContext, module: CTRModule) -> tuple[nn.Module, Compr
     before_val, _ = ctx.evaluate(module.model, "val")
     log.info("compressed, before fine-tuning: test/auc=%s test/logloss=%.5f logit MSE vs base=%.3g", before.auc,
              before.logloss, logit_mse)
-    result = _result(report, seconds, before_test=before, before_val_auc=before_val.auc, logit_mse=logit_mse)
+    result = _result(report, seconds, before_test=before, before_val_auc=before_val.auc, logit_mse=logit_mse,
+                     from_scratch=first is not None)
     if is_global_zero():
         weights.parent.mkdir(parents=True, exist_ok=True)
         torch.save({k: v.detach().cpu() for k, v in module.model.state_dict().items()}, weights)
@@ -66,9 +82,10 @@ def compress_stage(ctx: RunContext, module: CTRModule) -> tuple[nn.Module, Compr
     return base_model, result
 
 
-def scratch_stage(ctx: RunContext) -> tuple[CTRModule, CompressResult, ScratchResult]:
+def scratch_stage(ctx: RunContext) -> tuple[CTRModule, CompressResult, ScratchResult, CompressionReport]:
     """``compression.from_scratch=true``: the compressed structure, randomly initialised, trained like the base
-    (same recipe, ``trainer.max_epochs``), then tested. Its checkpoints go to ``scratch/``."""
+    (same recipe, ``trainer.max_epochs``), then tested. Its checkpoints go to ``scratch/``; the model it tested is
+    the run's final one (``checkpoints/compressed.ckpt``) unless a Linear stage follows (``scratch/trained.ckpt``)."""
     comp = ctx.cfg.compression
     module = ctx.module()
     t0 = time.perf_counter()
@@ -85,7 +102,7 @@ def scratch_stage(ctx: RunContext) -> tuple[CTRModule, CompressResult, ScratchRe
 
         module.load_state_dict(load_checkpoint(done.checkpoint)["state_dict"])
         log.info("resuming after the finished from-scratch stage")
-        return module, compressed, done
+        return module, compressed, done, report
     stage_dir = ctx.run_dir / "scratch"
     callbacks = fit_callbacks(ctx.cfg, stage_dir)
     last = stage_dir / "last.ckpt"
@@ -93,10 +110,11 @@ def scratch_stage(ctx: RunContext) -> tuple[CTRModule, CompressResult, ScratchRe
                                loggers=False)
     ctx.load_best(module, callbacks)
     test, _ = ctx.evaluate(module.model, "test")
-    final = ctx.run_dir / "checkpoints" / FINAL_CHECKPOINT
+    final = (stage_dir / "trained.ckpt" if two_stage_from_scratch(comp)
+             else ctx.run_dir / "checkpoints" / FINAL_CHECKPOINT)
     result = ScratchResult(training=ctx.training_stats(trainer, callbacks, seconds), val_auc=callbacks.best_score(),
                            test=test, checkpoint=str(final))
     if is_global_zero():
         save_model_checkpoint(module, final)
         ctx.records.write(SCRATCH_STAGE, result)
-    return module, compressed, result
+    return module, compressed, result, report

@@ -193,10 +193,10 @@ class RunResult:
     @property
     def final_test(self) -> Metrics:
         """The metrics of the model the run ends with (compressed when compressed)."""
+        if self.finetune is not None:  # also after a from-scratch stage, when a Linear stage followed it
+            return self.finetune.test
         if self.scratch is not None:
             return self.scratch.test
-        if self.finetune is not None:
-            return self.finetune.test
         return self.base.test
 
     def to_json(self) -> dict[str, Any]:
@@ -228,17 +228,19 @@ class RunResult:
                 out[KEY_LOGIT_MSE] = c.logit_mse
             if c.before_val_auc is not None or not c.from_scratch:
                 out["compress/val/auc_before_finetune"] = c.before_val_auc
+        s = self.scratch
+        if s is not None:
+            out.update(_training(s.training, "scratch/train/"))
+            out.update({"compress/val/auc": s.val_auc, KEY_COMPRESSED_CHECKPOINT: s.checkpoint})
+            final_checkpoint = s.checkpoint
+            if self.finetune is not None:  # a Linear stage followed: the model trained from scratch, before it
+                out.update(_metrics(s.test, "scratch/test/"))
         f = self.finetune
         if f is not None:
             out.update({"compress/val/auc": f.val_auc, "compress/finetune_seconds": f.seconds,
                         KEY_FINETUNE_EPOCHS: f.epochs, KEY_FINETUNE_KEPT: f.kept,
                         KEY_COMPRESSED_CHECKPOINT: f.checkpoint})
             final_checkpoint = f.checkpoint
-        s = self.scratch
-        if s is not None:
-            out.update(_training(s.training, "scratch/train/"))
-            out.update({"compress/val/auc": s.val_auc, KEY_COMPRESSED_CHECKPOINT: s.checkpoint})
-            final_checkpoint = s.checkpoint
         if c is not None:
             out[KEY_AUC_DELTA] = _delta(self.final_test.auc, b.test.auc)
         if self.control is not None:

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from lowrank_ctr import bench
 from lowrank_ctr.pipeline import rundir
 from lowrank_ctr.pipeline.base import BaseStage, LoadBase, TrainBase
-from lowrank_ctr.pipeline.compression import compress_stage, scratch_stage
+from lowrank_ctr.pipeline.compression import compress_stage, scratch_stage, two_stage_from_scratch
 from lowrank_ctr.pipeline.context import (RunContext, build_loggers, compute_device, is_global_zero,
                                           make_datamodule, run_dir_of)
 from lowrank_ctr.pipeline.finetune import control_stage, finetune_stage
@@ -99,7 +99,10 @@ def _run(cfg: DictConfig, stage: BaseStage, run_dir, identity: str) -> dict[str,
     comp = cfg.get("compression")
     if comp is not None and comp.get("method", "none") != "none":
         if comp.get("from_scratch"):
-            final, result.compress, result.scratch = scratch_stage(ctx)
+            final, result.compress, result.scratch, first = scratch_stage(ctx)
+            if two_stage_from_scratch(comp):  # the Linears of the trained structure, then the usual fine-tune
+                _, result.compress = compress_stage(ctx, final, first=first, reference=base_model)
+                final, result.finetune = finetune_stage(ctx, final, base_model, result.compress)
         else:
             base_model, result.compress = compress_stage(ctx, module)
             final, result.finetune = finetune_stage(ctx, module, base_model, result.compress)

@@ -67,9 +67,11 @@ def human_summary(results: Mapping[str, Any]) -> str:
         base_auc, auc = results.get(KEY_BASE_TEST_AUC), results.get(KEY_TEST_AUC)
         lines.append(f"base {what}: test AUC {_auc(base_auc)}, "
                      f"{_size(results.get(R.KEY_BASE_PARAMS), results.get(R.KEY_BASE_BYTES))}")
-        how = "trained from scratch" if results.get(R.KEY_FROM_SCRATCH) else (
+        scratch = results.get(R.KEY_FROM_SCRATCH)
+        tuned = None if scratch and R.KEY_FINETUNE_EPOCHS not in results else (
             "fine-tune kept" if results.get(R.KEY_FINETUNE_KEPT) else
             "fine-tune not kept: no validation gain" if results.get(R.KEY_FINETUNE_EPOCHS) else "no fine-tune")
+        how = ", ".join(x for x in ("trained from scratch" if scratch else None, tuned) if x)
         lines.append(f"compressed ({method}, {how}): test AUC {_auc(auc)} "
                      f"({_signed(results.get(R.KEY_AUC_DELTA))} vs base"
                      + (f", {_signed(results.get(R.KEY_CONTROL_AUC_DELTA))} vs base + same fine-tune "
