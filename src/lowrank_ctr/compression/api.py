@@ -328,8 +328,6 @@ def split_groups(method: CompressionMethod, mlp_method: CompressionMethod, targe
     if fold:
         raise ValueError(f"compression.mlp_method={mlp_method.name} compresses the Linear layers with their own "
                          "method: it cannot be combined with compression.fold=true (folding reads svd/afm tables)")
-    if from_scratch and not method.from_scratch:
-        raise ValueError(f"compression.from_scratch=true: {method.name!r} cannot be trained from scratch")
     if tuple(method.groups) != ("embedding",):
         raise ValueError(f"compression.mlp_method={mlp_method.name} adds a method for the Linear layers to one that "
                          f"compresses only embeddings (e.g. tt, qr); {method.name!r} already compresses "
@@ -388,9 +386,8 @@ def compress_linear_stage(model: nn.Module, cfg: Any, calibration_batches: Itera
     one, two = get_method(kw["method"]), get_method(kw["mlp_method"])
     _, layer_groups = split_groups(one, two, kw.get("targets"), kw.get("target_ratio"), kw["from_scratch"],
                                    kw["fold"])
-    limit = cfg.get("calibration_batches") if hasattr(cfg, "get") else None
-    batches = list(itertools.islice(calibration_batches, int(limit) if limit else None)) \
-        if calibration_batches is not None else None
+    limit = _calibration_limit(cfg)
+    batches = list(itertools.islice(calibration_batches, limit)) if calibration_batches is not None else None
     return _linear_stage(model, one, two, first, batches, layer_groups, kw.get("mlp_rank"), kw.get("other_rank"),
                          kw.get("energy"), kw.get("target_ratio"), kw.get("include", ()), kw.get("exclude", ()),
                          forward_fn, kw.get("code_dtype", "float32"), kw.get("calibration", "oneshot"),
@@ -604,9 +601,14 @@ def compress_from_config(model: nn.Module, cfg: Any, calibration_batches: Iterab
     ``calibration_batches``: training batches (already on the model's device); at most
     ``cfg.calibration_batches`` of them are used.
     """
-    limit = cfg.get("calibration_batches") if hasattr(cfg, "get") else None
     return compress(model, calibration_batches=calibration_batches, forward_fn=forward_fn,
-                    max_calibration_batches=int(limit) if limit else None, **_compress_kwargs(cfg))
+                    max_calibration_batches=_calibration_limit(cfg), **_compress_kwargs(cfg))
+
+
+def _calibration_limit(cfg: Any) -> int | None:
+    """``cfg.calibration_batches``: at most this many calibration batches are read (None: all given)."""
+    limit = cfg.get("calibration_batches") if hasattr(cfg, "get") else None
+    return int(limit) if limit else None
 
 
 def check_config(model: nn.Module, cfg: Any, batch: Any | None = None,

@@ -196,10 +196,8 @@ class _RowBuffer:
         n = len(part["label"])
         if not self.arrays:
             self.arrays = {k: np.empty((self.capacity, *v.shape[1:]), v.dtype) for k, v in part.items()}
-        if self.rows + n > self.capacity:  # not expected (capacity = target + one read), but never lose rows
-            self.capacity = self.rows + n
-            self.arrays = {k: np.concatenate([v[: self.rows], np.empty((n, *v.shape[1:]), v.dtype)])
-                           for k, v in self.arrays.items()}
+        if self.rows + n > self.capacity:  # capacity is the fill target + one read (READ_ROWS)
+            raise RuntimeError(f"internal: {n} rows do not fit the buffer ({self.rows} of {self.capacity} used)")
         for k, v in part.items():
             self.arrays[k][self.rows: self.rows + n] = v
         self.rows += n
@@ -211,9 +209,11 @@ class _RowBuffer:
 
     def keep(self, rows: slice | np.ndarray) -> None:
         """Keep only ``rows`` (in this order), moved to the front."""
-        if isinstance(rows, slice):
+        if isinstance(rows, slice):  # of the filled rows, not of the capacity
             rows = slice(*rows.indices(self.rows))
-        n = len(range(*rows.indices(self.rows))) if isinstance(rows, slice) else len(rows)
+            n = len(range(rows.start, rows.stop, rows.step))
+        else:
+            n = len(rows)
         for v in self.arrays.values():
             v[:n] = v[rows]  # numpy copies through a temporary where source and destination overlap
         self.rows = n
