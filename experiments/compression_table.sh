@@ -17,6 +17,7 @@
 #   qr_afm    QR embeddings (20 collisions) + AFM the same way (qr_afm.yaml), the same budgets
 #   tt_afm_scratch / qr_afm_scratch  the same, the TT / QR embeddings trained from scratch for the base's epochs
 #             (TT-Rec protocol) before AFM compresses the Linears of that trained model; then the usual fine-tune
+#             (one scratch training per seed and family, shared by the ratios: compression.scratch_cache)
 # and, on the first seed only, what did not make the default (ablations): afm with float32 codes / the variance
 # budget / sequential calibration + least-squares correction / folding, at 5 and 10.
 #
@@ -33,6 +34,7 @@ FAMILIES=${FAMILIES:-"afm svd tt tt_scratch qr qr_scratch int8 tt_afm qr_afm tt_
 ABLATIONS=${ABLATIONS:-1}                                          # 0: skip the first-seed ablations
 SYNTHETIC_ROWS=${SYNTHETIC_ROWS:-}                                 # e.g. 200000: a smaller synthetic dataset
 EXTRA=${EXTRA:-}
+RUN_TAG=${RUN_TAG:-}   # appended to each family's sweep folder: another RATIOS later (e.g. RUN_TAG=_3) gets new folders
 # one control per base (the same recipe for every method): compression.control_cache
 # the table was measured with dense Adam (the default before rowwise_adam): bases and fine-tunes keep it
 COMMON="progress_bar=false logger=csv optimizer=adam compression.control=true compression.control_cache=$OUT/control_cache $EXTRA"
@@ -43,7 +45,7 @@ compress() {  # compress <checkpoint> <seed> <sweep dir> <overrides...>
   local ckpt=$1 seed=$2 dir=$3
   shift 3
   if [[ "$dir" != */ablations/* && " $FAMILIES " != *" $(basename "$dir") "* ]]; then return 0; fi
-  lowrank-ctr-compress -m ckpt_path="$ckpt" seed="$seed" $COMMON "$@" hydra.sweep.dir="$dir" || true
+  lowrank-ctr-compress -m ckpt_path="$ckpt" seed="$seed" $COMMON "$@" hydra.sweep.dir="$dir$RUN_TAG" || true
 }
 
 first_seed=${SEEDS%% *}
@@ -71,9 +73,9 @@ for pair in $DATASETS; do
     compress "$ckpt" "$seed" "$runs/tt_afm" compression=tt_afm compression.target_ratio="$RATIOS"
     compress "$ckpt" "$seed" "$runs/qr_afm" compression=qr_afm compression.target_ratio="$RATIOS"
     compress "$ckpt" "$seed" "$runs/tt_afm_scratch" compression=tt_afm compression.from_scratch=true \
-      compression.target_ratio="$RATIOS"
+      compression.target_ratio="$RATIOS" compression.scratch_cache="$OUT/scratch_cache"
     compress "$ckpt" "$seed" "$runs/qr_afm_scratch" compression=qr_afm compression.from_scratch=true \
-      compression.target_ratio="$RATIOS"
+      compression.target_ratio="$RATIOS" compression.scratch_cache="$OUT/scratch_cache"
     if [ "$seed" = "$first_seed" ] && [ "$ABLATIONS" = 1 ]; then
       abl="$OUT/ablations/$data/$model/seed$seed"
       compress "$ckpt" "$seed" "$abl/float32_codes" compression=afm $ALL $BUDGET compression.target_ratio=5,10 \

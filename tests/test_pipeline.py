@@ -182,6 +182,30 @@ def test_control_cache_shares_one_control_per_base_and_recipe(tmp_path, data_dir
     assert (tmp_path / "lr" / "control").exists() and len(list(cache.glob("control-*.json"))) == 2
 
 
+def test_stage_cache_is_a_miss_for_another_key_a_changed_entry_or_a_missing_file(tmp_path):
+    from lowrank_ctr.pipeline.stage_cache import StageCache
+
+    key = {"structure": {"rank": 2}, "settings": {"seed": 1}}
+    cache = StageCache.at(tmp_path, "scratch", key)
+    assert cache.read(ControlResult) is None
+    weights = tmp_path / "model.ckpt"
+    weights.write_bytes(b"weights")
+    result = ControlResult(test=Metrics(0.7, 0.4), kept=True)
+    cache.write(result, files={".ckpt": weights})
+    assert cache.read(ControlResult) == result and cache.file(".ckpt").read_bytes() == b"weights"
+    other = StageCache.at(tmp_path, "scratch", {**key, "settings": {"seed": 2}})
+    assert other.path != cache.path and other.read(ControlResult) is None
+    saved = json.loads(cache.path.read_text())
+    saved["key"]["settings"]["seed"] = 3  # an entry whose key is not the wanted one: a miss, not a wrong result
+    cache.path.write_text(json.dumps(saved))
+    assert cache.read(ControlResult) is None
+    saved["key"]["settings"]["seed"] = 1
+    cache.path.write_text(json.dumps(saved))
+    assert cache.read(ControlResult) == result
+    cache.file(".ckpt").unlink()  # the entry's checkpoint gone: a miss
+    assert cache.read(ControlResult) is None
+
+
 def load_checkpoint_state(path):
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     return {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
@@ -370,19 +394,25 @@ def test_from_scratch_trains_the_compressed_structure_like_the_base(tmp_path, da
     assert evaluate(model, make_datamodule(cfg).test_dataloader(), "cpu", "test")[0].auc == pytest.approx(res["test/auc"], abs=1e-6)
 
 
-def test_from_scratch_then_linear_stage_then_fine_tune(tmp_path, data_dir):
+def test_from_scratch_then_linear_stage_then_fine_tune_and_the_scratch_cache(tmp_path, data_dir):
     """tt_afm from scratch: TT trained from scratch for the base's epochs, then AFM on the Linears of THAT model at
-    the whole-model budget, then the usual fine-tune; the final model reloads and reproduces the final AUC."""
+    the whole-model budget, then the usual fine-tune; the final model reloads and reproduces the final AUC.
+    compression.scratch_cache: a second run of the same structure reuses that training (no fit) and compresses
+    the same trained weights (the same AUC before its fine-tune)."""
     from lowrank_ctr.pipeline.context import make_datamodule
     from lowrank_ctr.pipeline.evaluation import evaluate
 
-    cfg = compose_cfg("train", TINY + ["model.mlp=[32]", "bench=false", "compression=tt_afm",
-                                       "compression.embedding_rank=2", "compression.from_scratch=true",
-                                       "compression.target_ratio=3", "compression.finetune_epochs=1",
-                                       "early_stopping_patience=null"], tmp_path, data_dir)
+    base = run(compose_cfg("train", TINY + ["model.mlp=[32]", "bench=false", "early_stopping_patience=null"],
+                           tmp_path / "base", data_dir))
+    cache = tmp_path / "scratch_cache"
+    overrides = [f"ckpt_path={base['checkpoint']}", "bench=false", "progress_bar=false", "logger=none",
+                 "compression=tt_afm", "compression.embedding_rank=2", "compression.from_scratch=true",
+                 "compression.target_ratio=3", "compression.finetune_epochs=1", f"compression.scratch_cache={cache}",
+                 "trainer.max_epochs=1"]  # the base's epochs: the scratch stage trains for trainer.max_epochs
+    cfg = compose_cfg("compress", overrides, tmp_path / "first", data_dir)
     res = run(cfg)
     assert res["compress/method"] == "tt+afm" and res["compress/from_scratch"] is True
-    assert res["scratch/train/epochs"] == res["train/epochs"]
+    assert res["scratch/train/epochs"] == base["train/epochs"] and res["scratch/cached"] is False
     assert 3.0 <= res["compress/ratio"] <= 3.06 and res["base/bytes"] / res["bytes"] == pytest.approx(
         res["compress/ratio"])
     layers = {l["name"]: l["method"] for l in res["compress/layers"] if l.get("replaced")}
@@ -394,6 +424,14 @@ def test_from_scratch_then_linear_stage_then_fine_tune(tmp_path, data_dir):
     assert hp["compression_spec"]["method"] == "tt+afm"
     auc = evaluate(model, make_datamodule(cfg).test_dataloader(), "cpu", "test")[0].auc
     assert auc == pytest.approx(res["test/auc"], abs=1e-6)
+    assert len(list(cache.glob("scratch-*.json"))) == 1 and len(list(cache.glob("scratch-*.ckpt"))) == 1
+
+    again = run(compose_cfg("compress", overrides, tmp_path / "again", data_dir))
+    assert again["scratch/cached"] is True and not (tmp_path / "again" / "scratch" / "last.ckpt").exists()
+    assert (tmp_path / "again" / "scratch" / "trained.ckpt").exists()  # its own copy: the run folder stands alone
+    assert again["scratch/test/auc"] == res["scratch/test/auc"]
+    assert again["compress/test/auc_before_finetune"] == pytest.approx(res["compress/test/auc_before_finetune"],
+                                                                       abs=1e-6)
 
 
 def test_decay_on_plateau_goes_back_to_the_best_point_with_a_lower_rate(tmp_path):

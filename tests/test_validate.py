@@ -76,6 +76,7 @@ def test_wrong_types_and_ranges_name_the_key(tmp_path, overrides, key, need):
     (["model=dnn", "compression=int8", "compression.fold=true"], "compression=int8 has none"),
     (["compression=afm", "compression.control=true", "compression.finetune_epochs=0"], "finetune_epochs >= 1"),
     (["compression=afm", "compression.control_cache=/tmp/c"], "set compression.control=true or control_cache=null"),
+    (["compression=tt_afm", "compression.scratch_cache=/tmp/s"], "set compression.from_scratch=true or scratch_cache"),
     (["trainer.max_epochs=1", "trainer.min_epochs=3"], "more than trainer.max_epochs=1"),
     (["compression=afm", "compression.mlp_method=svd"], "compresses only embeddings"),
     (["compression=tt", "compression.mlp_method=int8"], "must be a low-rank method"),

@@ -159,9 +159,23 @@ def _compression_conflicts(cfg: DictConfig) -> list[str]:
     comp = cfg.get("compression")
     if comp is None or comp.get("method", "none") == "none":
         return []
-    if comp.get("mlp_method") not in (None, "none"):
-        return _two_stage_conflicts(comp)
-    return _method_conflicts(comp)
+    found = _two_stage_conflicts(comp) if comp.get("mlp_method") not in (None, "none") else _method_conflicts(comp)
+    return found + _stage_conflicts(comp)
+
+
+def _stage_conflicts(comp: DictConfig) -> list[str]:
+    """The run's stages around the method (control, caches): checked once, whatever the method stages are."""
+    out = []
+    if comp.get("control_cache") and not comp.get("control"):
+        out.append(f"compression.control_cache={_fmt(comp.control_cache)} shares the control's result across runs, "
+                   "but compression.control=false: set compression.control=true or control_cache=null")
+    if comp.get("scratch_cache") and not comp.get("from_scratch"):
+        out.append(f"compression.scratch_cache={_fmt(comp.scratch_cache)} shares a from-scratch training across "
+                   "runs, but compression.from_scratch=false: set compression.from_scratch=true or scratch_cache=null")
+    if comp.get("control") and int(comp.get("finetune_epochs", 1)) == 0:
+        out.append("compression.control=true fine-tunes the base for compression.finetune_epochs as a baseline, "
+                   "but compression.finetune_epochs=0: set finetune_epochs >= 1 or control=false")
+    return out
 
 
 def _two_stage_conflicts(comp: DictConfig) -> list[str]:
@@ -256,12 +270,6 @@ def _method_conflicts(comp: DictConfig) -> list[str]:
         able = [n for n, m in METHODS.items() if m.from_scratch]
         out.append(f"compression.from_scratch=true trains the compressed structure from random initialisation; "
                    f"compression={name} cannot (methods that can: {able})")
-    if comp.get("control_cache") and not comp.get("control"):
-        out.append(f"compression.control_cache={_fmt(comp.control_cache)} shares the control's result across runs, "
-                   "but compression.control=false: set compression.control=true or control_cache=null")
-    if comp.get("control") and int(comp.get("finetune_epochs", 1)) == 0:
-        out.append("compression.control=true fine-tunes the base for compression.finetune_epochs as a baseline, "
-                   "but compression.finetune_epochs=0: set finetune_epochs >= 1 or control=false")
     return out
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import shutil
 import time
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -20,6 +22,7 @@ from lowrank_ctr.compression.spec import apply_spec
 from lowrank_ctr.lightning.module import CTRModule
 from lowrank_ctr.pipeline.context import RunContext, fit_callbacks, is_global_zero, save_model_checkpoint
 from lowrank_ctr.pipeline.results import CompressResult, ScratchResult
+from lowrank_ctr.pipeline.stage_cache import StageCache, package_version, shared_settings
 
 log = logging.getLogger(__name__)
 STAGE = "compressed"
@@ -104,17 +107,44 @@ def scratch_stage(ctx: RunContext) -> tuple[CTRModule, CompressResult, ScratchRe
         log.info("resuming after the finished from-scratch stage")
         return module, compressed, done, report
     stage_dir = ctx.run_dir / "scratch"
+    final = (stage_dir / "trained.ckpt" if two_stage_from_scratch(comp)
+             else ctx.run_dir / "checkpoints" / FINAL_CHECKPOINT)
+    cache = scratch_cache(ctx.cfg, report)
+    cached = cache.read(ScratchResult) if cache is not None else None
+    if cached is not None:
+        from lowrank_ctr.lightning.module import load_checkpoint
+
+        log.info("from scratch: reusing %s (the same structure, data, seed and training recipe)", cache.path)
+        module.load_state_dict(load_checkpoint(cache.file(".ckpt"))["state_dict"])
+        result = replace(cached, checkpoint=str(final), cached=True)
+        if is_global_zero():
+            final.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(cache.file(".ckpt"), final)  # the run folder stays whole without the cache
+            ctx.records.write(SCRATCH_STAGE, result)
+        return module, compressed, result, report
     callbacks = fit_callbacks(ctx.cfg, stage_dir)
     last = stage_dir / "last.ckpt"
     trainer, seconds = ctx.fit(module, callbacks, stage_dir, last if ctx.resuming and last.exists() else None,
                                loggers=False)
     ctx.load_best(module, callbacks)
     test, _ = ctx.evaluate(module.model, "test")
-    final = (stage_dir / "trained.ckpt" if two_stage_from_scratch(comp)
-             else ctx.run_dir / "checkpoints" / FINAL_CHECKPOINT)
     result = ScratchResult(training=ctx.training_stats(trainer, callbacks, seconds), val_auc=callbacks.best_score(),
                            test=test, checkpoint=str(final))
     if is_global_zero():
         save_model_checkpoint(module, final)
         ctx.records.write(SCRATCH_STAGE, result)
+        if cache is not None:
+            cache.write(result, files={".ckpt": final})
     return module, compressed, result, report
+
+
+def scratch_cache(cfg, report: CompressionReport) -> StageCache | None:
+    """``compression.scratch_cache=DIR``: one from-scratch training per (compressed structure, data, model, seed,
+    trainer, optimizer, package version). The structure is the first stage's spec, so a two-stage sweep over
+    ``target_ratio`` (whose first stage does not depend on it) trains the TT / QR model once per seed, not once
+    per ratio; anything that changes the structure is another entry."""
+    folder = cfg.compression.get("scratch_cache")
+    if not folder:
+        return None
+    return StageCache.at(folder, "scratch", {"structure": report.spec, "settings": shared_settings(cfg),
+                                             "package": package_version()})

@@ -17,20 +17,16 @@ is not zero), the same regulariser the compressed model gets.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import logging
-import os
 from dataclasses import asdict, dataclass
-from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 from lowrank_ctr.lightning.module import CTRModule
+from lowrank_ctr.pipeline.stage_cache import StageCache, package_version, shared_settings, weights_digest
 
 if TYPE_CHECKING:
     from lowrank_ctr.pipeline.context import RunContext
@@ -189,8 +185,8 @@ def control_stage(ctx: "RunContext", base_model: nn.Module, base: "BaseResult") 
     if done is not None:
         return done
     recipe = FinetuneRecipe.from_config(ctx.cfg.compression)
-    cache = ControlCache.from_config(ctx.cfg, base_model, recipe)
-    cached = cache.read() if cache is not None else None
+    cache = control_cache(ctx.cfg, base_model, recipe)
+    cached = cache.read(ControlResult) if cache is not None else None
     if cached is not None:
         log.info("control: reusing %s (the same base weights, data, seed and fine-tune recipe)", cache.path)
         if is_global_zero():
@@ -218,54 +214,12 @@ def control_stage(ctx: "RunContext", base_model: nn.Module, base: "BaseResult") 
     return result
 
 
-#: settings that change nothing in a control's fit: the compression method and its ranks (the control is the
-#: uncompressed base), where and how a run reports, and how it was started
-_NOT_CONTROL_KEYS = ("compression", "paths", "logger", "progress_bar", "bench", "bench_batch_sizes", "task_name",
-                     "ckpt_path", "pipeline", "hparams_search", "optimized_metric", "min_ratio", "resume",
-                     "skip_completed", "run_dir")
-
-
-@dataclass
-class ControlCache:
+def control_cache(cfg: DictConfig, base_model: nn.Module, recipe: FinetuneRecipe) -> StageCache | None:
     """``compression.control_cache=DIR``: one control per (base weights, data, seed, trainer, optimizer, fine-tune
     recipe, package version), shared by every compression run of that base — a table of 20 methods and ratios
-    fine-tunes its base once, not 20 times. Off (null) by default: a cache key cannot see code edited in place."""
-
-    path: Path
-    key: dict[str, Any]
-
-    @classmethod
-    def from_config(cls, cfg: DictConfig, base_model: nn.Module, recipe: FinetuneRecipe) -> "ControlCache | None":
-        folder = cfg.compression.get("control_cache")
-        if not folder:
-            return None
-        weights = hashlib.sha256()
-        for name, tensor in sorted(base_model.state_dict().items()):
-            weights.update(name.encode())
-            weights.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        settings = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in _NOT_CONTROL_KEYS}
-        try:
-            package = version("lowrank-ctr")
-        except PackageNotFoundError:
-            package = "unknown"
-        key = {"base_weights": weights.hexdigest(), "recipe": asdict(recipe), "settings": settings,
-               "package": package}
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
-        return cls(path=Path(folder) / f"control-{digest}.json", key=key)
-
-    def read(self) -> "ControlResult | None":
-        from lowrank_ctr.pipeline.results import ControlResult, from_record
-
-        if not self.path.exists():
-            return None
-        saved = json.loads(self.path.read_text())
-        return from_record(ControlResult, saved["record"]) if saved.get("key") == json.loads(
-            json.dumps(self.key, default=str)) else None
-
-    def write(self, result: "ControlResult") -> None:
-        from lowrank_ctr.pipeline.results import to_record
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")  # concurrent sweep jobs: atomic rename
-        tmp.write_text(json.dumps({"key": self.key, "record": to_record(result)}, indent=1, default=str))
-        tmp.replace(self.path)
+    fine-tunes its base once, not 20 times."""
+    folder = cfg.compression.get("control_cache")
+    if not folder:
+        return None
+    return StageCache.at(folder, "control", {"base_weights": weights_digest(base_model), "recipe": asdict(recipe),
+                                             "settings": shared_settings(cfg), "package": package_version()})

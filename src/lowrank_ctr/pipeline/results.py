@@ -154,6 +154,7 @@ class ScratchResult:
     val_auc: float | None
     test: Metrics
     checkpoint: str
+    cached: bool = False  # reused from compression.scratch_cache: training figures are of the run that trained it
 
 
 @dataclass
@@ -231,7 +232,8 @@ class RunResult:
         s = self.scratch
         if s is not None:
             out.update(_training(s.training, "scratch/train/"))
-            out.update({"compress/val/auc": s.val_auc, KEY_COMPRESSED_CHECKPOINT: s.checkpoint})
+            out.update({"compress/val/auc": s.val_auc, KEY_COMPRESSED_CHECKPOINT: s.checkpoint,
+                        "scratch/cached": s.cached})
             final_checkpoint = s.checkpoint
             if self.finetune is not None:  # a Linear stage followed: the model trained from scratch, before it
                 out.update(_metrics(s.test, "scratch/test/"))
