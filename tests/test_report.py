@@ -517,6 +517,25 @@ def test_delta_plot_shows_each_run_minus_its_control():
     assert delta_vs_ratio(runs_table(no_control)) is None
 
 
+def test_delta_plot_tells_structures_trained_from_scratch_apart():
+    """One colour per family; the same family trained from scratch has its own legend entry and square markers."""
+    from lowrank_ctr.plots import delta_vs_ratio, method_label
+    from lowrank_ctr.report import runs_table
+
+    recs = [fake_results("tt", 4, 1, 0.770, 0.760, 0.765, 5.0, control=0.772),
+            fake_results("tt", 4, 1, 0.768, 0.760, 0.765, 5.0, control=0.772)]
+    recs[1]["config"]["compression"]["from_scratch"] = True
+    recs[1]["compress/from_scratch"] = True
+    runs = runs_table(recs)
+    assert runs["setting"].str.contains("from_scratch=true").tolist() == [False, True]
+    fig = delta_vs_ratio(runs)
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert sorted(t for t in labels if t.startswith(method_label("tt"))) == [
+        method_label("tt"), method_label("tt") + ", trained from scratch"]
+    markers = {line.get_marker() for line in fig.axes[0].get_lines() if line.get_linestyle() in ("None", "")}
+    assert {"o", "s"} <= markers
+
+
 def test_calibration_batches_name_a_variant_only_where_batches_are_read():
     """AFM reads calibration batches, so 32 instead of the default is a different recipe; SVD with the variance
     budget reads none, so the same key on an SVD run names nothing (it would split identical experiments)."""

@@ -252,6 +252,11 @@ def _area(a: Bbox, b: Bbox) -> float:
 
 # ----------------------------------------------------------------------------------------------- trade-off plots
 
+def _from_scratch(settings: pd.Series) -> pd.Series:
+    """Whether each row's setting trained the compressed structure from scratch (``from_scratch=true``)."""
+    return settings.astype(str).str.contains("from_scratch=true", regex=False)
+
+
 def _tradeoff(runs: pd.DataFrame, x: str, xlabel: str, x_higher_better: bool, base_x: str | None,
               title: str, y: str = "auc", ylabel: str = "test AUC", reference: str = "base_auc",
               reference_label: str = "base model (mean)") -> Figure | None:
@@ -271,12 +276,17 @@ def _tradeoff(runs: pd.DataFrame, x: str, xlabel: str, x_higher_better: bool, ba
         means = (df.groupby(["method", "targets", "setting"], sort=False)
                  .agg(x=(x, "mean"), auc=("auc", "mean"), std=("auc", "std"), n=("auc", "size")).reset_index())
         for method in sorted(means["method"].unique(), key=_method_key):
-            m = means[means["method"] == method]
             color = method_color(method)
-            raw = df[df["method"] == method]
-            ax.scatter(raw[x], raw["auc"], s=10, color=color, alpha=0.3, linewidths=0)
-            ax.errorbar(m["x"], m["auc"], yerr=m["std"].fillna(0.0), fmt="o", ms=5, color=color, capsize=2,
-                        label=method_label(method))
+            for scratch in (False, True):  # one colour per family; squares: the structure trained from scratch
+                m = means[(means["method"] == method) & (_from_scratch(means["setting"]) == scratch)]
+                if m.empty:
+                    continue
+                raw = df[(df["method"] == method) & (_from_scratch(df["setting"]) == scratch)]
+                ax.scatter(raw[x], raw["auc"], s=10, color=color, alpha=0.3, linewidths=0,
+                           marker="s" if scratch else "o")
+                ax.errorbar(m["x"], m["auc"], yerr=m["std"].fillna(0.0), fmt="s" if scratch else "o", ms=5,
+                            color=color, capsize=2,
+                            label=method_label(method) + (", trained from scratch" if scratch else ""))
         points = means[["x", "auc", "setting", "method"]].copy()
         base_auc = df["base_auc"].astype(float)
         if base_x is not None and np.isfinite(base_auc).any():
