@@ -186,6 +186,49 @@ def test_cache_reuse_and_invalidation(tmp_path):
     assert not r.reused and sum(r.summary["rows"].values()) == 60
 
 
+@pytest.mark.parametrize("held_out_files", [True, False])
+def test_reusing_the_fit_pass_chunks_prepares_the_same_files_reading_each_file_once(tmp_path, monkeypatch,
+                                                                                     held_out_files):
+    """data.reuse_parsed_mb: the encode pass reuses the train chunks the fit pass parsed (the fit pass reads only
+    the train files); too small a limit or 0 reads them again. The prepared files, row counts and bad-row counts
+    are the same either way, with valid/test files and with a drawn split."""
+    from lowrank_ctr.data.formats.criteo import Criteo
+
+    train = sample("criteo_sample", "train.txt").read_text().splitlines()
+    bad = "\t".join(["0"] + ["3"] * 13 + ["ab"] * 25)  # one column short
+    files = {"train": write_csv(tmp_path / "train.txt", train * 3 + [bad]),
+             "valid": write_csv(tmp_path / "valid.txt", sample("criteo_sample", "valid.txt").read_text().splitlines()
+                                + [bad]),
+             "test": sample("criteo_sample", "test.txt")}
+    cfg = dict(name="c", format="criteo", train_path=str(files["train"]), min_count=2, numeric_mode="bucketize",
+               on_bad_rows="skip", block_size=1 << 18)
+    if held_out_files:
+        cfg.update(valid_path=str(files["valid"]), test_path=str(files["test"]))
+    reads: dict[str, int] = {}
+    original = Criteo.read
+
+    def counted(self, cfg, path, *args, **kwargs):
+        reads[Path(path).stem] = reads.get(Path(path).stem, 0) + 1
+        return original(self, cfg, path, *args, **kwargs)
+
+    monkeypatch.setattr(Criteo, "read", counted)
+    results = {}
+    for limit in (256, 1, 0):  # kept; too large to keep (the train file parses to > 1 MB); never kept
+        reads.clear()
+        results[limit] = prepare({**cfg, "reuse_parsed_mb": limit, "out_dir": str(tmp_path / f"o{limit}")},
+                                 progress=False)
+        expected = {"train": 1 if limit == 256 else 2}
+        if held_out_files:
+            expected.update(valid=1, test=1)
+        assert reads == expected, limit
+    kept, again = results[256], results[0]
+    assert kept.summary["bad_rows_skipped"] == again.summary["bad_rows_skipped"] == (2 if held_out_files else 1)
+    assert kept.summary["rows"] == again.summary["rows"] == results[1].summary["rows"]
+    assert sum(kept.summary["rows"].values()) == 3 * 7200 + (409 + 391 if held_out_files else 0)
+    for part in ("train", "valid", "test", "vocab"):
+        assert pq.read_table(kept.path / part).equals(pq.read_table(again.path / part)), part
+
+
 def test_interrupted_preparation_leaves_no_finished_cache(tmp_path, monkeypatch):
     csv = write_csv(tmp_path / "t.csv", ["y,color,size"] + [f"yes,red,{i}" for i in range(50)])
     cfg = tabular_cfg(csv, tmp_path / "o")

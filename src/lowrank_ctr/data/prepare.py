@@ -2,9 +2,10 @@
 
 Two streaming passes over the raw data (never the whole file in memory):
   1. fit: count every categorical value of the train split (pyarrow value_counts, merged with group_by), and the
-     longest multi-hot list;
+     longest multi-hot list; only the train files are read (valid / test files are not needed to fit);
   2. encode: map values to ids (pyarrow index_in against the vocabulary; unseen or rare -> OOV), transform
-     numerics, and write parquet shards per split.
+     numerics, and write parquet shards per split. The train chunks parsed by pass 1 are reused when they total
+     at most ``data.reuse_parsed_mb`` (a small dataset is parsed once); larger data is streamed again.
 
 The output directory is written under a temporary name and renamed when complete, with summary.json (which holds
 the config hash) written last: an interrupted preparation never leaves a directory that looks finished, and a
@@ -14,6 +15,7 @@ finished one is reused only while the data config and the raw files are unchange
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -40,9 +42,10 @@ log = logging.getLogger(__name__)
 
 PREPARE_VERSION = 2  # 2: "NaN"/"NULL" are category values, not missing
 SUMMARY_FILE = "summary.json"
-# Keys of the data config that only affect loading, not the prepared files (excluded from the cache hash).
+# Keys of the data config that do not change the prepared files (excluded from the cache hash): loading, and how
+# much memory preparation may use.
 LOADER_KEYS = {"batch_size", "eval_batch_size", "num_workers", "shuffle_buffer", "pin_memory", "out_dir",
-               "drop_last", "persistent_workers"}
+               "drop_last", "persistent_workers", "reuse_parsed_mb"}
 
 
 @dataclass
@@ -125,37 +128,67 @@ def prepared_data_hash(cfg: Mapping[str, Any]) -> str:
 
 # Sources ------------------------------------------------------------------------------------------------------
 
-Stream = Callable[[], Iterator[tuple[pa.Table, "np.ndarray | int"]]]
+StreamFactory = Callable[[readers.BadRows], Iterator[tuple[pa.Table, "np.ndarray | int"]]]
 
 
-def _split_streams(fmt: DatasetFormat, cfg: Mapping[str, Any], bad: readers.BadRows) -> Stream:
-    """A factory of (chunk, split) streams; split is an int (whole chunk) or a per-row array."""
+def _streams(fmt: DatasetFormat, cfg: Mapping[str, Any]) -> tuple[StreamFactory, StreamFactory]:
+    """(train, held_out): factories of (chunk, split) streams; split is an int (whole chunk) or a per-row array.
+
+    ``train`` yields every chunk the vocabularies are fitted on: the train files (split 0) when valid/test files
+    are given, else every row of the train files (or of the generator) with its split drawn per row. ``held_out``
+    yields the valid / test files' chunks (nothing when splits are drawn).
+    """
     ratios, seed = cfg.get("split", [0.8, 0.1, 0.1]), int(cfg.get("seed", 0))
     if not fmt.reads_files:
-        def generated() -> Iterator[tuple[pa.Table, np.ndarray]]:
+        def generated(bad: readers.BadRows) -> Iterator[tuple[pa.Table, np.ndarray]]:
             splitter = RowSplitter(ratios, seed)
             for t in fmt.generate(cfg):
                 yield t, splitter.assign(t.num_rows)
 
-        return generated
+        return generated, lambda bad: iter(())
 
     train, valid, test = as_list(cfg.get("train_path")), as_list(cfg.get("valid_path")), as_list(cfg.get("test_path"))
     for p in train + valid + test:
         check_input_file(p, "data file")
 
-    def stream() -> Iterator[tuple[pa.Table, np.ndarray | int]]:
+    def train_stream(bad: readers.BadRows) -> Iterator[tuple[pa.Table, np.ndarray | int]]:
+        splitter = None if valid else RowSplitter(ratios, seed)
+        for p in train:
+            for t in fmt.read(cfg, p, bad):
+                yield t, 0 if splitter is None else splitter.assign(t.num_rows)
+
+    def held_out(bad: readers.BadRows) -> Iterator[tuple[pa.Table, int]]:
         if valid:
-            for split, files in enumerate((train, valid, test)):
+            for split, files in ((1, valid), (2, test)):
                 for p in files:
                     for t in fmt.read(cfg, p, bad):
                         yield t, split
-        else:
-            splitter = RowSplitter(ratios, seed)
-            for p in train:
-                for t in fmt.read(cfg, p, bad):
-                    yield t, splitter.assign(t.num_rows)
 
-    return stream
+    return train_stream, held_out
+
+
+class _KeptChunks:
+    """The fit pass's chunks, kept for the encode pass while they total at most ``limit`` bytes (then dropped:
+    the encode pass reads the raw data again). Saves the second parse of data that fits."""
+
+    def __init__(self, limit_mb: int) -> None:
+        self.limit = int(limit_mb) << 20
+        self.chunks: list[tuple[pa.Table, np.ndarray | int]] | None = [] if self.limit > 0 else None
+        self.bytes = 0
+
+    def add(self, table: pa.Table, split: np.ndarray | int) -> None:
+        if self.chunks is None:
+            return
+        self.bytes += table.nbytes
+        if self.bytes > self.limit:
+            self.chunks = None  # too large to keep: the encode pass streams the raw data again
+        else:
+            self.chunks.append((table, split))
+
+    def take(self) -> list[tuple[pa.Table, np.ndarray | int]] | None:
+        """The kept chunks (handed over once: the encode pass releases each after use), or None."""
+        chunks, self.chunks = self.chunks, None
+        return chunks
 
 
 def write_raw_rows(cfg: Mapping[str, Any], path: str | Path, split: str | None = None, label: bool = True,
@@ -259,18 +292,19 @@ class _ShardWriter:
 def _prepare_into(out: Path, fmt: DatasetFormat, cfg: Mapping[str, Any], key: str, progress: bool) -> dict:
     t0 = time.perf_counter()
     min_count = int(cfg.get("min_count", 1))
-    fit_stream = _split_streams(fmt, cfg, readers.BadRows(cfg.get("on_bad_rows", "error")))
+    train_stream, held_out_stream = _streams(fmt, cfg)
+    policy = cfg.get("on_bad_rows", "error")
+    train_bad, held_out_bad = readers.BadRows(policy), readers.BadRows(policy)  # each row counted once
     layout = Layout(fmt.raw_columns(cfg), cfg)
+    kept = _KeptChunks(int(cfg.get("reuse_parsed_mb", 0) or 0))
 
     # Pass 1 ------------------------------------------------------------------------------------------------
     counters = {name: _Counter() for name in layout.categorical + layout.multihot}
     max_len = {name: 1 for name in layout.multihot}
     with _progress(progress, "fit vocabularies") as bar:
-        for table, split in fit_stream():
-            if isinstance(split, int):
-                if split != 0:
-                    continue
-            else:
+        for table, split in train_stream(train_bad):
+            kept.add(table, split)
+            if not isinstance(split, int):
                 table = table.filter(pa.array(split == 0))
             for name in layout.categorical:
                 counters[name].add(layout.categorical_column(table, name))
@@ -290,14 +324,18 @@ def _prepare_into(out: Path, fmt: DatasetFormat, cfg: Mapping[str, Any], key: st
         pq.write_table(v, vocab_dir / f"{name}.parquet")
 
     # Pass 2 ------------------------------------------------------------------------------------------------
-    bad = readers.BadRows(cfg.get("on_bad_rows", "error"))
-    enc_stream = _split_streams(fmt, cfg, bad)
+    train_chunks = kept.take()
+    if train_chunks is None:  # read again; its bad rows were counted by the fit pass
+        train_chunks = train_stream(readers.BadRows(policy))
+    else:
+        log.info("encode: reusing the fit pass's %d parsed chunks (%.0f MB <= data.reuse_parsed_mb)",
+                 len(train_chunks), kept.bytes / 2**20)
     compression = cfg.get("compression", "snappy")
     writers = [_ShardWriter(out / s, int(cfg.get("shard_rows", 1_000_000)), compression) for s in SPLITS]
     vocab_values = {name: v.column("value").combine_chunks() for name, v in vocabs.items()}
     try:
         with _progress(progress, "encode") as bar:
-            for table, split in enc_stream():
+            for table, split in itertools.chain(_drain(train_chunks), held_out_stream(held_out_bad)):
                 encoded = encode_table(table, layout, vocab_values, max_len)
                 if isinstance(split, int):
                     parts = [(split, encoded)]
@@ -314,10 +352,11 @@ def _prepare_into(out: Path, fmt: DatasetFormat, cfg: Mapping[str, Any], key: st
             w.close()
 
     rows = {s: w.rows for s, w in zip(SPLITS, writers)}
+    skipped = train_bad.skipped + held_out_bad.skipped
     if rows["train"] == 0:
         source = ", ".join(as_list(cfg.get("train_path"))) or f"the {fmt.name} generator"
         raise DataError(f"no training rows were read from {source} for data={cfg.get('name')} "
-                        f"({bad.skipped} bad rows skipped): the file holds no usable data rows, or data.split "
+                        f"({skipped} bad rows skipped): the file holds no usable data rows, or data.split "
                         "gives train no share")
     fields = ([FieldSpec(n, "categorical", vocabs[n].num_rows + FIRST_VALUE_ID) for n in layout.categorical]
               + [FieldSpec(n, "multihot", vocabs[n].num_rows + FIRST_VALUE_ID, max_len[n]) for n in layout.multihot]
@@ -331,8 +370,8 @@ def _prepare_into(out: Path, fmt: DatasetFormat, cfg: Mapping[str, Any], key: st
     summary = {
         "name": schema.name,
         "rows": rows,
-        "bad_rows_skipped": bad.skipped,
-        "bad_row_examples": bad.examples,
+        "bad_rows_skipped": skipped,
+        "bad_row_examples": (train_bad.examples + held_out_bad.examples)[:5],
         "positive_rate": {s: (w.positives / w.rows if w.rows else None) for s, w in zip(SPLITS, writers)},
         "shards": {s: w.shards for s, w in zip(SPLITS, writers)},
         "vocab_sizes": {f.name: f.vocab_size for f in fields if f.kind != "numeric"},
@@ -343,6 +382,16 @@ def _prepare_into(out: Path, fmt: DatasetFormat, cfg: Mapping[str, Any], key: st
     summary.update(fmt.summary_extra(cfg, rows))
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))  # written last: marks the cache finished
     return summary
+
+
+def _drain(chunks: "list | Iterator") -> Iterator:
+    """Iterate kept chunks, dropping each from the list once handed out (its memory goes as encoding proceeds)."""
+    if not isinstance(chunks, list):
+        yield from chunks
+        return
+    chunks.reverse()
+    while chunks:
+        yield chunks.pop()
 
 
 class _progress:

@@ -119,6 +119,7 @@ COMMON_KEYS: dict[str, Key] = {
     "multihot_max_len": integer(1, optional=True),
     "shard_rows": integer(1),
     "block_size": integer(1 << 10),
+    "reuse_parsed_mb": integer(0),
     "compression": choice("snappy", "zstd", "gzip", "lz4", "brotli", "none"),
     # loader settings (read by the data module, not by preparation)
     "batch_size": integer(1),
