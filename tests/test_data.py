@@ -228,6 +228,15 @@ def test_reusing_the_fit_pass_chunks_prepares_the_same_files_reading_each_file_o
     for part in ("train", "valid", "test", "vocab"):
         assert pq.read_table(kept.path / part).equals(pq.read_table(again.path / part)), part
 
+    chunk = pq.read_table(kept.path / "train")  # the running limit: chunks beyond it are all dropped
+    keeper = prep_mod._KeptChunks(1)
+    for _ in range(1 + (1 << 20) // chunk.nbytes):
+        keeper.add(chunk, 0)
+    assert keeper.take() is None
+    keeper = prep_mod._KeptChunks(1)
+    keeper.add(chunk.slice(0, 10), 0)
+    assert [t.num_rows for t, _ in keeper.take()] == [10]
+
 
 def test_interrupted_preparation_leaves_no_finished_cache(tmp_path, monkeypatch):
     csv = write_csv(tmp_path / "t.csv", ["y,color,size"] + [f"yes,red,{i}" for i in range(50)])

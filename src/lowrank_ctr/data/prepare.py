@@ -167,6 +167,17 @@ def _streams(fmt: DatasetFormat, cfg: Mapping[str, Any]) -> tuple[StreamFactory,
     return train_stream, held_out
 
 
+def _reuse_limit_mb(fmt: DatasetFormat, cfg: Mapping[str, Any]) -> int:
+    """``data.reuse_parsed_mb``, or 0 where the raw input is unlikely to fit: generated data, or raw files of more
+    than half the limit (parsed Criteo rows take ~1.6x their text). Deciding before reading keeps a dataset just
+    above the limit from holding up to the limit in chunks until the running total gives up."""
+    limit = int(cfg.get("reuse_parsed_mb", 0) or 0)
+    if not fmt.reads_files:
+        return 0
+    raw = sum(Path(p).expanduser().stat().st_size for p in fmt.input_paths(cfg) if Path(p).expanduser().exists())
+    return limit if 2 * raw <= limit << 20 else 0
+
+
 class _KeptChunks:
     """The fit pass's chunks, kept for the encode pass while they total at most ``limit`` bytes (then dropped:
     the encode pass reads the raw data again). Saves the second parse of data that fits."""
@@ -296,7 +307,7 @@ def _prepare_into(out: Path, fmt: DatasetFormat, cfg: Mapping[str, Any], key: st
     policy = cfg.get("on_bad_rows", "error")
     train_bad, held_out_bad = readers.BadRows(policy), readers.BadRows(policy)  # each row counted once
     layout = Layout(fmt.raw_columns(cfg), cfg)
-    kept = _KeptChunks(int(cfg.get("reuse_parsed_mb", 0) or 0))
+    kept = _KeptChunks(_reuse_limit_mb(fmt, cfg))
 
     # Pass 1 ------------------------------------------------------------------------------------------------
     counters = {name: _Counter() for name in layout.categorical + layout.multihot}
