@@ -7,6 +7,11 @@ Reads ``OUT/report/results.csv`` (``lowrank-ctr-report OUT/runs`` and the ablati
 setting (mean +- std over seeds of the test AUC and of the AUC difference to the "base + same fine-tune" control),
 then the issue's targets, each met or missed by how much. ``--write`` replaces the part of the README between
 ``<!-- compression-table:start -->`` and ``<!-- compression-table:end -->``.
+
+Run directories do not outlive a machine, so a table grows across sessions: ``lowrank-ctr-report OUT/runs ...
+--merge experiments/results/compression_table/results.csv`` keeps the committed rows of runs that are gone, and the
+seconds of one base epoch (the compression-time share) are kept in ``base_epochs.csv`` next to them: measured bases
+in ``OUT/base`` replace a recorded figure, and ``--write`` records what was used.
 """
 
 from __future__ import annotations
@@ -57,14 +62,31 @@ def setting_rows(runs: pd.DataFrame) -> pd.DataFrame:
     return order.sort_values(["data", "model", "_s", "_m", "ratio", "setting"], kind="stable").drop(columns=["_s", "_m"])
 
 
-def base_epoch_seconds(out: Path) -> dict[tuple[str, str], float]:
-    """Seconds of one base training epoch per (data, model), mean over seeds (the compression-time target)."""
+BASE_EPOCHS = Path(__file__).parent / "results" / "compression_table" / "base_epochs.csv"
+EPOCH_COLUMNS = ["data", "model", "seconds_per_epoch", "source"]
+
+
+def base_epochs(out: Path, recorded: Path | None = BASE_EPOCHS) -> pd.DataFrame:
+    """Seconds of one base training epoch per (data, model) (the compression-time target): the mean over the seeds
+    of the bases in ``OUT/base``, else the figure recorded in ``recorded`` by an earlier ``--write``."""
+    rows: dict[tuple[str, str], dict] = {}
+    if recorded is not None and recorded.is_file():
+        for r in pd.read_csv(recorded).itertuples():
+            rows[(r.data, r.model)] = {"data": r.data, "model": r.model, "seconds_per_epoch": float(r.seconds_per_epoch),
+                                       "source": r.source}
     found: dict[tuple[str, str], list[float]] = {}
     for path in sorted((out / "base").glob("*/*/seed*/results.json")):
         rec = json.loads(path.read_text())
         if rec.get("status") == "ok" and rec.get("train/epochs"):
             found.setdefault((rec["data"], rec["model"]), []).append(rec["train/seconds"] / rec["train/epochs"])
-    return {k: sum(v) / len(v) for k, v in found.items()}
+    for (data, model), v in found.items():
+        rows[(data, model)] = {"data": data, "model": model, "seconds_per_epoch": sum(v) / len(v),
+                               "source": f"{out / 'base'} ({len(v)} seeds)"}
+    return pd.DataFrame(list(rows.values()), columns=EPOCH_COLUMNS).sort_values(["data", "model"], ignore_index=True)
+
+
+def base_epoch_seconds(epochs: pd.DataFrame) -> dict[tuple[str, str], float]:
+    return {(r.data, r.model): float(r.seconds_per_epoch) for r in epochs.itertuples()}
 
 
 def markdown(rows: pd.DataFrame, epochs: dict[tuple[str, str], float]) -> str:
@@ -96,12 +118,16 @@ def main() -> None:
     ap.add_argument("out", type=Path, help="the compression table's output directory (OUT)")
     ap.add_argument("--report", type=Path, help="its report directory (default: OUT/report_all)")
     ap.add_argument("--write", type=Path, help="README to update between the compression-table markers")
+    ap.add_argument("--base-epochs", type=Path, default=BASE_EPOCHS,
+                    help="recorded seconds per base epoch (read; rewritten with --write) [%(default)s]")
     args = ap.parse_args()
     report = args.report or args.out / "report_all"
     runs = pd.read_csv(report / "results.csv")
-    text = markdown(setting_rows(runs), base_epoch_seconds(args.out))
+    epochs = base_epochs(args.out, args.base_epochs)
+    text = markdown(setting_rows(runs), base_epoch_seconds(epochs))
     print(text)
     if args.write:
+        epochs.to_csv(args.base_epochs, index=False)
         readme = args.write.read_text()
         if START not in readme or END not in readme:
             raise SystemExit(f"{args.write} has no {START} ... {END} markers: add them where the table goes")

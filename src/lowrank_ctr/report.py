@@ -75,6 +75,9 @@ DERIVED_FROM: dict[str, tuple[str, ...]] = {
     "delta_logloss": ("logloss", "base_logloss"), "delta_auc_vs_control": ("auc", "control_auc"),
 }
 UNDEFINED = "undefined"
+#: text columns of results.csv (the rest are numbers); an earlier report's CSV is read back with these as strings
+TEXT_COLUMNS: tuple[str, ...] = ("run_dir", "status", "error", "data", "model", "method", "targets", "ranks",
+                                 "setting", "undefined")
 
 
 class ReportError(ValueError):
@@ -581,6 +584,8 @@ class Results:
     #: results.json files found below the roots (each counted once), and those left out with the reason
     results_found: int = 0
     ignored: list[tuple[Path, str]] = field(default_factory=list)
+    #: rows taken from earlier reports' results.csv (``--merge``): per file, how many were kept
+    merged: list[tuple[Path, int]] = field(default_factory=list)
     grouped: pd.DataFrame = field(init=False)
 
     def __post_init__(self) -> None:
@@ -601,7 +606,7 @@ class Results:
     @property
     def jobs_without_results(self) -> int:
         """Hydra train jobs that wrote no results.json (each is a failed row)."""
-        return len(self.runs) - self.results_used
+        return len(self.runs) - self.results_used - sum(n for _, n in self.merged)
 
     def counts(self) -> str:
         """``2 runs (2 ok, 0 failed)``: what the report is made of."""
@@ -614,6 +619,8 @@ class Results:
         if self.jobs_without_results:
             text += (f"; {plural(self.jobs_without_results, 'Hydra job')} without results.json "
                      f"counted as failed")
+        for path, n in self.merged:
+            text += f"; {plural(n, 'row')} from {path}"
         return text
 
     def undefined_auc_runs(self) -> int:
@@ -641,8 +648,37 @@ def check_dirs(dirs: Sequence[str | Path]) -> list[Path]:
     return paths
 
 
-def load_results(dirs: Sequence[str | Path]) -> Results:
-    """Load every run below ``dirs`` (see :func:`find_run_dirs`); an empty result is fine here, the CLI refuses it."""
+def read_earlier_runs(path: str | Path) -> pd.DataFrame:
+    """The rows of a results.csv an earlier ``lowrank-ctr-report`` wrote (e.g. a committed table whose run
+    directories are gone), as :func:`runs_table` builds them; a column a newer version added reads NaN."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ReportError(f"--merge {path}: no such file; pass the results.csv an earlier lowrank-ctr-report wrote")
+    try:
+        df = pd.read_csv(path, dtype={c: str for c in TEXT_COLUMNS}, keep_default_na=False, na_values={
+            c: ["", "nan", "NaN"] for c in RUN_COLUMNS if c not in TEXT_COLUMNS})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise ReportError(f"--merge {path}: not a readable CSV ({exc}); pass the results.csv an earlier "
+                          "lowrank-ctr-report wrote") from exc
+    needed = ["run_dir", "status", "data", "model", "method", "setting", "ratio", "auc"]
+    missing = [c for c in needed if c not in df.columns]
+    if missing:
+        raise ReportError(f"--merge {path}: not a lowrank-ctr results.csv (no column {', '.join(missing)}); pass "
+                          "the results.csv an earlier lowrank-ctr-report wrote, not grouped.csv or another table")
+    df = df.reindex(columns=RUN_COLUMNS)
+    for c in TEXT_COLUMNS:
+        df[c] = df[c].fillna("").astype(str)
+    for c in RUN_COLUMNS:
+        if c not in TEXT_COLUMNS:
+            df[c] = pd.to_numeric(df[c], errors="coerce")
+    df["seed"] = df["seed"].astype("Int64")
+    return df
+
+
+def load_results(dirs: Sequence[str | Path], merge: Sequence[str | Path] = ()) -> Results:
+    """Load every run below ``dirs`` (see :func:`find_run_dirs`), then the rows of the earlier reports' results.csv
+    in ``merge`` whose run directory is not among them (a run found now replaces its earlier row; of two earlier
+    files, the first wins). An empty result is fine here, the CLI refuses it."""
     roots = check_dirs(dirs)
     records: list[dict[str, Any]] = []
     found = 0
@@ -656,8 +692,17 @@ def load_results(dirs: Sequence[str | Path]) -> Results:
             ignored.append((run_dir / RESULTS_FILE, why))
             continue
         records.append(rec)
-    return Results(roots=roots, records=records, runs=runs_table(records), layers=layers_table(records),
-                   results_found=found, ignored=ignored)
+    runs = runs_table(records)
+    merged: list[tuple[Path, int]] = []
+    for path in merge:
+        earlier = read_earlier_runs(path)
+        earlier = earlier[~earlier["run_dir"].isin(set(runs["run_dir"].astype(str)))]
+        merged.append((Path(path), len(earlier)))
+        if not earlier.empty:
+            runs = earlier if runs.empty else pd.concat([runs, earlier], ignore_index=True)
+    runs["seed"] = runs["seed"].astype("Int64")
+    return Results(roots=roots, records=records, runs=runs, layers=layers_table(records),
+                   results_found=found, ignored=ignored, merged=merged)
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -847,16 +892,24 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lowrank-ctr-report",
         description="Aggregate the results.json of runs / multiruns below DIR... into results.csv, results.md, "
                     "report.html and PNG plots (failed jobs included as rows with status=failed).")
-    p.add_argument("dirs", nargs="+", metavar="DIR", help="run or multirun directories (searched recursively)")
+    p.add_argument("dirs", nargs="*", metavar="DIR", help="run or multirun directories (searched recursively)")
+    p.add_argument("--merge", type=Path, action="append", default=[], metavar="CSV",
+                   help="also the rows of an earlier report's results.csv (e.g. a committed table whose runs are "
+                        "gone); a run found below DIR replaces its row. Repeatable")
     p.add_argument("--out", type=Path, default=None, help="output directory (default: DIR/report of the first DIR)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``lowrank-ctr-report``; user mistakes end in one ``error:`` line and exit code 2."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.dirs and not args.merge:
+        parser.error("pass at least one run directory DIR (or an earlier report's results.csv with --merge CSV)")
+    if not args.dirs and args.out is None:
+        parser.error("--out OUT is needed when only --merge files are given (there is no DIR to write DIR/report)")
     try:
-        res = load_results(args.dirs)
+        res = load_results(args.dirs, merge=args.merge)
         if res.runs.empty and res.ignored:
             raise ReportError(f"no runs found below {', '.join(map(str, args.dirs))}: "
                               f"{plural(res.results_found, 'results.json', 'results.json')} found, none written by "
@@ -869,6 +922,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         matplotlib.use("Agg")
         out = args.out if args.out is not None else Path(args.dirs[0]) / "report"
+        for path in args.merge:  # writing the report would overwrite the very rows it merges
+            if path.expanduser().resolve() in {(out / name).resolve() for name in ("results.csv", "grouped.csv")}:
+                raise ReportError(f"--out {out} would overwrite --merge {path}: write the report to another "
+                                  "directory (then copy it over the old one if that is what you want)")
         if out.exists() and not out.is_dir():
             raise ReportError(f"--out {out} is a file: pass a directory for the report")
         written = write_report(res, out)
