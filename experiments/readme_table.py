@@ -62,6 +62,58 @@ def setting_rows(runs: pd.DataFrame) -> pd.DataFrame:
     return order.sort_values(["data", "model", "_s", "_m", "ratio", "setting"], kind="stable").drop(columns=["_s", "_m"])
 
 
+RATIO_TOKEN = re.compile(r"(?:^| )target_ratio=(\d+(?:\.\d+)?)(?= |$)")
+PIVOT_START, PIVOT_END = "<!-- compression-families:start -->", "<!-- compression-families:end -->"
+
+
+def _family(method: str, setting: str) -> tuple[str, str] | None:
+    """(family, target ratio) of a whole-model budget setting, e.g. ("tt+afm embedding_rank=8 from scratch", "5")."""
+    m = RATIO_TOKEN.search(setting)
+    if m is None:
+        return None
+    rest = RATIO_TOKEN.sub(" ", setting).split()
+    scratch = "from_scratch=true" in rest
+    label = " ".join([method, *[t for t in rest if t != "from_scratch=true"]] + (["from scratch"] if scratch else []))
+    return label, m.group(1)
+
+
+def families_at_budgets(runs: pd.DataFrame) -> str:
+    """Every family at each whole-model budget, one row per (data, model, family): the AUC difference to the
+    equally fine-tuned base (mean ± std over seeds; "failed" where every seed's run failed, e.g. a budget the family
+    cannot reach). Table rows only (no ablations)."""
+    table = runs[~runs["run_dir"].astype(str).str.contains("/ablations/") & (runs["method"] != "none")].copy()
+    table["setting"] = table["setting"].fillna("")
+    cells: dict[tuple[str, str, str], dict[str, str]] = {}
+    ratios: set[float] = set()
+    for (data, model, method, setting), g in table.groupby(["data", "model", "method", "setting"], sort=False):
+        fam = _family(method, setting)
+        if fam is None:
+            continue
+        label, ratio = fam
+        ok = g[g["status"] == "ok"]
+        text = (mean_std(ok["delta_auc_vs_control"], sign=True) + (f" ({len(ok)} seeds)" if len(ok) not in (1, 3) else "")
+                if len(ok) else f"failed ({len(g)} runs)")
+        cells.setdefault((data, model, label), {})[ratio] = text
+        ratios.add(float(ratio))
+    if not cells:
+        return "(no whole-model budget settings in this table)"
+    from lowrank_ctr.report import method_rank
+
+    cols = [f"{r:g}" for r in sorted(ratios)]
+    lines = ["| data | model | family | " + " | ".join(f"{c}x" for c in cols) + " |",
+             "|---|---|---|" + "---|" * len(cols)]
+    for data, model, label in sorted(cells, key=lambda k: (k[0], k[1], method_rank(k[2].split()[0]), k[2])):
+        row = cells[(data, model, label)]
+        lines.append(f"| {data} | {model} | {label} | " + " | ".join(row.get(c, "not run") for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def replace_between(text: str, start: str, end: str, body: str, where: Path) -> str:
+    if start not in text or end not in text:
+        raise SystemExit(f"{where} has no {start} ... {end} markers: add them where the table goes")
+    return re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: f"{start}\n{body}\n{end}", text, flags=re.S)
+
+
 BASE_EPOCHS = Path(__file__).parent / "results" / "compression_table" / "base_epochs.csv"
 EPOCH_COLUMNS = ["data", "model", "seconds_per_epoch", "source"]
 
@@ -125,14 +177,12 @@ def main() -> None:
     runs = pd.read_csv(report / "results.csv")
     epochs = base_epochs(args.out, args.base_epochs)
     text = markdown(setting_rows(runs), base_epoch_seconds(epochs))
-    print(text)
+    families = families_at_budgets(runs)
+    print(families + "\n\n" + text)
     if args.write:
         epochs.to_csv(args.base_epochs, index=False)
-        readme = args.write.read_text()
-        if START not in readme or END not in readme:
-            raise SystemExit(f"{args.write} has no {START} ... {END} markers: add them where the table goes")
-        new = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: f"{START}\n{text}\n{END}", readme,
-                     flags=re.S)
+        new = replace_between(args.write.read_text(), PIVOT_START, PIVOT_END, families, args.write)
+        new = replace_between(new, START, END, text, args.write)
         tmp = args.write.with_suffix(".tmp")
         tmp.write_text(new)
         tmp.replace(args.write)

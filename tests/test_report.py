@@ -162,6 +162,25 @@ def test_failed_runs_are_rows(report, tree):
     assert "failed: " in r.stdout
 
 
+def test_a_two_stage_run_that_failed_joins_its_settings_group():
+    """A tt+afm run that failed before recording its method (e.g. a budget TT cannot reach) is a failed row of the
+    tt+afm group at its target ratio, not a row of plain tt without a budget."""
+    from lowrank_ctr.report import grouped_table, runs_table
+
+    comp = {"method": "tt", "mlp_method": "afm", "embedding_rank": 8, "target_ratio": 20, "allocator": "loss",
+            "code_dtype": "int8", "targets": None}
+    ok = fake_results("tt+afm", 8, 1, 0.770, 0.760, 0.765, 20.0, control=0.772)
+    ok["config"]["compression"] = dict(comp)
+    ok["compress/targets"] = ["embedding", "embedding", "mlp", "other"]  # as a finished tt+afm run records them
+    failed = {"status": "failed", "error": "ValueError: target_ratio 20.0 is unreachable", "data": DATA,
+              "model": "deepfm", "seed": 2, "config": {"compression": dict(comp)}}
+    runs = runs_table([ok, failed])
+    assert runs["method"].tolist() == ["tt+afm", "tt+afm"]
+    assert runs["setting"].nunique() == 1 and "target_ratio=20" in runs["setting"].iloc[0]
+    g = grouped_table(runs)
+    assert len(g) == 1 and (g["n"].item(), g["n_failed"].item()) == (1, 1)
+
+
 def test_html_is_self_contained_with_valid_pngs(report):
     out, _ = report
     page = (out / "report.html").read_text()
@@ -535,6 +554,36 @@ def test_readme_table_means_stds_and_target_verdicts():
     assert "synthetic deepfm afm target_ratio=5 >= -0.0005: -0.0003, met (2 seeds)" in text
     assert "synthetic deepfm afm target_ratio=10 >= -0.0015: -0.0020, **missed by 0.0005**" in text
     assert "synthetic dcnv2 afm target_ratio=5 >= -0.0005: **not measured**" in text
+
+
+def test_readme_table_families_at_budgets():
+    """The family x budget view: one row per family (from-scratch apart), one column per target ratio, each cell the
+    mean ± std of the difference to the control (a seed count other than 3 named); "failed" where every run failed,
+    "not run" where none ran; ablations and fixed-rank settings left out."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_table", REPO / "experiments" / "readme_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = []
+    for seed, d in ((1, -0.001), (2, -0.003)):
+        for method, setting, delta in (("afm", "target_ratio=5", d), ("afm", "target_ratio=10", 2 * d),
+                                       ("tt+afm", "embedding_rank=8 target_ratio=5 from_scratch=true", d / 2),
+                                       ("tt", "embedding_rank=8", d)):
+            rows.append(dict(run_dir=f"o/runs/s{seed}/{method}/{setting}", status="ok", data="synthetic",
+                             model="deepfm", method=method, setting=setting, delta_auc_vs_control=delta))
+        rows.append(dict(run_dir=f"o/ablations/s{seed}/afm", status="ok", data="synthetic", model="deepfm",
+                         method="afm", setting="target_ratio=5 code_dtype=float32", delta_auc_vs_control=-0.5))
+        rows.append(dict(run_dir=f"o/runs/s{seed}/tt+afm/20", status="failed", data="synthetic", model="deepfm",
+                         method="tt+afm", setting="embedding_rank=8 target_ratio=20 from_scratch=true",
+                         delta_auc_vs_control=float("nan")))
+    text = mod.families_at_budgets(pd.DataFrame(rows))
+    lines = text.splitlines()
+    assert lines[0] == "| data | model | family | 5x | 10x | 20x |" and len(lines) == 4
+    assert "| synthetic | deepfm | afm | -0.0020 ± 0.0014 (2 seeds) | -0.0040 ± 0.0028 (2 seeds) | not run |" in lines
+    assert ("| synthetic | deepfm | tt+afm embedding_rank=8 from scratch | -0.0010 ± 0.0007 (2 seeds) | not run | "
+            "failed (2 runs) |") in lines
+    assert "float32" not in text and "-0.5" not in text
 
 
 def test_readme_table_base_epochs_measured_bases_replace_recorded_figures(tmp_path):

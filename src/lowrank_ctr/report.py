@@ -348,12 +348,32 @@ def _requested_ranks(rec: Mapping[str, Any], comp: Mapping[str, Any], method: st
     return ""
 
 
+def _configured_method(comp: Mapping[str, Any]) -> str | None:
+    """The method name a run's config asks for, as a finished run records it: ``tt`` with ``mlp_method=afm`` is
+    ``tt+afm`` (a run that failed before recording its method must join its setting's group, not ``tt``'s)."""
+    method, second = comp.get("method"), comp.get("mlp_method")
+    if method and second not in (None, "none", "") and method not in (None, "none"):
+        return f"{method}+{second}"
+    return method
+
+
+def _configured_targets(comp: Mapping[str, Any]) -> Any:
+    """The groups a run's config would have compressed, as a finished run records them: a run that failed before
+    recording them (e.g. an unreachable budget) then groups with the runs of its setting that finished."""
+    from lowrank_ctr.compression.api import planned_targets
+
+    try:
+        return planned_targets(comp)
+    except (KeyError, ValueError, TypeError):  # an unknown method or a config that cannot run: as written
+        return comp.get("targets")
+
+
 def run_row(rec: Mapping[str, Any]) -> dict[str, Any]:
     """One results.csv row from one run record (the formulas for ratio and the deltas live here)."""
     status = str(rec.get(R.KEY_STATUS) or ("ok" if R.KEY_TEST_AUC in rec else "failed"))
     comp = _compression_config(rec)
-    method = str(rec.get(R.KEY_METHOD) or comp.get("method") or "none")
-    targets = rec.get(R.KEY_TARGETS, comp.get("targets"))
+    method = str(rec.get(R.KEY_METHOD) or _configured_method(comp) or "none")
+    targets = rec.get(R.KEY_TARGETS) if R.KEY_TARGETS in rec else _configured_targets(comp)
     if method == "none":
         targets = []
     targets_str = "+".join(map(str, targets)) if isinstance(targets, (list, tuple)) else str(targets or "")

@@ -594,6 +594,19 @@ def _compress_kwargs(cfg: Any) -> dict[str, Any]:
     return kw
 
 
+def planned_targets(cfg: Any) -> list[str]:
+    """The groups a ``compression`` config compresses, as a finished run records them (``compress/targets``; a
+    two-stage config: the first stage's, then the second's); ValueError for a config that cannot run."""
+    kw = _compress_kwargs(cfg)
+    method = get_method(str(kw.get("method", "none")))
+    if "mlp_method" in kw:
+        first, second = split_groups(method, get_method(str(kw["mlp_method"])), kw.get("targets"),
+                                     kw.get("target_ratio"), kw["from_scratch"], kw["fold"])
+        return [*first, *second]
+    targets = kw.get("targets")
+    return list(targets) if targets is not None else list(method.targets_for(kw.get("target_ratio")))
+
+
 def compress_from_config(model: nn.Module, cfg: Any, calibration_batches: Iterable[Any] | None = None,
                          forward_fn: Callable[[nn.Module, Any], Any] | None = None) -> CompressionReport:
     """``compress`` with the keys of a ``compression`` config (a mapping or DictConfig); other keys are ignored.
