@@ -35,6 +35,9 @@ ABLATIONS=${ABLATIONS:-1}                                          # 0: skip the
 SYNTHETIC_ROWS=${SYNTHETIC_ROWS:-}                                 # e.g. 200000: a smaller synthetic dataset
 EXTRA=${EXTRA:-}
 RUN_TAG=${RUN_TAG:-}   # appended to each family's sweep folder: another RATIOS later (e.g. RUN_TAG=_3) gets new folders
+# an earlier report's results.csv whose runs are gone (e.g. experiments/results/compression_table/results.csv): its
+# rows join report_all, a run found again replaces its row
+MERGE=${MERGE:-}
 # one control per base (the same recipe for every method): compression.control_cache
 # the table was measured with dense Adam (the default before rowwise_adam): bases and fine-tunes keep it
 COMMON="progress_bar=false logger=csv optimizer=adam compression.control=true compression.control_cache=$OUT/control_cache $EXTRA"
@@ -92,4 +95,6 @@ for pair in $DATASETS; do
   done
 done
 lowrank-ctr-report "$OUT/runs" --out "$OUT/report"
-lowrank-ctr-report "$OUT/runs" "$OUT/ablations" --out "$OUT/report_all"
+ablations=()
+if [ -d "$OUT/ablations" ]; then ablations=("$OUT/ablations"); fi
+lowrank-ctr-report "$OUT/runs" ${ablations[@]+"${ablations[@]}"} ${MERGE:+--merge "$MERGE"} --out "$OUT/report_all"
