@@ -392,6 +392,31 @@ def test_retained_energy_draws_monotone_curves_from_the_stored_spectrum(tmp_path
     assert chosen[0] > chosen[1]
 
 
+def test_merged_layers_csv_gives_back_the_layers_and_energy_curves(tmp_path):
+    """layers.csv round trip: the runs of a report merged after their directories are gone have the same layer rows
+    (energy curves within the 5 decimals stored) and draw the same retained-energy curves."""
+    from lowrank_ctr.plots import retained_energy
+    from lowrank_ctr.report import write_report
+
+    _energy_tree(tmp_path / "runs")
+    direct = load_results([tmp_path / "runs"])
+    write_report(direct, tmp_path / "old_report")
+    gone = tmp_path / "runs"
+    gone.rename(tmp_path / "elsewhere")  # the runs are gone: only the report's CSVs are left
+    merged = load_results([], merge=[tmp_path / "old_report" / "results.csv"])
+    assert merged.merged == [(tmp_path / "old_report" / "results.csv", 2, True)]
+    key = ["run_dir", "name"]
+    a = direct.layers.sort_values(key).reset_index(drop=True)
+    b = merged.layers.sort_values(key).reset_index(drop=True)
+    assert len(a) == len(b) == 6 and b["energy_curve"].map(lambda c: c is not None).sum() == 4
+    pd.testing.assert_frame_equal(a.drop(columns="energy_curve"), b.drop(columns="energy_curve"), check_dtype=False)
+    for x, y in zip(a["energy_curve"], b["energy_curve"]):
+        assert (x is None and y is None) or x == pytest.approx(y, abs=1e-5)
+    lines = {ln.get_label(): ln.get_ydata() for ln in retained_energy(b).axes[0].lines}
+    for label, y in ((ln.get_label(), ln.get_ydata()) for ln in retained_energy(a).axes[0].lines):
+        assert lines[label] == pytest.approx(y, abs=1e-5)
+
+
 def test_retained_energy_without_spectra_draws_points_not_lines(tree):
     from lowrank_ctr.plots import retained_energy
 
@@ -506,11 +531,17 @@ def test_merge_keeps_an_earlier_reports_rows_whose_runs_are_gone(report, tree, t
     moved = tmp_path / "committed" / "results.csv"
     moved.parent.mkdir()
     earlier.to_csv(moved, index=False)
-    # only the merged file: the same rows and the same grouped table as from the runs themselves
+    # only the merged file: the same rows and the same grouped table as from the runs themselves; without the
+    # layers.csv beside it the report says the retained-energy plot leaves those runs out
     r = run_cli(["lowrank-ctr-report", "--merge", str(moved), "--out", str(tmp_path / "a")], timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert f"6 rows from {moved}" in r.stdout and "6 runs (4 ok, 2 failed)" in r.stdout
+    assert f"6 rows from {moved} (no layers.csv beside it" in r.stdout and "6 runs (4 ok, 2 failed)" in r.stdout
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "a" / "grouped.csv"), pd.read_csv(out / "grouped.csv"))
+    assert not (tmp_path / "a" / "retained_energy.png").exists()
+    # with the layers.csv beside it the merged runs keep their retained-energy points (round trip: next test)
+    (moved.parent / "layers.csv").write_bytes((out / "layers.csv").read_bytes())
+    r = run_cli(["lowrank-ctr-report", "--merge", str(moved), "--out", str(tmp_path / "a2")], timeout=120)
+    assert r.returncode == 0 and "no layers.csv" not in r.stdout and (tmp_path / "a2" / "retained_energy.png").is_file()
     # runs 0 and 1 found again (one with a new AUC): their rows replace the earlier ones, the other 4 are kept
     again = tmp_path / "again"
     for i in (0, 1):

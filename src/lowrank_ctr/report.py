@@ -62,6 +62,8 @@ MEAN_COLUMNS: list[str] = ["ratio", "params", "bytes", "speedup@4096", "latency_
 LAYER_COLUMNS: list[str] = ["run_dir", "data", "model", "method", "setting", "seed", "name", "group",
                             "layer_method", "rank", "full_rank", "retained_energy", "params_before", "params_after",
                             "replaced", "note", "chosen_rank", "energy_curve"]
+#: the per-layer rows a report writes beside results.csv (read back by ``--merge``)
+LAYERS_FILE = "layers.csv"
 #: the run-table column of each metric read from results.json (an undefined metric is null there)
 METRIC_SOURCES: dict[str, str] = {
     "auc": R.KEY_TEST_AUC, "logloss": R.KEY_TEST_LOGLOSS, "base_auc": R.KEY_BASE_TEST_AUC,
@@ -604,8 +606,9 @@ class Results:
     #: results.json files found below the roots (each counted once), and those left out with the reason
     results_found: int = 0
     ignored: list[tuple[Path, str]] = field(default_factory=list)
-    #: rows taken from earlier reports' results.csv (``--merge``): per file, how many were kept
-    merged: list[tuple[Path, int]] = field(default_factory=list)
+    #: rows taken from earlier reports' results.csv (``--merge``): per file, how many were kept and whether their
+    #: per-layer rows came too (from the layers.csv beside it; an older report wrote none)
+    merged: list[tuple[Path, int, bool]] = field(default_factory=list)
     grouped: pd.DataFrame = field(init=False)
 
     def __post_init__(self) -> None:
@@ -626,7 +629,7 @@ class Results:
     @property
     def jobs_without_results(self) -> int:
         """Hydra train jobs that wrote no results.json (each is a failed row)."""
-        return len(self.runs) - self.results_used - sum(n for _, n in self.merged)
+        return len(self.runs) - self.results_used - sum(n for _, n, _ in self.merged)
 
     def counts(self) -> str:
         """``2 runs (2 ok, 0 failed)``: what the report is made of."""
@@ -639,8 +642,10 @@ class Results:
         if self.jobs_without_results:
             text += (f"; {plural(self.jobs_without_results, 'Hydra job')} without results.json "
                      f"counted as failed")
-        for path, n in self.merged:
+        for path, n, with_layers in self.merged:
             text += f"; {plural(n, 'row')} from {path}"
+            if n and not with_layers:
+                text += f" (no {LAYERS_FILE} beside it: the retained-energy plot leaves those runs out)"
         return text
 
     def undefined_auc_runs(self) -> int:
@@ -695,6 +700,41 @@ def read_earlier_runs(path: str | Path) -> pd.DataFrame:
     return df
 
 
+def layers_to_csv(layers: pd.DataFrame, path: Path) -> None:
+    """``layers.csv``: the per-layer rows with each energy curve as a JSON list (5 decimals), so that a later
+    ``--merge`` of the results.csv beside it keeps its runs in the retained-energy plot."""
+    df = layers.copy()
+    df["energy_curve"] = df["energy_curve"].map(
+        lambda c: json.dumps([round(float(x), 5) for x in c]) if isinstance(c, (list, tuple, np.ndarray)) else "")
+    df.to_csv(path, index=False)
+
+
+def read_earlier_layers(results_csv: Path, run_dirs: set[str]) -> pd.DataFrame | None:
+    """The rows of the ``layers.csv`` beside an earlier results.csv that belong to ``run_dirs``; None when there is
+    no such file (a report older than layers.csv)."""
+    path = results_csv.expanduser().parent / LAYERS_FILE
+    if not path.is_file():
+        return None
+    try:
+        df = pd.read_csv(path, dtype={"run_dir": str, "name": str, "group": str, "layer_method": str, "note": str,
+                                      "energy_curve": str, "data": str, "model": str, "method": str,
+                                      "setting": str}, keep_default_na=False, na_values={
+            c: ["", "nan", "NaN"] for c in ("rank", "full_rank", "retained_energy", "params_before", "params_after",
+                                            "chosen_rank", "seed")})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise ReportError(f"--merge {results_csv}: the {LAYERS_FILE} beside it is not a readable CSV ({exc}); "
+                          f"move it away to merge the runs without their layers") from exc
+    missing = [c for c in LAYER_COLUMNS if c not in df.columns]
+    if missing:
+        raise ReportError(f"--merge {results_csv}: the {LAYERS_FILE} beside it has no column "
+                          f"{', '.join(missing)}; move it away to merge the runs without their layers")
+    df = df[df["run_dir"].isin(run_dirs)].reset_index(drop=True)
+    df["energy_curve"] = df["energy_curve"].map(lambda s: json.loads(s) if s else None)
+    df["replaced"] = df["replaced"].astype(str).str.lower().isin(["true", "1"])
+    df["seed"] = pd.to_numeric(df["seed"], errors="coerce").astype("Int64")
+    return df[LAYER_COLUMNS]
+
+
 def load_results(dirs: Sequence[str | Path], merge: Sequence[str | Path] = ()) -> Results:
     """Load every run below ``dirs`` (see :func:`find_run_dirs`), then the rows of the earlier reports' results.csv
     in ``merge`` whose run directory is not among them (a run found now replaces its earlier row; of two earlier
@@ -713,15 +753,19 @@ def load_results(dirs: Sequence[str | Path], merge: Sequence[str | Path] = ()) -
             continue
         records.append(rec)
     runs = runs_table(records)
-    merged: list[tuple[Path, int]] = []
+    layers = layers_table(records)
+    merged: list[tuple[Path, int, bool]] = []
     for path in merge:
         earlier = read_earlier_runs(path)
         earlier = earlier[~earlier["run_dir"].isin(set(runs["run_dir"].astype(str)))]
-        merged.append((Path(path), len(earlier)))
+        earlier_layers = read_earlier_layers(Path(path), set(earlier["run_dir"]))
+        merged.append((Path(path), len(earlier), earlier_layers is not None))
         if not earlier.empty:
             runs = earlier if runs.empty else pd.concat([runs, earlier], ignore_index=True)
+        if earlier_layers is not None and not earlier_layers.empty:
+            layers = earlier_layers if layers.empty else pd.concat([layers, earlier_layers], ignore_index=True)
     runs["seed"] = runs["seed"].astype("Int64")
-    return Results(roots=roots, records=records, runs=runs, layers=layers_table(records),
+    return Results(roots=roots, records=records, runs=runs, layers=layers,
                    results_found=found, ignored=ignored, merged=merged)
 
 
@@ -877,6 +921,8 @@ def write_report(res: Results, out: Path) -> dict[str, Path]:
     res.runs.to_csv(written["results.csv"], index=False)
     written["grouped.csv"] = out / "grouped.csv"
     res.grouped.to_csv(written["grouped.csv"], index=False)
+    written[LAYERS_FILE] = out / LAYERS_FILE
+    layers_to_csv(res.layers, written[LAYERS_FILE])
 
     plots: dict[str, Path] = {}
     skipped: dict[str, str] = {}
@@ -942,8 +988,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         matplotlib.use("Agg")
         out = args.out if args.out is not None else Path(args.dirs[0]) / "report"
-        for path in args.merge:  # writing the report would overwrite the very rows it merges
-            if path.expanduser().resolve() in {(out / name).resolve() for name in ("results.csv", "grouped.csv")}:
+        for path in args.merge:  # writing the report would overwrite the rows (or the layers beside them) it merges
+            if path.expanduser().resolve().parent == out.expanduser().resolve():
                 raise ReportError(f"--out {out} would overwrite --merge {path}: write the report to another "
                                   "directory (then copy it over the old one if that is what you want)")
         if out.exists() and not out.is_dir():
