@@ -9,15 +9,15 @@ then the issue's targets, each met or missed by how much. ``--write`` replaces t
 ``<!-- compression-table:start -->`` and ``<!-- compression-table:end -->``.
 
 Run directories do not outlive a machine, so a table grows across sessions: ``lowrank-ctr-report OUT/runs ...
---merge experiments/results/compression_table/results.csv`` keeps the committed rows of runs that are gone, and the
-seconds of one base epoch (the compression-time share) are kept in ``base_epochs.csv`` next to them: measured bases
-in ``OUT/base`` replace a recorded figure, and ``--write`` records what was used.
+--merge experiments/results/compression_table/results.csv`` keeps the committed rows of runs that are gone. The
+compression-time share divides each run's compression seconds by one epoch of ITS base on the machine that ran it
+(``base_epoch_seconds`` in results.csv, which the report reads from the base run); rows written before that column
+existed use the figure recorded per (data, model) in ``base_epochs.csv``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 from pathlib import Path
@@ -40,8 +40,14 @@ def mean_std(values: pd.Series, digits: int = 4, sign: bool = False) -> str:
     return text + (f" ± {v.std(ddof=1):.{digits}f}" if len(v) > 1 else " (1 seed)")
 
 
-def setting_rows(runs: pd.DataFrame) -> pd.DataFrame:
+def setting_rows(runs: pd.DataFrame, recorded: dict[tuple[str, str], float] | None = None) -> pd.DataFrame:
+    """One row per setting (seeds aggregated); ``share``: the mean over its runs of compression seconds / one epoch of
+    the run's own base (``base_epoch_seconds``), else of the ``recorded`` figure of its (data, model)."""
     ok = runs[(runs["status"] == "ok") & (runs["method"] != "none")].copy()
+    recorded = recorded or {}
+    own = ok["base_epoch_seconds"] if "base_epoch_seconds" in ok else pd.Series(math.nan, index=ok.index)
+    fallback = pd.Series([recorded.get((d, m), math.nan) for d, m in zip(ok["data"], ok["model"])], index=ok.index)
+    ok["share"] = ok["compress_seconds"] / own.where(own > 0, fallback)
     ok["setting"] = ok["setting"].fillna("")
     ok["source"] = ok["run_dir"].map(lambda p: "ablation" if "/ablations/" in str(p) else "table")
     ok["before_vs_control"] = ok["before_ft_auc"] - ok["control_auc"]
@@ -52,7 +58,8 @@ def setting_rows(runs: pd.DataFrame) -> pd.DataFrame:
                          vs_control=mean_std(g["delta_auc_vs_control"], sign=True),
                          before_vs_control=mean_std(g["before_vs_control"], sign=True),
                          delta_mean=g["delta_auc_vs_control"].mean(),
-                         compress_seconds=g["compress_seconds"].mean()))
+                         compress_seconds=g["compress_seconds"].mean(),
+                         share=g["share"].mean() if g["share"].notna().all() else math.nan))
     from lowrank_ctr.report import method_rank
 
     out = pd.DataFrame(rows)
@@ -118,38 +125,21 @@ def replace_between(text: str, start: str, end: str, body: str, where: Path) -> 
 
 
 BASE_EPOCHS = Path(__file__).parent / "results" / "compression_table" / "base_epochs.csv"
-EPOCH_COLUMNS = ["data", "model", "seconds_per_epoch", "source"]
 
 
-def base_epochs(out: Path, recorded: Path | None = BASE_EPOCHS) -> pd.DataFrame:
-    """Seconds of one base training epoch per (data, model) (the compression-time target): the mean over the seeds
-    of the bases in ``OUT/base``, else the figure recorded in ``recorded`` by an earlier ``--write``."""
-    rows: dict[tuple[str, str], dict] = {}
-    if recorded is not None and recorded.is_file():
-        for r in pd.read_csv(recorded).itertuples():
-            rows[(r.data, r.model)] = {"data": r.data, "model": r.model, "seconds_per_epoch": float(r.seconds_per_epoch),
-                                       "source": r.source}
-    found: dict[tuple[str, str], list[float]] = {}
-    for path in sorted((out / "base").glob("*/*/seed*/results.json")):
-        rec = json.loads(path.read_text())
-        if rec.get("status") == "ok" and rec.get("train/epochs"):
-            found.setdefault((rec["data"], rec["model"]), []).append(rec["train/seconds"] / rec["train/epochs"])
-    for (data, model), v in found.items():
-        rows[(data, model)] = {"data": data, "model": model, "seconds_per_epoch": sum(v) / len(v),
-                               "source": f"{out / 'base'} ({len(v)} seeds)"}
-    return pd.DataFrame(list(rows.values()), columns=EPOCH_COLUMNS).sort_values(["data", "model"], ignore_index=True)
+def base_epochs(recorded: Path | None = BASE_EPOCHS) -> dict[tuple[str, str], float]:
+    """Seconds of one base epoch per (data, model) recorded for rows without ``base_epoch_seconds`` (runs from
+    before the report wrote that column, on the machine that ran them)."""
+    if recorded is None or not recorded.is_file():
+        return {}
+    return {(r.data, r.model): float(r.seconds_per_epoch) for r in pd.read_csv(recorded).itertuples()}
 
 
-def base_epoch_seconds(epochs: pd.DataFrame) -> dict[tuple[str, str], float]:
-    return {(r.data, r.model): float(r.seconds_per_epoch) for r in epochs.itertuples()}
-
-
-def markdown(rows: pd.DataFrame, epochs: dict[tuple[str, str], float]) -> str:
+def markdown(rows: pd.DataFrame) -> str:
     lines = ["| data | model | method | setting | seeds | size ratio | test AUC | Δ vs base + same fine-tune | "
              "Δ vs control before fine-tune | compression s (share of a base epoch) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows.itertuples():
-        epoch = epochs.get((r.data, r.model))
-        share = f" ({r.compress_seconds / epoch:.0%})" if epoch and not math.isnan(r.compress_seconds) else ""
+        share = f" ({r.share:.0%})" if not math.isnan(r.share) else ""
         setting = r.setting + (" (ablation)" if r.source == "ablation" else "")
         lines.append(f"| {r.data} | {r.model} | {r.method} | {setting} | {r.seeds} | {r.ratio:.2f}x | {r.auc} | "
                      f"{r.vs_control} | {r.before_vs_control} | {r.compress_seconds:.1f}{share} |")
@@ -174,16 +164,14 @@ def main() -> None:
     ap.add_argument("--report", type=Path, help="its report directory (default: OUT/report_all)")
     ap.add_argument("--write", type=Path, help="README to update between the compression-table markers")
     ap.add_argument("--base-epochs", type=Path, default=BASE_EPOCHS,
-                    help="recorded seconds per base epoch (read; rewritten with --write) [%(default)s]")
+                    help="recorded seconds per base epoch for rows without base_epoch_seconds [%(default)s]")
     args = ap.parse_args()
     report = args.report or args.out / "report_all"
     runs = pd.read_csv(report / "results.csv")
-    epochs = base_epochs(args.out, args.base_epochs)
-    text = markdown(setting_rows(runs), base_epoch_seconds(epochs))
+    text = markdown(setting_rows(runs, base_epochs(args.base_epochs)))
     families = families_at_budgets(runs)
     print(families + "\n\n" + text)
     if args.write:
-        epochs.to_csv(args.base_epochs, index=False)
         new = replace_between(args.write.read_text(), PIVOT_START, PIVOT_END, families, args.write)
         new = replace_between(new, START, END, text, args.write)
         tmp = args.write.with_suffix(".tmp")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 import statistics
 from pathlib import Path
@@ -580,7 +581,7 @@ def test_readme_table_means_stds_and_target_verdicts():
             rows.append(dict(status="ok", method="afm", data="synthetic", model="deepfm", setting=setting, seed=seed,
                              run_dir=f"/x/runs/{seed}", ratio=5.0, auc=0.70 + d, control_auc=0.70,
                              before_ft_auc=0.70 + d, delta_auc_vs_control=d, compress_seconds=2.0))
-    text = mod.markdown(mod.setting_rows(pd.DataFrame(rows)), {("synthetic", "deepfm"): 40.0})
+    text = mod.markdown(mod.setting_rows(pd.DataFrame(rows), {("synthetic", "deepfm"): 40.0}))
     assert "| -0.0003 ± 0.0001 |" in text and "| -0.0020 ± 0.0014 |" in text and "2.0 (5%)" in text
     assert "synthetic deepfm afm target_ratio=5 >= -0.0005: -0.0003, met (2 seeds)" in text
     assert "synthetic deepfm afm target_ratio=10 >= -0.0015: -0.0020, **missed by 0.0005**" in text
@@ -621,23 +622,37 @@ def test_readme_table_families_at_budgets():
     assert "float32" not in text and "-0.5" not in text
 
 
-def test_readme_table_base_epochs_measured_bases_replace_recorded_figures(tmp_path):
-    """The compression-time share needs the base epoch: a base found in OUT/base replaces the recorded figure of its
-    (data, model); a recorded figure without a base now is kept (its runs' rows come from a merged results.csv)."""
+def test_compression_time_share_uses_each_runs_own_base_epoch(tmp_path):
+    """The report reads one epoch of each run's base from the base run's results.json (base_epoch_seconds, NaN
+    without one); readme_table divides by it, and only rows without it (merged from before the column) use the
+    recorded figure of their (data, model)."""
     import importlib.util
+
+    from lowrank_ctr.report import base_epoch_seconds
+
+    base = tmp_path / "base"
+    (base / "checkpoints").mkdir(parents=True)
+    (base / "results.json").write_text(json.dumps({"status": "ok", "train/seconds": 90.0, "train/epochs": 3}))
+    rec = fake_results("afm", 4, 1, 0.77, 0.775, 0.76, 5.0)
+    rec["base/checkpoint"] = str(base / "checkpoints" / "best.ckpt")
+    assert base_epoch_seconds(rec) == 30.0
+    assert math.isnan(base_epoch_seconds({**rec, "base/checkpoint": str(tmp_path / "gone" / "c" / "x.ckpt")}))
+    assert base_epoch_seconds({"train/seconds": 50.0, "train/epochs": 5}) == 10.0  # a run that trained its base
+    from lowrank_ctr.report import runs_table
+
+    assert runs_table([rec])["base_epoch_seconds"].tolist() == [30.0]
 
     spec = importlib.util.spec_from_file_location("readme_table", REPO / "experiments" / "readme_table.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     recorded = tmp_path / "base_epochs.csv"
-    recorded.write_text("data,model,seconds_per_epoch,source\nsynthetic,deepfm,99.0,old\ncriteo_sample,deepfm,0.5,old\n")
-    for seed, (secs, epochs) in enumerate([(60.0, 2), (90.0, 3)], start=1):
-        run = tmp_path / "out" / "base" / "synthetic" / "deepfm" / f"seed{seed}"
-        run.mkdir(parents=True)
-        (run / "results.json").write_text(json.dumps({"status": "ok", "data": "synthetic", "model": "deepfm",
-                                                      "train/seconds": secs, "train/epochs": epochs}))
-    got = mod.base_epoch_seconds(mod.base_epochs(tmp_path / "out", recorded))
-    assert got == {("synthetic", "deepfm"): 30.0, ("criteo_sample", "deepfm"): 0.5}
+    recorded.write_text("data,model,seconds_per_epoch,source\nsynthetic,deepfm,100.0,old\n")
+    rows = [dict(status="ok", method="afm", data="synthetic", model="deepfm", setting=s, seed=1, run_dir=f"/x/{s}",
+                 ratio=5.0, auc=0.7, control_auc=0.7, before_ft_auc=0.7, delta_auc_vs_control=0.0,
+                 compress_seconds=6.0, base_epoch_seconds=e)
+            for s, e in (("target_ratio=5", 30.0), ("target_ratio=10", math.nan))]
+    text = mod.markdown(mod.setting_rows(pd.DataFrame(rows), mod.base_epochs(recorded)))
+    assert "| 6.0 (20%) |" in text and "| 6.0 (6%) |" in text  # its own base; the recorded 100 s
 
 
 def test_delta_plot_shows_each_run_minus_its_control():

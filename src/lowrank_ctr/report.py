@@ -48,7 +48,7 @@ RUN_COLUMNS: list[str] = [
     "base_auc", "base_logloss", "before_ft_auc", "before_ft_logloss", "auc", "logloss",
     "delta_auc", "delta_auc_before_ft", "delta_logloss", "control_auc", "control_logloss", "delta_auc_vs_control",
     *[f"speedup@{b}" for b in BATCH_SIZES], "base_ms@4096", "latency_ms@4096",
-    "val_auc", "train_seconds", "compress_seconds", "train_samples_per_s", "undefined",
+    "val_auc", "train_seconds", "compress_seconds", "base_epoch_seconds", "train_samples_per_s", "undefined",
 ]
 #: what identifies one experimental setting; seeds of a setting are aggregated
 GROUP_KEYS: list[str] = ["data", "model", "method", "targets", "setting"]
@@ -370,6 +370,31 @@ def _configured_targets(comp: Mapping[str, Any]) -> Any:
         return comp.get("targets")
 
 
+@functools.lru_cache(maxsize=256)
+def _training_record(results_json: str) -> Mapping[str, Any]:
+    """The train/* keys of a base run's results.json (many compression runs share one base)."""
+    try:
+        rec = json.loads(Path(results_json).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: rec[k] for k in (R.KEY_TRAIN_SECONDS, R.KEY_TRAIN_EPOCHS) if k in rec} if isinstance(rec, dict) else {}
+
+
+def base_epoch_seconds(rec: Mapping[str, Any]) -> float:
+    """Seconds of one training epoch of the run's base, on the machine that trained it: from the run's own
+    ``train/*`` keys when it trained its base, else from the results.json of the run that wrote ``base/checkpoint``
+    (``<run>/checkpoints/*.ckpt``). NaN when neither is there. It is what a compression time is compared with, and
+    it travels with the run's row, so rows merged from another machine keep their own machine's figure."""
+    source: Mapping[str, Any] = rec
+    if R.KEY_TRAIN_EPOCHS not in rec:
+        ckpt = rec.get(R.KEY_BASE_CHECKPOINT)
+        if not ckpt:
+            return math.nan
+        source = _training_record(str(Path(str(ckpt)).parent.parent / RESULTS_FILE))
+    seconds, epochs = _num(source.get(R.KEY_TRAIN_SECONDS)), _num(source.get(R.KEY_TRAIN_EPOCHS))
+    return seconds / epochs if epochs > 0 and seconds > 0 else math.nan
+
+
 def run_row(rec: Mapping[str, Any]) -> dict[str, Any]:
     """One results.csv row from one run record (the formulas for ratio and the deltas live here)."""
     status = str(rec.get(R.KEY_STATUS) or ("ok" if R.KEY_TEST_AUC in rec else "failed"))
@@ -414,7 +439,7 @@ def run_row(rec: Mapping[str, Any]) -> dict[str, Any]:
         "base_ms@4096": _num(rec.get(R.bench_key("base_ms", 4096))),
         "latency_ms@4096": _num(rec.get(R.bench_key("compressed_ms", 4096), rec.get(R.bench_key("base_ms", 4096)))),
         "val_auc": _num(rec.get(R.KEY_VAL_AUC)), "train_seconds": _num(rec.get(R.KEY_TRAIN_SECONDS)),
-        "compress_seconds": _num(rec.get(R.KEY_COMPRESS_SECONDS)),
+        "compress_seconds": _num(rec.get(R.KEY_COMPRESS_SECONDS)), "base_epoch_seconds": base_epoch_seconds(rec),
         "train_samples_per_s": _num(rec.get(R.KEY_TRAIN_SAMPLES_PER_S)),
     }
     for b in BATCH_SIZES:
