@@ -46,25 +46,28 @@ def plain_child(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(spec["seed"])
+    device = torch.device(spec.get("device", "cpu"))
     cfg = sc.compose(spec["overrides"])
     dm = sc.prepared_datamodule(cfg)
     vocab = [f.vocab_size for f in dm.schema.categorical]
     train, test = sc.in_memory(dm, "train"), sc.in_memory(dm, "test")
-    xtr, ytr, xte, yte = train["cat"], train["label"], test["cat"], test["label"]
-    model = sc.PlainDeepFM(vocab, spec["embedding_dim"], spec["mlp"])
+    # a plain GPU loop holds the whole data set on the device (the fastest a loop can feed itself)
+    xtr, ytr, xte, yte = (t.to(device) for t in (train["cat"], train["label"], test["cat"], test["label"]))
+    model = sc.PlainDeepFM(vocab, spec["embedding_dim"], spec["mlp"]).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, **({"fused": True} if spec["fused"] else {}))
     lossf = torch.nn.BCEWithLogitsLoss()
     bs, n = spec["batch_size"], len(xtr)
     model.train()
     t0 = time.perf_counter()
     for _ in range(spec["epochs"]):
-        perm = torch.randperm(n)
+        perm = torch.randperm(n, device=device)
         xs, ys = xtr[perm], ytr[perm]
         for i in range(0, n, bs):
             loss = lossf(model(xs[i:i + bs]), ys[i:i + bs])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+    sc.synchronize(device)
     train_s = time.perf_counter() - t0
     model.eval()
     t0 = time.perf_counter()
@@ -77,8 +80,9 @@ def plain_child(spec: dict[str, Any]) -> dict[str, Any]:
                 torch.sigmoid(z)
                 out.append(z)
             logits.append(torch.cat(out))
+    sc.synchronize(device)
     infer_s = time.perf_counter() - t0
-    auc, logloss = sc.auc_logloss(yte.numpy(), logits[1].numpy())
+    auc, logloss = sc.auc_logloss(yte.cpu().numpy(), logits[1].cpu().numpy())
     return {"train_samples_per_s": n * spec["epochs"] / train_s, "infer_samples_per_s": (n + len(xte)) / infer_s,
             "test_auc": auc, "test_logloss": logloss, "peak_rss_mb": sc.peak_rss_mb(),
             "params": sum(p.numel() for p in model.parameters())}
@@ -98,6 +102,7 @@ def project_child(spec: dict[str, Any]) -> dict[str, Any]:
     trainer.fit(module, datamodule=dm)
     train_s = sum(timer.seconds)
     precision = cfg.trainer.precision
+    module.model.to(spec.get("device", "cpu"))  # Lightning hands a GPU model back on the CPU after fit
     t0 = time.perf_counter()
     sc.score(module.model, sc.split_loader(dm, "train", spec["batch_size"]), precision)
     test_logits, test_labels, test_rows = sc.score(module.model, sc.split_loader(dm, "test", spec["batch_size"]),
@@ -124,26 +129,37 @@ def breakdown_child(spec: dict[str, Any]) -> dict[str, Any]:
     cfg = sc.compose(spec["overrides"])
     pl.seed_everything(spec["seed"], verbose=False)
     dm = sc.prepared_datamodule(cfg)
-    steps, warmup = spec["steps"], 3
+    warmup = 3
+    batches = len(dm.train_dataloader())
+    steps = min(spec["steps"], batches - warmup - 1)  # one epoch's batches at most: a small data set has few
+    if steps < 1:
+        raise SystemExit(f"--breakdown needs more than {warmup + 1} training batches; this data has {batches}: "
+                         "raise --rows or lower --batch-size")
     dtype = autocast_dtype(cfg.trainer.precision)
+    device = torch.device(spec.get("device", "cpu"))
+    sync = lambda: sc.synchronize(device)  # noqa: E731 -- each part's clock stops when its kernels have run
 
     def hand_loop() -> dict[str, float]:
         module = sc.make_module(cfg, dm.schema)
-        model = module.model.train()
+        model = module.model.to(device).train()
         opt = build_optimizer(module.optimizer_factory, model)
         parts = dict(data=0.0, forward=0.0, backward=0.0, optimizer=0.0)
         loader = iter(dm.train_dataloader())
         for i in range(warmup + steps):
             t0 = time.perf_counter()
-            batch = next(loader)
+            batch = sc.to_device(next(loader), device)
+            sync()
             t1 = time.perf_counter()
-            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
                 loss = torch.nn.functional.binary_cross_entropy_with_logits(model(batch), batch["label"])
+            sync()
             t2 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            sync()
             t3 = time.perf_counter()
             opt.step()
+            sync()
             t4 = time.perf_counter()
             if i >= warmup:
                 for k, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
@@ -156,6 +172,7 @@ def breakdown_child(spec: dict[str, Any]) -> dict[str, Any]:
 
         class StepTimer(pl.Callback):
             def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+                sync()
                 times.append(time.perf_counter())
 
         trainer = sc.bench_trainer(cfg, [StepTimer()], max_epochs=1, min_epochs=1,
@@ -170,7 +187,7 @@ def breakdown_child(spec: dict[str, Any]) -> dict[str, Any]:
     parts = min(hand, key=lambda p: sum(p.values()))
     step = min(lightning_step)
     parts["lightning_loop_overhead"] = max(step - sum(parts.values()), 0.0)
-    return {"step_s": step, "parts_s": parts, "shares": {k: v / step for k, v in parts.items()}}
+    return {"step_s": step, "steps": steps, "parts_s": parts, "shares": {k: v / step for k, v in parts.items()}}
 
 
 CHILDREN = {"plain": plain_child, "project": project_child, "breakdown": breakdown_child}
@@ -184,6 +201,8 @@ def main() -> None:
     ap.add_argument("--peers-data", default=None, help="folder with the peer harness's train.csv / test.csv")
     ap.add_argument("--batch-size", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cuda: the plain loop holds its data on the GPU; the project trains with trainer=gpu")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--embedding-dim", type=int, default=16)
@@ -210,13 +229,14 @@ def main() -> None:
     mlp = [int(h) for h in args.mlp.split(",")]
     base = [*sc.data_overrides(workdir, args.rows, args.max_vocab, args.batch_size, args.peers_data),
             *sc.model_overrides("deepfm", args.embedding_dim, mlp), "logger=none", "progress_bar=false",
-            f"threads={args.threads}", f"seed={args.seed}", "optimizer.lr=0.001"]
+            f"threads={args.threads}", f"seed={args.seed}", "optimizer.lr=0.001",
+            *(["trainer=gpu"] if args.device == "cuda" else [])]
     load = sc.MachineLoad()
     t_prep = time.perf_counter()
     sc.prepared_datamodule(sc.compose(base))  # prepare once, outside every timed child
     prep_s = time.perf_counter() - t_prep
     common = dict(threads=args.threads, seed=args.seed, batch_size=args.batch_size, epochs=args.epochs,
-                  embedding_dim=args.embedding_dim, mlp=mlp)
+                  embedding_dim=args.embedding_dim, mlp=mlp, device=args.device)
     specs: list[dict[str, Any]] = [dict(common, kind="plain", name="plain", fused=False, overrides=base)]
     if not args.no_fused:
         specs.append(dict(common, kind="plain", name="plain-fused", fused=True, overrides=base))
@@ -247,7 +267,9 @@ def main() -> None:
 
     result: dict[str, Any] = {
         "workload": {"model": "deepfm", "embedding_dim": args.embedding_dim, "mlp": mlp, "batch_size": args.batch_size,
-                     "threads": args.threads, "epochs": args.epochs, "data": args.peers_data or
+                     "threads": args.threads, "epochs": args.epochs, "device": sc.device_name(args.device),
+                     "torch": sc.torch_version(), "commit": sc.git_commit(),
+                     "data": args.peers_data or
                      f"synthetic rows={args.rows} max_vocab={args.max_vocab}", "prepare_s": prep_s},
         "rows": rows,
     }

@@ -3,7 +3,7 @@
     python benchmarks/readme_speed.py [--results benchmarks/results] [--write README.md]
 
 Each block between ``<!-- speed:NAME:start -->`` and ``<!-- speed:NAME:end -->`` in the README is the rendering of
-one JSON file in ``benchmarks/results/`` (train.json, zoo.json, scale.json, serving.json, lookup.json,
+one JSON file in ``benchmarks/results/`` (train.json, train_gpu.json, zoo.json, scale.json, serving.json, lookup.json,
 peers.json, default_recipe.json). Without
 ``--write`` the blocks are printed. A block whose JSON is missing is left as it is.
 """
@@ -33,11 +33,16 @@ def _load_note(d: dict[str, Any]) -> str:
     return "" if share is None else f"Other processes used {share:.1%} of the CPU during the run (0 = quiet)."
 
 
-def render_train(d: dict[str, Any]) -> str:
+def _train_table(d: dict[str, Any]) -> list[str]:
+    """The workload line and the table of bench_train.py's columns (ratios against the plain loop)."""
     w = d["workload"]
+    device = w.get("device", "cpu")
+    where = f"{w['threads']} threads" if device == "cpu" else f"on one {device} ({w['threads']} CPU threads)"
+    epochs = f"{w['epochs']} epoch" + ("s" if w["epochs"] > 1 else "")
     lines = [f"DeepFM (embedding {w['embedding_dim']}, MLP {'x'.join(map(str, w['mlp']))}), batch {w['batch_size']}, "
-             f"{w['threads']} threads, {w['epochs']} epoch, data `{Path(str(w['data'])).name}`; medians of "
-             f"{d['rows'][0]['repeats']} interleaved runs; ratios against the plain loop of the same run. "
+             f"{where}, {epochs}, data `{Path(str(w['data'])).name}`; "
+             + (f"medians of {repeats} interleaved runs" if (repeats := d["rows"][0]["repeats"]) > 1 else "one run")
+             + "; ratios against the plain loop of the same run. "
              + _load_note(d), "",
              *_header("column", "train samples/s", "x plain", "inference samples/s", "x plain", "peak RSS MB",
                       "x plain", "test AUC", "AUC - project 32:adam")]
@@ -45,6 +50,29 @@ def render_train(d: dict[str, Any]) -> str:
         lines.append(f"| {r['name']} | {_f(r['train_samples_per_s'])} | {r['train_over_plain']:.2f} | "
                      f"{_f(r['infer_samples_per_s'])} | {r['infer_over_plain']:.2f} | {_f(r['peak_rss_mb'])} | "
                      f"{r['rss_over_plain']:.2f} | {r['test_auc']:.4f} | {r['auc_minus_project_float32_adam']:+.4f} |")
+    return lines
+
+
+def _breakdown_table(d: dict[str, Any]) -> list[str]:
+    if not d.get("breakdown"):
+        return []
+    lines = ["", "Where one training step goes (`--breakdown`, shares of a step):", "",
+             *_header("column", "step ms", "data", "forward", "backward", "optimizer", "Lightning loop")]
+    for name, b in d["breakdown"].items():
+        s, ms = b["shares"], b["step_s"] * 1000
+        lines.append(f"| {name} | {ms:.{0 if ms >= 10 else 2}f} | {s['data']:.1%} | {s['forward']:.1%} | "
+                     f"{s['backward']:.1%} | {s['optimizer']:.1%} | {s['lightning_loop_overhead']:.1%} |")
+    return lines
+
+
+def render_train_gpu(d: dict[str, Any]) -> str:
+    """bench_train.py --device cuda (benchmarks/gpu_check.sh): the table and the step breakdown; the issue's
+    targets are the CPU table's."""
+    return "\n".join(_train_table(d) + _breakdown_table(d))
+
+
+def render_train(d: dict[str, Any]) -> str:
+    lines = _train_table(d)
     rows = {r["name"]: r for r in d["rows"]}
     project = [r for r in d["rows"] if r["name"].startswith("project")]
     fastest = max(project, key=lambda r: r["train_over_plain"])
@@ -62,14 +90,7 @@ def render_train(d: dict[str, Any]) -> str:
     worst_rss = max(project, key=lambda r: r["rss_over_plain"])
     lines.append(f"- peak RSS <= the plain loop's: at most {worst_rss['rss_over_plain']:.2f}x ({worst_rss['name']}) — "
                  f"{'met' if worst_rss['rss_over_plain'] <= 1.0 else 'missed'}")
-    if d.get("breakdown"):
-        lines += ["", "Where one training step goes (`--breakdown`, shares of a step):", "",
-                  *_header("column", "step ms", "data", "forward", "backward", "optimizer", "Lightning loop")]
-        for name, b in d["breakdown"].items():
-            s = b["shares"]
-            lines.append(f"| {name} | {b['step_s'] * 1000:.0f} | {s['data']:.1%} | {s['forward']:.1%} | "
-                         f"{s['backward']:.1%} | {s['optimizer']:.1%} | {s['lightning_loop_overhead']:.1%} |")
-    return "\n".join(lines)
+    return "\n".join(lines + _breakdown_table(d))
 
 
 def render_zoo(d: dict[str, Any]) -> str:
@@ -184,7 +205,7 @@ def render_default_recipe(d: dict[str, Any]) -> str:
 
 
 RENDERERS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
-    "train": ("train.json", render_train), "zoo": ("zoo.json", render_zoo), "scale": ("scale.json", render_scale),
+    "train": ("train.json", render_train), "train_gpu": ("train_gpu.json", render_train_gpu), "zoo": ("zoo.json", render_zoo), "scale": ("scale.json", render_scale),
     "serving": ("serving.json", render_serving), "lookup": ("lookup.json", render_lookup),
     "peers": ("peers.json", render_peers), "default_recipe": ("default_recipe.json", render_default_recipe),
 }

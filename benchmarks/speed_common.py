@@ -199,6 +199,7 @@ def epoch_timer():
             self.rows += int(batch["label"].shape[0])
 
         def on_train_epoch_end(self, trainer, pl_module) -> None:
+            synchronize(pl_module.device)  # a GPU epoch ends when its queued kernels have run
             self.seconds.append(time.perf_counter() - self.t0)
 
     return EpochTimer()
@@ -221,15 +222,49 @@ def score(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], precisio
     from lowrank_ctr.precision import inference
 
     model.eval()
+    device = next(model.parameters()).device
     logits, labels = [], []
-    with inference(precision):
+    with inference(precision, device):
         for batch in batches:
-            z = model(batch).float()
+            z = model(to_device(batch, device)).float()
             torch.sigmoid(z)
             logits.append(z)
             labels.append(batch["label"])
-    z, y = torch.cat(logits).numpy(), torch.cat(labels).numpy()
+    z, y = torch.cat(logits).cpu().numpy(), torch.cat(labels).numpy()  # .cpu() waits for a GPU's kernels
     return z, y, len(y)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def device_name(device: str) -> str:
+    """What ran the benchmark: the GPU's name, or 'cpu'."""
+    return torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
+
+
+def torch_version() -> str:
+    return torch.__version__
+
+
+def git_commit() -> str | None:
+    """The checkout's commit (+ '-dirty' with uncommitted changes): which code a result was measured with."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None  # not a git checkout (an installed copy, or a machine without git)
+    return head + ("-dirty" if dirty else "")
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for a GPU's queued kernels (a no-op on CPU), so that a timer reads the work done."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def auc_logloss(labels: np.ndarray, logits: np.ndarray) -> tuple[float | None, float]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lowrank_ctr.models.layers import FieldEmbedding
+from lowrank_ctr.models.layers import FieldEmbedding, sum_rows
 from lowrank_ctr.optim import RowWiseOptimizer, build_optimizer, optimizer_name, updates_rows
 from lowrank_ctr.optim.rowwise import unique_rows
 
@@ -67,6 +67,21 @@ def test_row_gradient_equals_dense_gradient(shape: tuple[int, ...]) -> None:
     assert torch.equal(rows, torch.unique(table.flat_ids(ids)))  # one entry per touched row, no coalesce needed
     assert grad._nnz() == rows.numel()
     torch.testing.assert_close(grad.to_dense(), dense_grad, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["csr", "index_add"])  # CPU's default and a GPU's: both run here
+def test_sum_rows_sums_each_ids_gradient_rows(method: str) -> None:
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 50, (400,), generator=g)
+    grad_rows = torch.randn(400, 4, generator=g, dtype=torch.float64)
+    rows, summed = sum_rows(ids, grad_rows, method)
+    expected = torch.zeros(50, 4, dtype=torch.float64)
+    for i, r in zip(ids.tolist(), grad_rows):  # one row at a time: the plain definition
+        expected[i] += r
+    assert torch.equal(rows, torch.unique(ids))
+    torch.testing.assert_close(summed, expected[rows], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="csr.*index_add"):
+        sum_rows(ids, grad_rows, "coalesce")
 
 
 def test_rowwise_adagrad_matches_reference_and_leaves_untouched_rows() -> None:

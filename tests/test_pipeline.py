@@ -277,6 +277,32 @@ def test_a_diverging_run_stops_with_a_clear_error(tmp_path, data_dir):
     assert not (tmp_path / "results.json").exists()
 
 
+def test_a_gpu_reads_the_loss_flag_every_few_steps_and_before_validation():
+    """On a GPU the non-finite flag stays on the device between reads (a read waits for the queue): a NaN loss is
+    still caught at the next read or before the next validation, never lost."""
+    from lowrank_ctr.data.schema import FieldSpec, Schema
+    from lowrank_ctr.lightning.module import CTRModule
+
+    schema = Schema("s", [FieldSpec("a", "categorical", 10)])
+    module = CTRModule("lr", {}, schema.to_dict())
+    module.trainer = SimpleNamespace(optimizers=[], global_step=7, current_epoch=0)
+    module.nonfinite_read_every = 3  # what a GPU does with NONFINITE_CHECK_STEPS
+    ok, nan = torch.tensor(0.5), torch.tensor(float("nan"))
+    module.on_train_batch_end({"loss": nan}, None, 0)  # not read yet
+    module.on_train_batch_end({"loss": ok}, None, 1)
+    with pytest.raises(NonFiniteLossError, match="nan or inf .*one of the 3 steps up to step 7"):
+        module.on_train_batch_end({"loss": ok}, None, 2)
+    module.on_train_batch_end({"loss": nan}, None, 3)
+    with pytest.raises(NonFiniteLossError, match="lower optimizer.lr"):
+        module.on_validation_start()  # no checkpoint of NaN weights
+    for step in range(6):  # finite losses: read twice, nothing raised, nothing left unread
+        module.on_train_batch_end({"loss": ok}, None, step)
+    module.on_validation_start()
+    module.nonfinite_read_every = None  # on CPU: read at every step
+    with pytest.raises(NonFiniteLossError, match="train/loss is nan at epoch 0, step 7"):
+        module.on_train_batch_end({"loss": nan}, None, 0)
+
+
 def test_a_diverging_sweep_job_is_recorded_as_failed(tmp_path):
     sweep = tmp_path / "sweep"
     r = run_cli(["lowrank-ctr-train", "-m", *TINY, "model.mlp=[16]", "bench=false", "optimizer.lr=0.001,1e12",

@@ -21,6 +21,7 @@ from lowrank_ctr.models import build_model
 from lowrank_ctr.optim import build_optimizer
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
+NONFINITE_CHECK_STEPS = 50  # on a GPU, steps between reads of the non-finite-loss flag (each read waits for the GPU)
 
 
 class NonFiniteLossError(UserError):
@@ -45,6 +46,9 @@ class CTRModule(pl.LightningModule):
         self.embedding_l2 = float(embedding_l2)
         self._looked_up: list[torch.Tensor] = []
         self._hooks: list = []
+        self._unread_finite: torch.Tensor | None = None  # all losses since the last read were finite (on device)
+        self._unread_steps = 0
+        self.nonfinite_read_every: int | None = None  # None: every step on CPU, NONFINITE_CHECK_STEPS on a GPU
         if self.embedding_l2 > 0:
             self._watch_embeddings()
         # the project's one AUC / logloss implementation (AUC None when a split holds one class)
@@ -107,13 +111,39 @@ class CTRModule(pl.LightningModule):
         self._eval_epoch_end("test")
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # A diverged loss would train on (and checkpoint, and test) NaN weights: stop with what to change.
+        # A diverged loss would train on (and checkpoint, and test) NaN weights: stop with what to change. Reading
+        # the flag waits for the device: on CPU that costs nothing, on a GPU it would stall the queue every step,
+        # so there the flag accumulates on the device and is read every NONFINITE_CHECK_STEPS steps and before
+        # every validation (so no checkpoint is taken of NaN weights).
         loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs
-        if loss is not None and not bool(torch.isfinite(loss.detach()).all()):
-            lr = self.trainer.optimizers[0].param_groups[0]["lr"] if self.trainer.optimizers else None
-            raise NonFiniteLossError(f"training stopped: train/loss is {float(loss.detach().float().mean())} at "
-                                     f"epoch {self.current_epoch}, step {self.global_step} (the model diverged; "
-                                     f"learning rate {lr:g}): lower optimizer.lr, or check the data")
+        if loss is None:
+            return
+        loss = loss.detach()
+        finite = torch.isfinite(loss).all()
+        self._unread_finite = finite if self._unread_finite is None else self._unread_finite & finite
+        self._unread_steps += 1
+        every = self.nonfinite_read_every or (1 if loss.device.type == "cpu" else NONFINITE_CHECK_STEPS)
+        if self._unread_steps >= every:
+            self._check_finite_loss(loss)
+
+    def on_validation_start(self) -> None:
+        self._check_finite_loss()
+
+    def on_train_epoch_end(self) -> None:
+        self._check_finite_loss()
+
+    def _check_finite_loss(self, loss: torch.Tensor | None = None) -> None:
+        finite, steps = self._unread_finite, self._unread_steps
+        self._unread_finite, self._unread_steps = None, 0
+        if finite is None or bool(finite):
+            return
+        lr = self.trainer.optimizers[0].param_groups[0]["lr"] if self.trainer.optimizers else None
+        rate = "" if lr is None else f"; learning rate {lr:g}"
+        value = "nan or inf" if loss is None or steps > 1 else str(float(loss.float().mean()))
+        when = (f"step {self.global_step}" if steps <= 1 else
+                f"one of the {steps} steps up to step {self.global_step} (the loss is read every few steps on a GPU)")
+        raise NonFiniteLossError(f"training stopped: train/loss is {value} at epoch {self.current_epoch}, {when} "
+                                 f"(the model diverged{rate}): lower optimizer.lr, or check the data")
 
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The training objective (the fine-tune's distillation overrides it)."""

@@ -11,12 +11,37 @@ from torch import nn
 from lowrank_ctr.data.schema import PAD_ID, Schema
 
 
+def sum_rows(ids: torch.Tensor, grad_rows: torch.Tensor, method: str | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted unique ids, the sum of ``grad_rows`` over each id's occurrences).
+
+    ``method``: ``csr`` sorts and multiplies by a 0/1 CSR matrix -- several times cheaper on CPU than
+    ``index_add_`` into the unique rows or ``Tensor.coalesce()``; ``index_add`` scatters with atomic adds, what a
+    GPU does best. None: ``csr`` on CPU, ``index_add`` elsewhere.
+    """
+    method = method or ("csr" if ids.device.type == "cpu" else "index_add")
+    if method == "index_add":
+        rows, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+        summed = grad_rows.new_zeros(rows.numel(), grad_rows.shape[1]).index_add_(0, inverse, grad_rows)
+        return rows, summed
+    if method != "csr":
+        raise ValueError(f"sum_rows method must be 'csr' or 'index_add', got {method!r}")
+    sorted_ids, order = torch.sort(ids)
+    rows, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+    crow = torch.zeros(rows.numel() + 1, dtype=torch.long, device=ids.device)
+    torch.cumsum(counts, 0, out=crow[1:])
+    ones = torch.ones(ids.numel(), dtype=grad_rows.dtype, device=ids.device)
+    with warnings.catch_warnings():  # torch flags CSR tensors as beta
+        warnings.simplefilter("ignore", UserWarning)
+        csr = torch.sparse_csr_tensor(crow, order, ones, (rows.numel(), ids.numel()), check_invariants=False)
+    return rows, csr @ grad_rows
+
+
 class _RowGradientLookup(torch.autograd.Function):
     """``weight[flat_ids]`` whose weight gradient is a coalesced sparse tensor over the rows the batch touched.
 
     Row-wise optimizers (lowrank_ctr.optim) update only those rows. The duplicate ids of a batch are summed here,
-    once, by sort + a 0/1 CSR matrix product: several times cheaper on CPU than ``index_add_`` into the unique rows
-    or ``Tensor.coalesce()`` (coalescing is why torch's ``sparse=True`` gradient + SparseAdam lost to dense Adam).
+    once (:func:`sum_rows`); coalescing later is why torch's ``sparse=True`` gradient + SparseAdam lost to dense Adam.
     """
 
     @staticmethod
@@ -29,16 +54,7 @@ class _RowGradientLookup(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor) -> tuple[None, torch.Tensor]:
         (flat_ids,) = ctx.saved_tensors
         ids = flat_ids.reshape(-1)
-        grad_rows = grad_out.reshape(ids.numel(), -1)
-        sorted_ids, order = torch.sort(ids)
-        rows, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
-        crow = torch.zeros(rows.numel() + 1, dtype=torch.long, device=ids.device)
-        torch.cumsum(counts, 0, out=crow[1:])
-        ones = torch.ones(ids.numel(), dtype=grad_rows.dtype, device=ids.device)
-        with warnings.catch_warnings():  # torch flags CSR tensors as beta
-            warnings.simplefilter("ignore", UserWarning)
-            csr = torch.sparse_csr_tensor(crow, order, ones, (rows.numel(), ids.numel()), check_invariants=False)
-        summed = csr @ grad_rows
+        rows, summed = sum_rows(ids, grad_out.reshape(ids.numel(), -1))
         # Sorted unique rows; the autograd engine may drop the coalesced flag, lowrank_ctr.optim re-checks it cheaply.
         grad = torch.sparse_coo_tensor(rows.unsqueeze(0), summed.to(ctx.weight_dtype), ctx.weight_shape,
                                        is_coalesced=True, check_invariants=False)
