@@ -17,7 +17,8 @@ import pytest
 
 from helpers import run_cli
 from lowrank_ctr.plots import pareto_front
-from lowrank_ctr.report import compact_ranks, find_run_dirs, find_wandb_offline_runs, load_results
+from lowrank_ctr.report import (ReportError, compact_ranks, find_run_dirs, find_wandb_offline_runs, load_results,
+                                read_earlier_layers, read_earlier_runs)
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -564,6 +565,22 @@ def test_merge_keeps_an_earlier_reports_rows_whose_runs_are_gone(report, tree, t
     r = run_cli(["lowrank-ctr-report", "--merge", str(out / "grouped.csv"), "--out", str(tmp_path / "c")],
                 timeout=120)
     assert r.returncode == 2 and "not a lowrank-ctr results.csv" in r.stderr
+
+
+def test_a_broken_earlier_csv_is_one_error_naming_the_file_and_the_fix(tmp_path):
+    results = tmp_path / "results.csv"
+    results.write_text("run_dir,auc\nx,0.7\n")
+    with pytest.raises(ReportError, match=r"results.csv has no column status, data.*not a lowrank-ctr results.csv"):
+        read_earlier_runs(results)
+    results.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ReportError, match="is not a readable CSV"):
+        read_earlier_runs(results)
+    layers = tmp_path / "layers.csv"
+    layers.write_text("run_dir,name\nx,mlp.net.0\n")
+    with pytest.raises(ReportError, match=r"the layers.csv beside it has no column .*group.*move it away"):
+        read_earlier_layers(results, {"x"})
+    layers.unlink()
+    assert read_earlier_layers(results, {"x"}) is None  # a report older than layers.csv
 
 
 def test_readme_table_means_stds_and_target_verdicts():

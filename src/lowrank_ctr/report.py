@@ -698,23 +698,33 @@ def check_dirs(dirs: Sequence[str | Path]) -> list[Path]:
     return paths
 
 
+def _read_earlier_csv(path: Path, what: str, text: Sequence[str], numeric: Sequence[str], required: Sequence[str],
+                      fix: str) -> pd.DataFrame:
+    """A CSV an earlier report wrote: ``text`` columns as str (an empty cell stays ''), ``numeric`` columns NaN
+    where empty. One ReportError starting with ``what`` and ending with ``fix`` when the file is not a readable
+    CSV or lacks a ``required`` column."""
+    try:
+        df = pd.read_csv(path, dtype={c: str for c in text}, keep_default_na=False,
+                         na_values={c: ["", "nan", "NaN"] for c in numeric})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise ReportError(f"{what} is not a readable CSV ({exc}); {fix}") from exc
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise ReportError(f"{what} has no column {', '.join(missing)}; {fix}")
+    return df
+
+
 def read_earlier_runs(path: str | Path) -> pd.DataFrame:
     """The rows of a results.csv an earlier ``lowrank-ctr-report`` wrote (e.g. a committed table whose run
     directories are gone), as :func:`runs_table` builds them; a column a newer version added reads NaN."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise ReportError(f"--merge {path}: no such file; pass the results.csv an earlier lowrank-ctr-report wrote")
-    try:
-        df = pd.read_csv(path, dtype={c: str for c in TEXT_COLUMNS}, keep_default_na=False, na_values={
-            c: ["", "nan", "NaN"] for c in RUN_COLUMNS if c not in TEXT_COLUMNS})
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise ReportError(f"--merge {path}: not a readable CSV ({exc}); pass the results.csv an earlier "
-                          "lowrank-ctr-report wrote") from exc
-    needed = ["run_dir", "status", "data", "model", "method", "setting", "ratio", "auc"]
-    missing = [c for c in needed if c not in df.columns]
-    if missing:
-        raise ReportError(f"--merge {path}: not a lowrank-ctr results.csv (no column {', '.join(missing)}); pass "
-                          "the results.csv an earlier lowrank-ctr-report wrote, not grouped.csv or another table")
+    df = _read_earlier_csv(
+        path, f"--merge {path}", TEXT_COLUMNS, [c for c in RUN_COLUMNS if c not in TEXT_COLUMNS],
+        ["run_dir", "status", "data", "model", "method", "setting", "ratio", "auc"],
+        "it is not a lowrank-ctr results.csv: pass the results.csv an earlier lowrank-ctr-report wrote, not "
+        "grouped.csv or another table")
     df = df.reindex(columns=RUN_COLUMNS)
     for c in TEXT_COLUMNS:
         df[c] = df[c].fillna("").astype(str)
@@ -740,19 +750,11 @@ def read_earlier_layers(results_csv: Path, run_dirs: set[str]) -> pd.DataFrame |
     path = results_csv.expanduser().parent / LAYERS_FILE
     if not path.is_file():
         return None
-    try:
-        df = pd.read_csv(path, dtype={"run_dir": str, "name": str, "group": str, "layer_method": str, "note": str,
-                                      "energy_curve": str, "data": str, "model": str, "method": str,
-                                      "setting": str}, keep_default_na=False, na_values={
-            c: ["", "nan", "NaN"] for c in ("rank", "full_rank", "retained_energy", "params_before", "params_after",
-                                            "chosen_rank", "seed")})
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise ReportError(f"--merge {results_csv}: the {LAYERS_FILE} beside it is not a readable CSV ({exc}); "
-                          f"move it away to merge the runs without their layers") from exc
-    missing = [c for c in LAYER_COLUMNS if c not in df.columns]
-    if missing:
-        raise ReportError(f"--merge {results_csv}: the {LAYERS_FILE} beside it has no column "
-                          f"{', '.join(missing)}; move it away to merge the runs without their layers")
+    df = _read_earlier_csv(
+        path, f"--merge {results_csv}: the {LAYERS_FILE} beside it",
+        ["run_dir", "name", "group", "layer_method", "note", "energy_curve", "data", "model", "method", "setting"],
+        ["rank", "full_rank", "retained_energy", "params_before", "params_after", "chosen_rank", "seed"],
+        LAYER_COLUMNS, "move it away to merge the runs without their layers")
     df = df[df["run_dir"].isin(run_dirs)].reset_index(drop=True)
     df["energy_curve"] = df["energy_curve"].map(lambda s: json.loads(s) if s else None)
     df["replaced"] = df["replaced"].astype(str).str.lower().isin(["true", "1"])
