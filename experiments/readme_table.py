@@ -84,10 +84,23 @@ def _family(method: str, setting: str) -> tuple[str, str] | None:
     return label, m.group(1)
 
 
+UNREACHABLE = re.compile(r"target_ratio \S+ is unreachable: .*\(ratio (\d+(?:\.\d+)?)\)")
+
+
+def _failure(runs: pd.DataFrame) -> str:
+    """The cell of a setting whose every run failed: "unreachable (19.43x at most)" when the compressor said the
+    budget cannot be met (with the smallest ratio any seed's model allows), else "failed (n runs)"."""
+    errors = runs["error"].fillna("").astype(str) if "error" in runs else pd.Series([""] * len(runs))
+    reach = [float(m.group(1)) for m in map(UNREACHABLE.search, errors) if m]
+    if len(reach) == len(runs):
+        return f"unreachable ({min(reach):.2f}x at most)"
+    return f"failed ({len(runs)} runs)"
+
+
 def families_at_budgets(runs: pd.DataFrame) -> str:
     """Every family at each whole-model budget, one row per (data, model, family): the AUC difference to the
-    equally fine-tuned base (mean ± std over seeds; "failed" where every seed's run failed, e.g. a budget the family
-    cannot reach; the size ratio reached where it is more than 5% off the budget). Table rows only (no ablations)."""
+    equally fine-tuned base (mean ± std over seeds; "unreachable" where the family cannot reach the budget, "failed"
+    where every seed's run failed otherwise; the size ratio reached where it is more than 5% off the budget). Table rows only (no ablations)."""
     table = runs[~runs["run_dir"].astype(str).str.contains("/ablations/") & (runs["method"] != "none")].copy()
     table["setting"] = table["setting"].fillna("")
     cells: dict[tuple[str, str, str], dict[str, str]] = {}
@@ -99,7 +112,7 @@ def families_at_budgets(runs: pd.DataFrame) -> str:
         label, ratio = fam
         ok = g[g["status"] == "ok"]
         text = (mean_std(ok["delta_auc_vs_control"], sign=True) + (f" ({len(ok)} seeds)" if len(ok) not in (1, 3) else "")
-                if len(ok) else f"failed ({len(g)} runs)")
+                if len(ok) else _failure(g))
         reached = float(ok["ratio"].mean()) if len(ok) and "ratio" in ok else float(ratio)
         if abs(reached / float(ratio) - 1) > 0.05:  # e.g. TT alone already smaller than a 3x budget asks
             text += f" (at {reached:.2f}x)"

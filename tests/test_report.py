@@ -608,7 +608,8 @@ def test_readme_table_means_stds_and_target_verdicts():
 def test_readme_table_families_at_budgets():
     """The family x budget view: one row per family (from-scratch apart), one column per target ratio, each cell the
     mean ± std of the difference to the control (a seed count other than 3 named; the ratio reached where a family
-    overshoots its budget); "failed" where every run failed, "not run" where none ran; ablations and fixed-rank
+    overshoots its budget); "unreachable" with the ratio the model allows where the budget cannot be met, "failed"
+    where every run failed otherwise, "not run" where none ran; ablations and fixed-rank
     settings left out."""
     import importlib.util
 
@@ -629,11 +630,16 @@ def test_readme_table_families_at_budgets():
                          method="afm", setting="target_ratio=5 code_dtype=float32", delta_auc_vs_control=-0.5))
         rows.append(dict(run_dir=f"o/runs/s{seed}/tt+afm/20", status="failed", data="synthetic", model="deepfm",
                          method="tt+afm", setting="embedding_rank=8 target_ratio=20 from_scratch=true",
-                         delta_auc_vs_control=float("nan")))
+                         delta_auc_vs_control=float("nan"), error="RuntimeError: out of memory"))
+        rows.append(dict(run_dir=f"o/runs/s{seed}/afm/20", status="failed", data="synthetic", model="deepfm",
+                         method="afm", setting="target_ratio=20", delta_auc_vs_control=float("nan"),
+                         error=f"ValueError: target_ratio 20.0 is unreachable: 300 bytes / 20.0 = 15 bytes, but at "
+                               f"the smallest ranks the model still needs 16 bytes (ratio {19 + seed / 10:.2f}). Lower"))
     text = mod.families_at_budgets(pd.DataFrame(rows))
     lines = text.splitlines()
     assert lines[0] == "| data | model | family | 5x | 10x | 20x |" and len(lines) == 4
-    assert "| synthetic | deepfm | afm | -0.0020 ± 0.0014 (2 seeds) | -0.0040 ± 0.0028 (2 seeds) | not run |" in lines
+    assert ("| synthetic | deepfm | afm | -0.0020 ± 0.0014 (2 seeds) | -0.0040 ± 0.0028 (2 seeds) | "
+            "unreachable (19.10x at most) |") in lines  # the budget cannot be met: said, with what can
     assert ("| synthetic | deepfm | tt+afm embedding_rank=8 from scratch | -0.0010 ± 0.0007 (2 seeds) (at 6.00x) | not run | "
             "failed (2 runs) |") in lines
     assert "float32" not in text and "-0.5" not in text
