@@ -57,8 +57,8 @@ fi
 
 if has bench; then
 echo "== 2. bench_train.py --device $DEVICE"
-timeout 300 $PY benchmarks/bench_train.py --device "$DEVICE" --rows "$ROWS" --repeats "$REPEATS" --threads "$THREADS" \
-    --epochs "$EPOCHS" --variants "32:adam,bf16-mixed:adam,32:rowwise_adam,bf16-mixed:rowwise_adam" \
+timeout 420 $PY benchmarks/bench_train.py --device "$DEVICE" --rows "$ROWS" --repeats "$REPEATS" --threads "$THREADS" \
+    --epochs "$EPOCHS" --variants "32:adam,bf16-mixed:adam,bf16-mixed:rowwise_adam,32:adam:data.in_memory=device,bf16-mixed:rowwise_adam:data.in_memory=device" \
     --breakdown --breakdown-steps 20 --workdir "$WORK/bench" --out "$OUT/bench_train_$DEVICE.json" \
     > "$OUT/bench_train.log" 2>&1
 tail -5 "$OUT/bench_train.log"

@@ -123,6 +123,13 @@ def split_loader(dm, split: str, batch_size: int, shuffle: bool = False):
     return DataLoader(ShardedBatches(dm.path / folder, dm.schema, batch_size, shuffle=shuffle), batch_size=None)
 
 
+def held_split(dm, split: str, batch_size: int, device: str = "cpu"):
+    """One split held whole as tensors on ``device`` (what ``data.in_memory`` trains from), in file order."""
+    from lowrank_ctr.data.datamodule import InMemoryBatches, ShardedBatches
+
+    return InMemoryBatches(ShardedBatches(dm.path / split, dm.schema, batch_size), device)
+
+
 def in_memory(dm, split: str) -> dict[str, torch.Tensor]:
     """A whole split as tensors (what a plain loop trains on), read with the project's reader."""
     parts = list(split_loader(dm, split, 65536))

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from conftest import sample
 from lowrank_ctr.data import datamodule
 from lowrank_ctr.data import prepare as prep_mod
-from lowrank_ctr.data.datamodule import CTRDataModule, ShardedBatches, batch_sizes
+from lowrank_ctr.data.datamodule import CTRDataModule, InMemoryBatches, ShardedBatches, batch_sizes
 from lowrank_ctr.data.encoding import bucketize
 from lowrank_ctr.data.errors import DataError
 from lowrank_ctr.data.prepare import prepare
@@ -179,6 +179,7 @@ def test_cache_reuse_and_invalidation(tmp_path):
     assert not prepare(cfg, progress=False).reused
     assert prepare(cfg, progress=False).reused
     assert prepare({**cfg, "batch_size": 7}, progress=False).reused  # loader settings do not invalidate
+    assert prepare({**cfg, "in_memory": "device"}, progress=False).reused
     assert not prepare({**cfg, "min_count": 3}, progress=False).reused
     write_csv(csv, ["y,color,size"] + [f"no,red,{i}" for i in range(60)])
     os.utime(csv, ns=(1, 1))
@@ -387,6 +388,54 @@ def test_shuffle_changes_with_epoch_and_eval_order_is_fixed(synth):
     va = ShardedBatches(synth.path / "valid", synth.schema, 512)
     v0 = torch.cat([b["row_id"] for b in va])
     assert torch.equal(v0, torch.arange(len(v0)))
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_a_split_held_in_memory_serves_every_row_once_per_epoch_in_lockstep(synth, world):
+    """data.in_memory: a full permutation per epoch instead of a buffer, the same work split across ranks."""
+    rows = synth.summary["rows"]["train"]
+    epochs = []
+    for epoch in (0, 1):
+        ids, counts = [], []
+        for rank in range(world):
+            held = InMemoryBatches(ShardedBatches(synth.path / "train", synth.schema, 256, shuffle=True, seed=5,
+                                                  world=(rank, world)))
+            held.set_epoch(epoch)
+            batches = list(held)
+            assert len(batches) == len(held) and all(len(b["label"]) <= 256 for b in batches)
+            counts.append(len(batches))
+            ids.append(torch.cat([b["row_id"] for b in batches]))
+        assert len(set(counts)) == 1  # ranks stay in lock-step
+        epochs.append(torch.cat(ids))
+        assert torch.equal(epochs[-1].sort().values, torch.arange(rows))
+    assert not torch.equal(epochs[0], epochs[1])  # a new order every epoch
+    again = InMemoryBatches(ShardedBatches(synth.path / "train", synth.schema, 256, shuffle=True, seed=5,
+                                           world=(0, world)))
+    assert torch.equal(torch.cat([b["row_id"] for b in again]), epochs[0][:len(torch.cat(ids[:1]))])
+
+
+def test_an_evaluation_split_held_in_memory_gives_the_streamed_batches(synth):
+    streamed = list(ShardedBatches(synth.path / "valid", synth.schema, 700))
+    held = list(InMemoryBatches(ShardedBatches(synth.path / "valid", synth.schema, 700)))
+    assert len(held) == len(streamed)
+    for a, b in zip(held, streamed):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_datamodule_in_memory_serves_once_and_refuses_what_does_not_fit(tmp_path, monkeypatch):
+    cfg = dict(name="s", format="synthetic", rows=5000, max_vocab=500, batch_size=1000, eval_batch_size=2000,
+               out_dir=str(tmp_path / "s"), in_memory="host")
+    dm = CTRDataModule(cfg, progress=False)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert sum(len(b["label"]) for b in dm.train_dataloader()) == dm.prepared.summary["rows"]["train"]
+    assert dm.train_dataloader().dataset is dm.in_memory["train"]  # loaded once, reused by later loaders
+    small = CTRDataModule(dict(cfg, out_dir=str(tmp_path / "s")), progress=False)
+    small.setup("fit")
+    monkeypatch.setattr(datamodule, "available_bytes", lambda device: 1000)
+    with pytest.raises(DataError, match=r"data.in_memory=host: the test split \([0-9,]+ rows\) needs .* GiB free on "
+                                         r"cpu: set data.in_memory=false"):
+        small.test_dataloader()
 
 
 def test_batches_carry_typed_tensors(synth):

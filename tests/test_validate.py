@@ -48,6 +48,7 @@ def test_shipped_configs_are_valid(tmp_path):
     (["compression=afm", "compression.code_dtype=int4"], "compression.code_dtype='int4'", "one of float32, int8"),
     (["compression=afm", "compression.correction=yes"], "compression.correction='yes'", "one of none, lstsq"),
     (["early_stopping_patience=-1"], "early_stopping_patience=-1", "or null"),
+    (["data.in_memory=gpu"], "data.in_memory='gpu'", "false, host or device"),
 ])
 def test_wrong_types_and_ranges_name_the_key(tmp_path, overrides, key, need):
     found = problems(cfg_with(tmp_path, *overrides))
@@ -57,6 +58,7 @@ def test_wrong_types_and_ranges_name_the_key(tmp_path, overrides, key, need):
 @pytest.mark.parametrize("overrides, expected", [
     (["compression=svd", "compression.energy=0.9", "compression.target_ratio=3"], "set one to null"),
     (["compression=afm", "compression.energy=0.9"], "set one to null"),
+    (["data.in_memory=host", "data.num_workers=2"], "set data.num_workers=0"),
     (["compression=afm", "compression.target_ratio=null", "compression.targets=[embedding,mlp]",
       "compression.embedding_rank=2", "compression.mlp_rank=4", "compression.energy=0.9"],
      "has no effect: every target group has a fixed rank"),

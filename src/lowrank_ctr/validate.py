@@ -83,6 +83,7 @@ RULES: dict[str, Check] = {
     "data.batch_size": integer(1),
     "data.eval_batch_size": integer(1, optional=True),
     "data.num_workers": integer(0),
+    "data.in_memory": lambda v: None if v in (False, "host", "device") else "false, host or device",
     "data.shuffle_buffer": integer(0),
     "data.min_count": integer(1),
     "data.rows": integer(1),
@@ -136,6 +137,7 @@ def problems(cfg: DictConfig) -> list[str]:
         return out
     out += _compression_conflicts(cfg)
     out += _trainer_conflicts(cfg)
+    out += _loader_conflicts(cfg)
     out += optimizer_problems(cfg)  # row-wise optimizer settings (lowrank_ctr.optim)
     out += _data_problems(cfg)
     precision = OmegaConf.select(cfg, "trainer.precision")
@@ -271,6 +273,14 @@ def _method_conflicts(comp: DictConfig) -> list[str]:
         out.append(f"compression.from_scratch=true trains the compressed structure from random initialisation; "
                    f"compression={name} cannot (methods that can: {able})")
     return out
+
+
+def _loader_conflicts(cfg: DictConfig) -> list[str]:
+    in_memory, workers = OmegaConf.select(cfg, "data.in_memory"), OmegaConf.select(cfg, "data.num_workers")
+    if in_memory and _is_int(workers) and workers > 0:
+        return [f"data.in_memory={in_memory} serves batches from tensors this process holds; "
+                f"data.num_workers={workers} would copy them into every worker: set data.num_workers=0"]
+    return []
 
 
 def _trainer_conflicts(cfg: DictConfig) -> list[str]:

@@ -219,6 +219,81 @@ class _RowBuffer:
         self.rows = n
 
 
+IN_MEMORY = (False, "host", "device")  # data.in_memory: stream from parquet / whole splits in RAM / on the device
+MEMORY_HEADROOM = 0.8  # share of the free memory a split held in memory may take
+
+
+def available_bytes(device: torch.device) -> int:
+    """Free memory where a split would be held: a GPU's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):  # not Linux: the page count of the whole machine
+        import os
+
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+class InMemoryBatches(IterableDataset):
+    """One split held whole as tensors (host RAM, or a GPU's memory): batches are slices of it (evaluation) or
+    gathers of a fresh random permutation of all its rows every epoch (training: a full shuffle, no buffer).
+
+    The work split is ShardedBatches's with one consumer per DDP rank: rank r of W takes rows [r N / W, (r+1) N / W)
+    of the epoch's order and every rank yields the same number of batches. Each rank holds the whole split (the
+    permutation mixes all rows). What a plain GPU loop does; with data on the GPU a step copies nothing from the host.
+    """
+
+    def __init__(self, source: ShardedBatches, device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        self.schema, self.batch_size, self.shuffle = source.schema, source.batch_size, source.shuffle
+        self.seed, self.epoch, self._world = source.seed, source.epoch, source._world
+        self.rows = source.rows
+        self.device = torch.device(device)
+        parts = list(source._read_range(0, source.rows))
+        self.tensors = {k: torch.from_numpy(np.concatenate([p[k] for p in parts])).to(self.device)
+                        for k in (parts[0] if parts else {})}
+
+    @staticmethod
+    def bytes_needed(source: ShardedBatches) -> int:
+        """The split's bytes as tensors, from its first rows (what loading it would take)."""
+        first = next(source._read_range(0, min(source.rows, READ_ROWS)), None)
+        if first is None:
+            return 0
+        return int(sum(v.nbytes for v in first.values()) / len(first["label"]) * source.rows)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _batches_per_rank(self, world: int) -> int:
+        most_rows = -(-self.rows // world)  # the rank with the most rows sets every rank's count
+        return -(-most_rows // self.batch_size)
+
+    def __len__(self) -> int:
+        _, world = self._world or _distributed()
+        return min(self._batches_per_rank(world), max(self.rows // world, 1))
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        rank, world = self._world or _distributed()
+        start, stop = rank * self.rows // world, (rank + 1) * self.rows // world
+        mine = stop - start
+        k = min(self._batches_per_rank(world), mine)
+        rows = None
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch, 53]).permutation(self.rows)
+            rows = torch.from_numpy(order[start:stop]).to(self.device)
+        offset = 0
+        for size in batch_sizes(mine, k, self.batch_size) if mine else []:
+            if rows is None:
+                yield {k: v[start + offset: start + offset + size] for k, v in self.tensors.items()}
+            else:
+                index = rows[offset: offset + size]
+                yield {k: v.index_select(0, index) for k, v in self.tensors.items()}
+            offset += size
+
+
 class CTRDataModule(pl.LightningDataModule):
     """Prepares (or reuses) a dataset from its data config and serves streaming train/valid/test loaders."""
 
@@ -229,6 +304,7 @@ class CTRDataModule(pl.LightningDataModule):
         self.progress = progress
         self.prepared = None
         self.datasets: dict[str, ShardedBatches] = {}
+        self.in_memory: dict[str, InMemoryBatches] = {}  # data.in_memory: each split loaded once, on first use
 
     @property
     def path(self) -> Path:
@@ -259,9 +335,33 @@ class CTRDataModule(pl.LightningDataModule):
         ds = self.datasets[split]
         if ds.rows == 0:
             raise DataError(f"the {split} split of {self.path} has no rows: adjust data.split or the {split} file")
+        mode = self.cfg.get("in_memory", False)
+        if mode:
+            # tensors already where the batches go: no workers, nothing to pin
+            return DataLoader(self._held(split, mode), batch_size=None, num_workers=0)
         workers = int(self.cfg.get("num_workers", 0))
         return DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=bool(self.cfg.get("pin_memory", False)),
                           persistent_workers=False)
+
+    def _held(self, split: str, mode: str) -> InMemoryBatches:
+        """The split as tensors on the host or the trainer's device, loaded once (with a clear error when it would
+        not fit in the free memory there)."""
+        if split not in self.in_memory:
+            if mode not in IN_MEMORY:
+                raise DataError(f"data.in_memory={mode!r} must be one of false, host, device")
+            trainer = getattr(self, "trainer", None)
+            device = trainer.strategy.root_device if (mode == "device" and trainer is not None) else torch.device("cpu")
+            ds = self.datasets[split]
+            need, free = InMemoryBatches.bytes_needed(ds), available_bytes(device)
+            if need > MEMORY_HEADROOM * free:
+                raise DataError(f"data.in_memory={mode}: the {split} split ({ds.rows:,} rows) needs {need / 2**30:.2f} "
+                                f"GiB, more than {MEMORY_HEADROOM:.0%} of the {free / 2**30:.2f} GiB free on {device}: "
+                                "set data.in_memory=false to stream it from disk"
+                                + (", or data.in_memory=host" if device.type != "cpu" else ""))
+            self.in_memory[split] = InMemoryBatches(ds, device)
+            log.info("data.in_memory=%s: %s split, %s rows, %.2f GiB on %s", mode, split, f"{ds.rows:,}",
+                     need / 2**30, device)
+        return self.in_memory[split]  # its epoch is set by the DatasetEpoch callback, as a streaming split's
 
     def train_dataloader(self) -> DataLoader:
         # The shuffle epoch is advanced by the DatasetEpoch callback (workers copy the dataset each epoch).

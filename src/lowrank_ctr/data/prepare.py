@@ -45,7 +45,7 @@ SUMMARY_FILE = "summary.json"
 # Keys of the data config that do not change the prepared files (excluded from the cache hash): loading, and how
 # much memory preparation may use.
 LOADER_KEYS = {"batch_size", "eval_batch_size", "num_workers", "shuffle_buffer", "pin_memory", "out_dir",
-               "drop_last", "persistent_workers", "reuse_parsed_mb"}
+               "drop_last", "persistent_workers", "reuse_parsed_mb", "in_memory"}
 
 
 @dataclass
