@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import logging
 import re
 import warnings
@@ -143,6 +144,23 @@ def test_compact_bar_counts_epochs_from_one_and_drops_v_num():
     assert bar._get_train_description(trainer.current_epoch - 1).strip() == "Epoch 2/2"
     metrics = bar.get_metrics(trainer, trainer.lightning_module)
     assert set(metrics) == {"loss", "val/auc"} and metrics["val/auc"] == pytest.approx(0.51)
+
+
+def test_compact_bar_reads_training_metrics_at_most_every_interval():
+    """Reading the loss waits for a GPU: the bar reads it at most every METRICS_EVERY_S during training (and at the
+    last step of an epoch), not at every step as Lightning's does; after validation always."""
+    reads = {}
+    for interval in (0.0, math.inf):
+        class Counting(CompactRichProgressBar):
+            METRICS_EVERY_S = interval
+
+            def get_metrics(self, trainer, pl_module):
+                reads[interval] = reads.get(interval, 0) + 1
+                return super().get_metrics(trainer, pl_module)
+
+        _fit(Counting(console_kwargs={"file": io.StringIO(), "width": 80, "force_terminal": True}))
+    # 2 epochs of 4 steps: every step read, against only the first step of the run and each epoch's last
+    assert reads[0.0] - reads[math.inf] == 2 * 4 - 3, reads
 
 
 def test_compact_bar_fits_80_columns_at_its_widest():

@@ -199,9 +199,33 @@ class CompactRichProgressBar(RichProgressBar):
     """Lightning's rich bar, fitted to 80 columns: "Epoch 1/2" counted from 1, no ``v_num``, loss and val/auc only."""
 
     BAR_WIDTH = 10  # the widest line ("Epoch 10/10", 5-digit steps, both times, loss and val/auc) stays < 80
+    # Reading the logged loss turns it into a Python float, which waits for a GPU's queued work: Lightning's bar
+    # does it every step; this one at most every METRICS_EVERY_S during training (and always after validation).
+    METRICS_EVERY_S = 0.5
 
     def __init__(self, leave: bool = False, **kwargs: Any) -> None:
         super().__init__(leave=leave, **kwargs)
+        self._metrics_read = -math.inf
+        self._skip_metrics = False
+
+    def metrics_due(self, now: float) -> bool:
+        """Whether a training step at time ``now`` reads the metrics (and if so, restarts the interval)."""
+        if now - self._metrics_read < self.METRICS_EVERY_S:
+            return False
+        self._metrics_read = now
+        return True
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._skip_metrics = not (self.metrics_due(time.perf_counter()) or batch_idx + 1 == self.total_train_batches)
+        try:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        finally:
+            self._skip_metrics = False
+
+    def _update_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._skip_metrics:
+            super()._update_metrics(trainer, pl_module)
 
     def _get_train_description(self, current_epoch: int) -> str:
         limit = self.trainer.max_epochs
