@@ -252,9 +252,19 @@ class InMemoryBatches(IterableDataset):
         self.seed, self.epoch, self._world = source.seed, source.epoch, source._world
         self.rows = source.rows
         self.device = torch.device(device)
-        parts = list(source._read_range(0, source.rows))
-        self.tensors = {k: torch.from_numpy(np.concatenate([p[k] for p in parts])).to(self.device)
-                        for k in (parts[0] if parts else {})}
+        # filled slice by slice: the host holds one decoded slice at a time besides the tensors themselves
+        self.tensors: dict[str, torch.Tensor] = {}
+        at = 0
+        for part in source._read_range(0, source.rows):
+            n = len(part["label"])
+            if not self.tensors:
+                self.tensors = {k: torch.empty((self.rows, *v.shape[1:]), dtype=torch.from_numpy(v[:0]).dtype,
+                                               device=self.device) for k, v in part.items()}
+            for k, v in part.items():
+                self.tensors[k][at: at + n].copy_(torch.from_numpy(v))
+            at += n
+        if at != self.rows:
+            raise DataError(f"{source.split_dir}: read {at} rows, its metadata says {self.rows}; prepare it again")
 
     @staticmethod
     def bytes_needed(source: ShardedBatches) -> int:
@@ -279,13 +289,13 @@ class InMemoryBatches(IterableDataset):
         rank, world = self._world or _distributed()
         start, stop = rank * self.rows // world, (rank + 1) * self.rows // world
         mine = stop - start
-        k = min(self._batches_per_rank(world), mine)
+        count = min(self._batches_per_rank(world), mine)
         rows = None
         if self.shuffle:
             order = np.random.default_rng([self.seed, self.epoch, 53]).permutation(self.rows)
             rows = torch.from_numpy(order[start:stop]).to(self.device)
         offset = 0
-        for size in batch_sizes(mine, k, self.batch_size) if mine else []:
+        for size in batch_sizes(mine, count, self.batch_size) if mine else []:
             if rows is None:
                 yield {k: v[start + offset: start + offset + size] for k, v in self.tensors.items()}
             else:
