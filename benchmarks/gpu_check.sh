@@ -10,7 +10,11 @@
 #   bash benchmarks/gpu_check.sh                      # writes under $OUT (or outputs/gpu_check)
 #   ROWS=1000000 REPEATS=2 DEVICE=cpu bash benchmarks/gpu_check.sh   # the same steps on CPU (to try the script)
 #
-# Python packages the machine lacks can come as wheels in .whl/ (installed to /tmp/site, nothing else touched).
+# Python packages the machine lacks can come as wheels in .whl/ (installed to /tmp/site, nothing else touched). The
+# lent H200 image has torch, Lightning, torchmetrics, pandas, pyarrow and onnxruntime but not Hydra; build once here:
+#   echo /.whl/ >> .git/info/exclude
+#   pip wheel --no-deps -w .whl hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3
+# and carry .whl with the run. All three steps took ~5 min there on 2026-12-04 (1M rows, one repeat).
 # Each step has its own time limit and log; a failed step does not stop the next.
 set -uo pipefail
 cd "$(dirname "$0")/.."
