@@ -446,6 +446,10 @@ def test_datamodule_in_memory_serves_once_and_refuses_what_does_not_fit(tmp_path
     dm.setup("fit")
     assert sum(len(b["label"]) for b in dm.train_dataloader()) == dm.prepared.summary["rows"]["train"]
     assert dm.train_dataloader().dataset is dm.in_memory["train"]  # loaded once, reused by later loaders
+    on_device = CTRDataModule(dict(cfg, in_memory="device"), progress=False)
+    on_device.device = torch.device("meta")  # what the pipeline sets (its compute device), before any trainer
+    on_device.setup("fit")
+    assert on_device.val_dataloader().dataset.tensors["label"].device.type == "meta"
     small = CTRDataModule(dict(cfg, out_dir=str(tmp_path / "s")), progress=False)
     small.setup("fit")
     monkeypatch.setattr(datamodule, "available_bytes", lambda device: 1000)

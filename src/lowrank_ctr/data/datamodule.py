@@ -315,6 +315,7 @@ class CTRDataModule(pl.LightningDataModule):
         self.prepared = None
         self.datasets: dict[str, ShardedBatches] = {}
         self.in_memory: dict[str, InMemoryBatches] = {}  # data.in_memory: each split loaded once, on first use
+        self.device: torch.device | None = None  # data.in_memory=device: where (None: the attached trainer's)
 
     @property
     def path(self) -> Path:
@@ -360,7 +361,9 @@ class CTRDataModule(pl.LightningDataModule):
             if mode not in IN_MEMORY:
                 raise DataError(f"data.in_memory={mode!r} must be one of false, host, device")
             trainer = getattr(self, "trainer", None)
-            device = trainer.strategy.root_device if (mode == "device" and trainer is not None) else torch.device("cpu")
+            device = torch.device("cpu")
+            if mode == "device":
+                device = self.device or (trainer.strategy.root_device if trainer is not None else device)
             ds = self.datasets[split]
             need, free = InMemoryBatches.bytes_needed(ds), available_bytes(device)
             if need > MEMORY_HEADROOM * free:

@@ -66,6 +66,7 @@ def make_module(cfg: DictConfig, schema: Schema, module_class: type[CTRModule] =
 
 def make_datamodule(cfg: DictConfig) -> CTRDataModule:
     dm = CTRDataModule(cfg.data, seed=int(cfg.seed), progress=bool(cfg.progress_bar))
+    dm.device = compute_device(cfg)  # where data.in_memory=device holds the splits, also before any trainer
     dm.prepare_data()
     dm.setup("fit")
     return dm
