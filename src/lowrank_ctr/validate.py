@@ -83,7 +83,6 @@ RULES: dict[str, Check] = {
     "data.batch_size": integer(1),
     "data.eval_batch_size": integer(1, optional=True),
     "data.num_workers": integer(0),
-    "data.in_memory": lambda v: None if v in (False, "host", "device") else "false, host or device",
     "data.shuffle_buffer": integer(0),
     "data.min_count": integer(1),
     "data.rows": integer(1),

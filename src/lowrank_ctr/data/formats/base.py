@@ -129,6 +129,7 @@ COMMON_KEYS: dict[str, Key] = {
     "pin_memory": boolean(),
     "drop_last": boolean(),
     "persistent_workers": boolean(),
+    "in_memory": Key(lambda v: v in (False, "host", "device"), "false, host or device (where whole splits are held)"),
 }
 
 
