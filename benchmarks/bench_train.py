@@ -125,6 +125,7 @@ def breakdown_child(spec: dict[str, Any]) -> dict[str, Any]:
     import lightning.pytorch as pl
     import torch
 
+    from lowrank_ctr.data.batch import to_device
     from lowrank_ctr.optim import build_optimizer
     from lowrank_ctr.precision import autocast_dtype
 
@@ -150,7 +151,7 @@ def breakdown_child(spec: dict[str, Any]) -> dict[str, Any]:
         loader = iter(dm.train_dataloader())
         for i in range(warmup + steps):
             t0 = time.perf_counter()
-            batch = sc.to_device(next(loader), device)
+            batch = to_device(next(loader), device)
             sync()
             t1 = time.perf_counter()
             with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
@@ -271,7 +272,7 @@ def main() -> None:
     result: dict[str, Any] = {
         "workload": {"model": "deepfm", "embedding_dim": args.embedding_dim, "mlp": mlp, "batch_size": args.batch_size,
                      "threads": args.threads, "epochs": args.epochs, "device": sc.device_name(args.device),
-                     "torch": sc.torch_version(), "commit": sc.git_commit(),
+                     "torch": sc.torch.__version__, "commit": sc.git_commit(),
                      "data": args.peers_data or
                      f"synthetic rows={args.rows} max_vocab={args.max_vocab}", "prepare_s": prep_s},
         "rows": rows,

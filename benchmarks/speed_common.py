@@ -226,6 +226,7 @@ def score(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], precisio
           ) -> tuple[np.ndarray, np.ndarray, int]:
     """(logits, labels, rows) of ``model`` over ``batches`` under lowrank_ctr.precision.inference (probabilities
     are computed too, as a server would, but AUC is taken on float32 logits: no ties from a saturated sigmoid)."""
+    from lowrank_ctr.data.batch import to_device
     from lowrank_ctr.precision import inference
 
     model.eval()
@@ -241,19 +242,9 @@ def score(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], precisio
     return z, y, len(y)
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    if device.type == "cpu":
-        return batch
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
 def device_name(device: str) -> str:
     """What ran the benchmark: the GPU's name, or 'cpu'."""
     return torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
-
-
-def torch_version() -> str:
-    return torch.__version__
 
 
 def git_commit() -> str | None:

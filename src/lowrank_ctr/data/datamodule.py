@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lowrank_ctr.data.batch import batch_arrays
 from lowrank_ctr.data.errors import DataError
+from lowrank_ctr.data.formats.base import IN_MEMORY
 from lowrank_ctr.data.schema import Schema
 
 log = logging.getLogger(__name__)
@@ -219,7 +220,6 @@ class _RowBuffer:
         self.rows = n
 
 
-IN_MEMORY = (False, "host", "device")  # data.in_memory: stream from parquet / whole splits in RAM / on the device
 MEMORY_HEADROOM = 0.8  # share of the free memory a split held in memory may take
 
 
@@ -248,8 +248,9 @@ class InMemoryBatches(IterableDataset):
 
     def __init__(self, source: ShardedBatches, device: torch.device | str = "cpu") -> None:
         super().__init__()
-        self.schema, self.batch_size, self.shuffle = source.schema, source.batch_size, source.shuffle
-        self.seed, self.epoch, self._world = source.seed, source.epoch, source._world
+        self.source = source  # its metadata: batch size, shuffle, seed, work split (its rows are read once, below)
+        self.batch_size, self.shuffle, self.seed, self.epoch = source.batch_size, source.shuffle, source.seed, source.epoch
+        self._world = source._world
         self.rows = source.rows
         self.device = torch.device(device)
         # filled slice by slice: the host holds one decoded slice at a time besides the tensors themselves
@@ -277,19 +278,15 @@ class InMemoryBatches(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def _batches_per_rank(self, world: int) -> int:
-        most_rows = -(-self.rows // world)  # the rank with the most rows sets every rank's count
-        return -(-most_rows // self.batch_size)
-
     def __len__(self) -> int:
         _, world = self._world or _distributed()
-        return min(self._batches_per_rank(world), max(self.rows // world, 1))
+        return min(self.source.batches_per_consumer(world), max(self.rows // world, 1))
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         rank, world = self._world or _distributed()
         start, stop = rank * self.rows // world, (rank + 1) * self.rows // world
         mine = stop - start
-        count = min(self._batches_per_rank(world), mine)
+        count = min(self.source.batches_per_consumer(world), mine)  # one consumer per rank: no loader workers
         rows = None
         if self.shuffle:
             order = np.random.default_rng([self.seed, self.epoch, 53]).permutation(self.rows)

@@ -100,6 +100,8 @@ def scalars(*, non_empty: bool = False, required: bool = False, help: str = "") 
                "a non-empty list of values, e.g. [1]" if non_empty else "a list of values", required, help)
 
 
+IN_MEMORY = (False, "host", "device")  # data.in_memory: stream from parquet / whole splits in RAM / on the device
+
 COMMON_KEYS: dict[str, Key] = {
     "name": text(required=True, help="data.name=NAME (names the prepared dataset)"),
     "format": text(required=True),
@@ -129,7 +131,7 @@ COMMON_KEYS: dict[str, Key] = {
     "pin_memory": boolean(),
     "drop_last": boolean(),
     "persistent_workers": boolean(),
-    "in_memory": Key(lambda v: v in (False, "host", "device"), "false, host or device (where whole splits are held)"),
+    "in_memory": Key(lambda v: v in IN_MEMORY, "false, host or device (where whole splits are held)"),
 }
 
 
