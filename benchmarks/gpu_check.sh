@@ -25,7 +25,8 @@ REPEATS=${REPEATS:-1}
 THREADS=${THREADS:-$(nproc)}
 EPOCHS=${EPOCHS:-2}      # a GPU epoch of 1M rows is ~2 s: two dilute the first steps' warm-up (cuBLAS, allocator)
 E2E_ROWS=${E2E_ROWS:-300000}
-STEPS=${STEPS:-"e2e bench rowsum"}  # a subset runs only those
+STEPS=${STEPS:-"e2e bench rowsum"}  # a subset runs only those; "bigbatch" adds step 2b
+BIG_BATCH=${BIG_BATCH:-16384}
 WORK=${WORK:-/tmp/lowrank_ctr_gpu_check}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT" "$WORK"
@@ -76,6 +77,22 @@ for row in r["rows"]:
 for name, b in r.get("breakdown", {}).items():
     print(name, f"step {b['step_s'] * 1e3:.2f} ms", {k: round(v, 3) for k, v in b["shares"].items()})
 EOF
+fi
+
+if has bigbatch; then
+echo "== 2b. the same at batch $BIG_BATCH (a GPU step at 4096 is host-bound: does a larger batch fill the device?)"
+timeout 300 $PY benchmarks/bench_train.py --device "$DEVICE" --rows "$ROWS" --repeats "$REPEATS" --threads "$THREADS" \
+    --epochs "$EPOCHS" --batch-size "$BIG_BATCH" --no-fused \
+    --variants "32:adam:data.in_memory=device,bf16-mixed:rowwise_adam:data.in_memory=device" \
+    --workdir "$WORK/bench" --out "$OUT/bench_train_${DEVICE}_batch$BIG_BATCH.json" > "$OUT/bench_train_big.log" 2>&1
+tail -3 "$OUT/bench_train_big.log"
+$PY - "$OUT/bench_train_${DEVICE}_batch$BIG_BATCH.json" <<'EOF2' || true
+import json, sys
+r = json.load(open(sys.argv[1]))
+for row in r["rows"]:
+    print(f"{row['name']:<70} train {row['train_samples_per_s']:>12,.0f}/s ({row['train_over_plain']:.2f}x)  "
+          f"infer {row['infer_samples_per_s']:>12,.0f}/s ({row['infer_over_plain']:.2f}x)  auc {row['test_auc']:.4f}")
+EOF2
 fi
 
 if has rowsum; then

@@ -238,7 +238,8 @@ def score(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], precisio
             torch.sigmoid(z)
             logits.append(z)
             labels.append(batch["label"])
-    z, y = torch.cat(logits).cpu().numpy(), torch.cat(labels).numpy()  # .cpu() waits for a GPU's kernels
+    # .cpu() waits for a GPU's kernels; labels held on the device (data.in_memory=device) come back too
+    z, y = torch.cat(logits).cpu().numpy(), torch.cat(labels).cpu().numpy()
     return z, y, len(y)
 
 

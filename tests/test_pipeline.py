@@ -1,6 +1,7 @@
 """The run pipeline: results schema, fine-tune recipe (distillation, warm-up, frozen codes), run directories,
 non-finite losses, end-of-run summaries, callbacks from config, the extra-metric extension point."""
 
+import io
 import json
 import math
 import os
@@ -301,6 +302,50 @@ def test_a_gpu_reads_the_loss_flag_every_few_steps_and_before_validation():
     module.nonfinite_read_every = None  # on CPU: read at every step
     with pytest.raises(NonFiniteLossError, match="train/loss is nan at epoch 0, step 7"):
         module.on_train_batch_end({"loss": nan}, None, 0)
+
+
+def test_a_training_step_reads_nothing_back_from_the_device(tmp_path):
+    """Reading a value back from the device (``.item()``, ``bool``, ``float``) waits for a GPU's queued work; one such
+    read a step serialises host and GPU. Lightning's progress-bar metrics did it after every batch, and so did the
+    non-finite check: counted here on CPU as the dispatcher's ``_local_scalar_dense``, over the middle steps of an
+    epoch with a CSV logger and the line progress, the non-finite flag read as on a GPU: none."""
+    import functools
+
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import CSVLogger
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lowrank_ctr.data.schema import FieldSpec, Schema
+    from lowrank_ctr.lightning.module import CTRModule
+    from lowrank_ctr.lightning.progress import LineProgress
+
+    schema = Schema("s", [FieldSpec("a", "categorical", 10), FieldSpec("b", "categorical", 7)])
+    g = torch.Generator().manual_seed(0)
+    batches = [{"cat": torch.randint(0, 7, (16, 2), generator=g), "num": torch.zeros(16, 0),
+                "multi": torch.zeros(16, 0, dtype=torch.long), "label": torch.randint(0, 2, (16,), generator=g).float()}
+               for _ in range(12)]
+    module = CTRModule("deepfm", {"embedding_dim": 4, "mlp": [8]}, schema.to_dict(),
+                       optimizer=functools.partial(torch.optim.SGD, lr=0.01))  # no step counters read by .item()
+    module.nonfinite_read_every = 50  # what a GPU does (NONFINITE_CHECK_STEPS)
+
+    class Reads(TorchDispatchMode):
+        counting, count = False, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Reads.count += self.counting and func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    class Window(pl.Callback):  # steps 3 to 11 of 12: after the first steps' set-up, before the epoch's end
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            Reads.counting = 2 <= batch_idx <= 10
+
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=CSVLogger(tmp_path), log_every_n_steps=50,
+                         callbacks=[Window(), LineProgress(every_n_steps=1000, every_s=3600, stream=io.StringIO())],
+                         enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0)
+    with Reads():
+        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    assert trainer.global_step == 12
+    assert Reads.count == 0, f"{Reads.count} reads back from the device in 9 training steps"
 
 
 def test_a_diverging_sweep_job_is_recorded_as_failed(tmp_path):

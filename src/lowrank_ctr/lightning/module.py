@@ -78,7 +78,9 @@ class CTRModule(pl.LightningModule):
         self._looked_up.clear()
         logits = self.model(batch)
         loss = self.loss(logits, batch)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(logits))
+        # not prog_bar: Lightning turns progress-bar metrics into Python floats after every batch, which waits for
+        # a GPU's queued work each step; the project's bars read the loss from callback_metrics when they print
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=len(logits))
         if self.embedding_l2 > 0 and self._looked_up:
             reg = sum(e.pow(2).sum() for e in self._looked_up) / len(logits)
             loss = loss + self.embedding_l2 * reg

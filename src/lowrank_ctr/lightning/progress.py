@@ -23,8 +23,17 @@ import torch
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 
-#: progress-bar metrics shown on the compact bar, and their short names (everything else is in the loggers)
+#: metrics shown on the compact bar, and their short names (everything else is in the loggers)
 COMPACT_METRICS: dict[str, str] = {"train/loss_step": "loss", "train/loss": "loss", "val/auc": "val/auc"}
+#: the training loss, most recent first. CTRModule logs it without ``prog_bar``: Lightning converts progress-bar
+#: metrics to Python floats after every batch (a wait for a GPU each step); the bars read it when they print.
+LOSS_KEYS = ("train/loss_step", "train/loss", "loss")
+
+
+def shown_metric(trainer: pl.Trainer, key: str) -> Any:
+    """A metric as a bar shows it: from the progress-bar metrics, else the callback metrics (still a tensor)."""
+    value = trainer.progress_bar_metrics.get(key)
+    return trainer.callback_metrics.get(key) if value is None else value
 
 
 def _clock(seconds: float) -> str:
@@ -152,10 +161,10 @@ class LineProgress(ProgressBar):
 
     @staticmethod
     def _loss(trainer: pl.Trainer) -> float | None:
-        metrics = trainer.progress_bar_metrics
-        for key in ("train/loss_step", "train/loss", "loss"):
-            if key in metrics:
-                return _number(metrics[key])
+        for key in LOSS_KEYS:
+            value = shown_metric(trainer, key)
+            if value is not None:
+                return _number(value)
         return None
 
     # -- evaluation
@@ -236,7 +245,7 @@ class CompactRichProgressBar(RichProgressBar):
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         shown: dict[str, Any] = {}
         for key, name in COMPACT_METRICS.items():
-            value = _number(trainer.progress_bar_metrics.get(key))
+            value = _number(shown_metric(trainer, key))
             if value is not None and name not in shown:
                 shown[name] = value
         return shown
