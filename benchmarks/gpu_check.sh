@@ -27,6 +27,7 @@ EPOCHS=${EPOCHS:-2}      # a GPU epoch of 1M rows is ~2 s: two dilute the first 
 E2E_ROWS=${E2E_ROWS:-300000}
 STEPS=${STEPS:-"e2e bench rowsum"}  # a subset runs only those; "bigbatch" adds step 2b
 BIG_BATCH=${BIG_BATCH:-16384}
+VARIANTS=${VARIANTS:-"32:adam,bf16-mixed:adam,bf16-mixed:rowwise_adam,32:adam:data.in_memory=device,bf16-mixed:rowwise_adam:data.in_memory=device"}
 WORK=${WORK:-/tmp/lowrank_ctr_gpu_check}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT" "$WORK"
@@ -63,7 +64,7 @@ fi
 if has bench; then
 echo "== 2. bench_train.py --device $DEVICE"
 timeout 420 $PY benchmarks/bench_train.py --device "$DEVICE" --rows "$ROWS" --repeats "$REPEATS" --threads "$THREADS" \
-    --epochs "$EPOCHS" --variants "32:adam,bf16-mixed:adam,bf16-mixed:rowwise_adam,32:adam:data.in_memory=device,bf16-mixed:rowwise_adam:data.in_memory=device" \
+    --epochs "$EPOCHS" --variants "$VARIANTS" \
     --breakdown --breakdown-steps 20 --workdir "$WORK/bench" --out "$OUT/bench_train_$DEVICE.json" \
     > "$OUT/bench_train.log" 2>&1
 tail -5 "$OUT/bench_train.log"

@@ -1,6 +1,7 @@
 """The run pipeline: results schema, fine-tune recipe (distillation, warm-up, frozen codes), run directories,
 non-finite losses, end-of-run summaries, callbacks from config, the extra-metric extension point."""
 
+import csv
 import io
 import json
 import math
@@ -279,41 +280,43 @@ def test_a_diverging_run_stops_with_a_clear_error(tmp_path, data_dir):
 
 
 def test_a_gpu_reads_the_loss_flag_every_few_steps_and_before_validation():
-    """On a GPU the non-finite flag stays on the device between reads (a read waits for the queue): a NaN loss is
-    still caught at the next read or before the next validation, never lost."""
+    """On a GPU the running loss stays on the device between reads (a read waits for the queue): a NaN loss is still
+    caught at the next read or before the next validation, never lost."""
     from lowrank_ctr.data.schema import FieldSpec, Schema
     from lowrank_ctr.lightning.module import CTRModule
 
     schema = Schema("s", [FieldSpec("a", "categorical", 10)])
     module = CTRModule("lr", {}, schema.to_dict())
-    module.trainer = SimpleNamespace(optimizers=[], global_step=7, current_epoch=0)
+    module.trainer = SimpleNamespace(optimizers=[], global_step=7, current_epoch=0, log_every_n_steps=0)
     module.nonfinite_read_every = 3  # what a GPU does with NONFINITE_CHECK_STEPS
     ok, nan = torch.tensor(0.5), torch.tensor(float("nan"))
-    module.on_train_batch_end({"loss": nan}, None, 0)  # not read yet
-    module.on_train_batch_end({"loss": ok}, None, 1)
+    module.on_train_epoch_start()
+    module.track_train_loss(nan, 4)  # not read yet
+    module.track_train_loss(ok, 4)
     with pytest.raises(NonFiniteLossError, match="nan or inf .*one of the 3 steps up to step 7"):
-        module.on_train_batch_end({"loss": ok}, None, 2)
-    module.on_train_batch_end({"loss": nan}, None, 3)
+        module.track_train_loss(ok, 4)
+    module.on_train_epoch_start()  # a new epoch: a fresh running loss
+    module.track_train_loss(torch.tensor(float("inf")), 4)
     with pytest.raises(NonFiniteLossError, match="lower optimizer.lr"):
         module.on_validation_start()  # no checkpoint of NaN weights
-    for step in range(6):  # finite losses: read twice, nothing raised, nothing left unread
-        module.on_train_batch_end({"loss": ok}, None, step)
+    module.on_train_epoch_start()
+    for _ in range(6):  # finite losses: read twice, nothing raised, nothing left unread
+        module.track_train_loss(ok, 4)
     module.on_validation_start()
+    assert float(module.running_train_loss()) == pytest.approx(0.5)
     module.nonfinite_read_every = None  # on CPU: read at every step
     with pytest.raises(NonFiniteLossError, match="train/loss is nan at epoch 0, step 7"):
-        module.on_train_batch_end({"loss": nan}, None, 0)
+        module.track_train_loss(nan, 4)
 
 
-def test_a_training_step_reads_nothing_back_from_the_device(tmp_path):
-    """Reading a value back from the device (``.item()``, ``bool``, ``float``) waits for a GPU's queued work; one such
-    read a step serialises host and GPU. Lightning's progress-bar metrics did it after every batch, and so did the
-    non-finite check: counted here on CPU as the dispatcher's ``_local_scalar_dense``, over the middle steps of an
-    epoch with a CSV logger and the line progress, the non-finite flag read as on a GPU: none."""
+def _tiny_ctr_fit(tmp_path, log_every: int, callbacks: list, steps: int = 12, wrap=None):
+    """A CTRModule (DeepFM, SGD: no step counters read back) fitted one epoch on ``steps`` random batches with a CSV
+    logger and the line progress; ``wrap``: a context manager around fit."""
+    import contextlib
     import functools
 
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import CSVLogger
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     from lowrank_ctr.data.schema import FieldSpec, Schema
     from lowrank_ctr.lightning.module import CTRModule
@@ -321,12 +324,30 @@ def test_a_training_step_reads_nothing_back_from_the_device(tmp_path):
 
     schema = Schema("s", [FieldSpec("a", "categorical", 10), FieldSpec("b", "categorical", 7)])
     g = torch.Generator().manual_seed(0)
-    batches = [{"cat": torch.randint(0, 7, (16, 2), generator=g), "num": torch.zeros(16, 0),
-                "multi": torch.zeros(16, 0, dtype=torch.long), "label": torch.randint(0, 2, (16,), generator=g).float()}
-               for _ in range(12)]
+    sizes = [16] * (steps - 1) + [5]  # a short last batch, as an epoch's often is
+    batches = [{"cat": torch.randint(0, 7, (n, 2), generator=g), "num": torch.zeros(n, 0),
+                "multi": torch.zeros(n, 0, dtype=torch.long), "label": torch.randint(0, 2, (n,), generator=g).float()}
+               for n in sizes]
     module = CTRModule("deepfm", {"embedding_dim": 4, "mlp": [8]}, schema.to_dict(),
-                       optimizer=functools.partial(torch.optim.SGD, lr=0.01))  # no step counters read by .item()
+                       optimizer=functools.partial(torch.optim.SGD, lr=0.01))
     module.nonfinite_read_every = 50  # what a GPU does (NONFINITE_CHECK_STEPS)
+    out = io.StringIO()
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=CSVLogger(tmp_path, name="", version=""),
+                         log_every_n_steps=log_every, enable_checkpointing=False, enable_model_summary=False,
+                         callbacks=[*callbacks, LineProgress(every_n_steps=1000, every_s=3600, stream=out)])
+    with wrap or contextlib.nullcontext():
+        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    assert trainer.global_step == steps
+    return trainer, out.getvalue()
+
+
+def test_a_training_step_reads_nothing_back_from_the_device(tmp_path):
+    """Reading a value back from the device (``.item()``, ``bool``, ``float``) waits for a GPU's queued work; one such
+    read a step serialises host and GPU. Lightning's progress-bar metrics did it after every batch, and so did the
+    non-finite check: counted here on CPU as the dispatcher's ``_local_scalar_dense``, over the middle steps of an
+    epoch with a CSV logger and the line progress, the non-finite flag read as on a GPU: none."""
+    import lightning.pytorch as pl
+    from torch.utils._python_dispatch import TorchDispatchMode
 
     class Reads(TorchDispatchMode):
         counting, count = False, 0
@@ -339,13 +360,32 @@ def test_a_training_step_reads_nothing_back_from_the_device(tmp_path):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             Reads.counting = 2 <= batch_idx <= 10
 
-    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=CSVLogger(tmp_path), log_every_n_steps=50,
-                         callbacks=[Window(), LineProgress(every_n_steps=1000, every_s=3600, stream=io.StringIO())],
-                         enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0)
-    with Reads():
-        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
-    assert trainer.global_step == 12
+    _tiny_ctr_fit(tmp_path, 50, [Window()], wrap=Reads())
     assert Reads.count == 0, f"{Reads.count} reads back from the device in 9 training steps"
+
+
+def test_the_training_loss_is_logged_every_n_steps_and_as_the_epoch_mean(tmp_path):
+    """train/loss_step on the loggers' steps (log_every_n_steps) equals that step's loss; train/loss_epoch and the
+    progress line's loss equal the row-weighted mean of the epoch's losses."""
+    import lightning.pytorch as pl
+
+    losses: list[float] = []
+    sizes: list[int] = []
+
+    class Losses(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+            sizes.append(len(batch["label"]))
+
+    _, progress = _tiny_ctr_fit(tmp_path, 5, [Losses()])
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    steps = {int(r["step"]): float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")}
+    assert steps == pytest.approx({4: losses[4], 9: losses[9]}, abs=1e-6)
+    mean = sum(loss * n for loss, n in zip(losses, sizes)) / sum(sizes)
+    assert sizes[-1] < sizes[0] and abs(mean - sum(losses) / len(losses)) > 1e-6  # rows, not batches, weigh
+    epoch = [float(r["train/loss_epoch"]) for r in rows if r.get("train/loss_epoch")]
+    assert epoch == pytest.approx([mean], abs=1e-6)
+    assert f"loss {mean:.4f}" in progress.splitlines()[-2]  # the line at the epoch's last step
 
 
 def test_a_diverging_sweep_job_is_recorded_as_failed(tmp_path):

@@ -46,8 +46,9 @@ class CTRModule(pl.LightningModule):
         self.embedding_l2 = float(embedding_l2)
         self._looked_up: list[torch.Tensor] = []
         self._hooks: list = []
-        self._unread_finite: torch.Tensor | None = None  # all losses since the last read were finite (on device)
-        self._unread_steps = 0
+        self._loss_sum: torch.Tensor | None = None  # the epoch's sum of loss x rows, on the device
+        self._loss_rows = 0
+        self._unread_steps = 0  # steps since the running loss was last checked for NaN / inf
         self.nonfinite_read_every: int | None = None  # None: every step on CPU, NONFINITE_CHECK_STEPS on a GPU
         if self.embedding_l2 > 0:
             self._watch_embeddings()
@@ -78,14 +79,44 @@ class CTRModule(pl.LightningModule):
         self._looked_up.clear()
         logits = self.model(batch)
         loss = self.loss(logits, batch)
-        # not prog_bar: Lightning turns progress-bar metrics into Python floats after every batch, which waits for
-        # a GPU's queued work each step; the project's bars read the loss from callback_metrics when they print
-        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=len(logits))
+        self.track_train_loss(loss, len(logits))
         if self.embedding_l2 > 0 and self._looked_up:
             reg = sum(e.pow(2).sum() for e in self._looked_up) / len(logits)
             loss = loss + self.embedding_l2 * reg
             self._looked_up.clear()
         return loss
+
+    def track_train_loss(self, loss: torch.Tensor, rows: int) -> None:
+        """Add one batch's loss to the epoch's running sum (on the device: nothing is read back), write it to the
+        loggers every ``trainer.log_every_n_steps`` steps as ``train/loss_step``, and check it is finite.
+
+        Lightning's ``self.log`` costs ~1 ms of host time per call (it walks its result objects to move them to the
+        loss's device), as much as a whole GPU step's kernels here: calling it every step made the GPU wait for the
+        host. So the step value goes through ``self.log`` only on the steps Lightning writes to the loggers, and the
+        epoch mean (``train/loss_epoch``, the names ``on_step=True, on_epoch=True`` gave before) once per epoch.
+        """
+        value = loss.detach().float() * rows
+        self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
+        self._loss_rows += rows
+        self._unread_steps += 1
+        trainer = self._trainer
+        every = trainer.log_every_n_steps if trainer is not None else 0
+        if every and (self.global_step + 1) % every == 0:
+            self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, batch_size=rows)
+        # A diverged loss would train on (and checkpoint, and test) NaN weights: stop with what to change. A loss is
+        # never negative, so the running sum is non-finite exactly when one of its losses was. Reading it waits for
+        # the device: free on CPU (every step), a stall on a GPU (every NONFINITE_CHECK_STEPS steps, and before
+        # every validation so that no checkpoint is taken of NaN weights).
+        read_every = self.nonfinite_read_every or (1 if loss.device.type == "cpu" else NONFINITE_CHECK_STEPS)
+        if self._unread_steps >= read_every:
+            self._check_finite_loss()
+
+    def running_train_loss(self) -> torch.Tensor | None:
+        """The mean training loss of the epoch so far (a tensor on the device; None before the first step)."""
+        return None if self._loss_sum is None else self._loss_sum / max(self._loss_rows, 1)
+
+    def on_train_epoch_start(self) -> None:
+        self._loss_sum, self._loss_rows, self._unread_steps = None, 0, 0
 
     def _eval_step(self, batch: dict[str, torch.Tensor], prefix: str) -> None:
         logits = self.model(batch)
@@ -112,36 +143,22 @@ class CTRModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # A diverged loss would train on (and checkpoint, and test) NaN weights: stop with what to change. Reading
-        # the flag waits for the device: on CPU that costs nothing, on a GPU it would stall the queue every step,
-        # so there the flag accumulates on the device and is read every NONFINITE_CHECK_STEPS steps and before
-        # every validation (so no checkpoint is taken of NaN weights).
-        loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs
-        if loss is None:
-            return
-        loss = loss.detach()
-        finite = torch.isfinite(loss).all()
-        self._unread_finite = finite if self._unread_finite is None else self._unread_finite & finite
-        self._unread_steps += 1
-        every = self.nonfinite_read_every or (1 if loss.device.type == "cpu" else NONFINITE_CHECK_STEPS)
-        if self._unread_steps >= every:
-            self._check_finite_loss(loss)
-
     def on_validation_start(self) -> None:
         self._check_finite_loss()
 
     def on_train_epoch_end(self) -> None:
         self._check_finite_loss()
+        mean = self.running_train_loss()
+        if mean is not None:
+            self.log("train/loss_epoch", mean, on_step=False, on_epoch=True, batch_size=self._loss_rows)
 
-    def _check_finite_loss(self, loss: torch.Tensor | None = None) -> None:
-        finite, steps = self._unread_finite, self._unread_steps
-        self._unread_finite, self._unread_steps = None, 0
-        if finite is None or bool(finite):
+    def _check_finite_loss(self) -> None:
+        steps, self._unread_steps = self._unread_steps, 0
+        if steps == 0 or self._loss_sum is None or bool(torch.isfinite(self._loss_sum)):
             return
         lr = self.trainer.optimizers[0].param_groups[0]["lr"] if self.trainer.optimizers else None
         rate = "" if lr is None else f"; learning rate {lr:g}"
-        value = "nan or inf" if loss is None or steps > 1 else str(float(loss.float().mean()))
+        value = "nan or inf" if steps > 1 else str(float(self._loss_sum))
         when = (f"step {self.global_step}" if steps <= 1 else
                 f"one of the {steps} steps up to step {self.global_step} (the loss is read every few steps on a GPU)")
         raise NonFiniteLossError(f"training stopped: train/loss is {value} at epoch {self.current_epoch}, {when} "

@@ -23,17 +23,17 @@ import torch
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 
-#: metrics shown on the compact bar, and their short names (everything else is in the loggers)
-COMPACT_METRICS: dict[str, str] = {"train/loss_step": "loss", "train/loss": "loss", "val/auc": "val/auc"}
-#: the training loss, most recent first. CTRModule logs it without ``prog_bar``: Lightning converts progress-bar
-#: metrics to Python floats after every batch (a wait for a GPU each step); the bars read it when they print.
-LOSS_KEYS = ("train/loss_step", "train/loss", "loss")
-
-
-def shown_metric(trainer: pl.Trainer, key: str) -> Any:
-    """A metric as a bar shows it: from the progress-bar metrics, else the callback metrics (still a tensor)."""
-    value = trainer.progress_bar_metrics.get(key)
-    return trainer.callback_metrics.get(key) if value is None else value
+def shown_loss(trainer: pl.Trainer) -> float | None:
+    """The training loss a bar shows: CTRModule's running mean of the epoch so far (read only when a bar prints:
+    reading waits for a GPU), else a logged ``train/loss[_step]`` of another LightningModule."""
+    running = getattr(trainer.lightning_module, "running_train_loss", None)
+    if callable(running) and (value := running()) is not None:
+        return _number(value)
+    for key in ("train/loss_step", "train/loss"):
+        value = trainer.progress_bar_metrics.get(key, trainer.callback_metrics.get(key))
+        if value is not None:
+            return _number(value)
+    return None
 
 
 def _clock(seconds: float) -> str:
@@ -152,20 +152,12 @@ class LineProgress(ProgressBar):
             parts.append(f"step {step}")
         if elapsed > 0:
             parts.append(f"{self._samples / elapsed:,.0f} samples/s")
-        loss = self._loss(trainer)
+        loss = shown_loss(trainer)
         if loss is not None:
             parts.append(f"loss {loss:.4f}")
         if math.isfinite(total) and step < total and elapsed > 0:
             parts.append(f"epoch ETA {_clock(elapsed / step * (total - step))}")
         return " | ".join(parts)
-
-    @staticmethod
-    def _loss(trainer: pl.Trainer) -> float | None:
-        for key in LOSS_KEYS:
-            value = shown_metric(trainer, key)
-            if value is not None:
-                return _number(value)
-        return None
 
     # -- evaluation
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -243,12 +235,8 @@ class CompactRichProgressBar(RichProgressBar):
         return f"{text:{len(self.validation_description)}}"
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        shown: dict[str, Any] = {}
-        for key, name in COMPACT_METRICS.items():
-            value = _number(shown_metric(trainer, key))
-            if value is not None and name not in shown:
-                shown[name] = value
-        return shown
+        loss, auc = shown_loss(trainer), _number(trainer.progress_bar_metrics.get("val/auc"))
+        return {name: v for name, v in (("loss", loss), ("val/auc", auc)) if v is not None}
 
     def configure_columns(self, trainer: pl.Trainer) -> list:
         from lightning.pytorch.callbacks.progress.rich_progress import (BatchesProcessedColumn, CustomBarColumn,
