@@ -5,7 +5,9 @@
 #      "base + same fine-tune" control, test; then export the compressed checkpoint (TorchScript + ONNX, each
 #      checked against PyTorch by the exporter);
 #   2. benchmarks/bench_train.py --device cuda: the project's training and inference against a plain PyTorch loop
-#      that holds its data on the GPU (the fastest a loop can feed itself), in one run, as ratios.
+#      that holds its data on the GPU (the fastest a loop can feed itself), in one run, as ratios;
+#      2b (STEPS="... bigbatch"): the same at batch BIG_BATCH (16384);
+#   3. (rowsum) the row-gradient sum of one batch, CSR product vs index_add_.
 #
 #   bash benchmarks/gpu_check.sh                      # writes under $OUT (or outputs/gpu_check)
 #   ROWS=1000000 REPEATS=2 DEVICE=cpu bash benchmarks/gpu_check.sh   # the same steps on CPU (to try the script)
@@ -14,7 +16,9 @@
 # lent H200 image has torch, Lightning, torchmetrics, pandas, pyarrow and onnxruntime but not Hydra; build once here:
 #   echo /.whl/ >> .git/info/exclude
 #   pip wheel --no-deps -w .whl hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3
-# and carry .whl with the run. Steps 1 and 2 took 4.6 min there on 2026-12-04 (1M rows, one repeat, 4 variants).
+# and carry .whl with the run. Steps 1 and 2 took 4.6 min there on 2026-12-04 (1M rows, one repeat, 4 variants);
+# step 2 alone with three variants (VARIANTS=...) 3.2 min, step 2b ~1 min, step 3 seconds.
+# git there may not know the commit of the copied tree: name it, e.g. LOWRANK_CTR_COMMIT=4d87cf4 bash ...
 # Each step has its own time limit and log; a failed step does not stop the next.
 set -uo pipefail
 cd "$(dirname "$0")/.."

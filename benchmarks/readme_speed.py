@@ -3,7 +3,7 @@
     python benchmarks/readme_speed.py [--results benchmarks/results] [--write README.md]
 
 Each block between ``<!-- speed:NAME:start -->`` and ``<!-- speed:NAME:end -->`` in the README is the rendering of
-one JSON file in ``benchmarks/results/`` (train.json, train_gpu.json, zoo.json, scale.json, serving.json, lookup.json,
+one JSON file in ``benchmarks/results/`` (train.json, train_gpu.json, train_gpu_batch16384.json, zoo.json, scale.json, serving.json, lookup.json,
 peers.json, default_recipe.json). Without
 ``--write`` the blocks are printed. A block whose JSON is missing is left as it is.
 """
@@ -39,8 +39,10 @@ def _train_table(d: dict[str, Any]) -> list[str]:
     device = w.get("device", "cpu")
     where = f"{w['threads']} threads" if device == "cpu" else f"on one {device} ({w['threads']} CPU threads)"
     epochs = f"{w['epochs']} epoch" + ("s" if w["epochs"] > 1 else "")
+    code = f"; code {w['commit']}" if w.get("commit") else ""
+    code += f" ({w['commit_note']})" if w.get("commit_note") else ""
     lines = [f"DeepFM (embedding {w['embedding_dim']}, MLP {'x'.join(map(str, w['mlp']))}), batch {w['batch_size']}, "
-             f"{where}, {epochs}, data `{Path(str(w['data'])).name}`; "
+             f"{where}, {epochs}, data `{Path(str(w['data'])).name}`{code}; "
              + (f"medians of {repeats} interleaved runs" if (repeats := d["rows"][0]["repeats"]) > 1 else "one run")
              + "; ratios against the plain loop of the same run. "
              + _load_note(d), "",
@@ -49,7 +51,7 @@ def _train_table(d: dict[str, Any]) -> list[str]:
     for r in d["rows"]:
         lines.append(f"| {r['name']} | {_f(r['train_samples_per_s'])} | {r['train_over_plain']:.2f} | "
                      f"{_f(r['infer_samples_per_s'])} | {r['infer_over_plain']:.2f} | {_f(r['peak_rss_mb'])} | "
-                     f"{r['rss_over_plain']:.2f} | {r['test_auc']:.4f} | {r['auc_minus_project_float32_adam']:+.4f} |")
+                     f"{r['rss_over_plain']:.2f} | {r['test_auc']:.4f} | {_f(r.get('auc_minus_project_float32_adam'), '+.4f')} |")
     return lines
 
 
@@ -205,7 +207,9 @@ def render_default_recipe(d: dict[str, Any]) -> str:
 
 
 RENDERERS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
-    "train": ("train.json", render_train), "train_gpu": ("train_gpu.json", render_train_gpu), "zoo": ("zoo.json", render_zoo), "scale": ("scale.json", render_scale),
+    "train": ("train.json", render_train), "train_gpu": ("train_gpu.json", render_train_gpu),
+    "train_gpu_batch16384": ("train_gpu_batch16384.json", render_train_gpu),
+    "zoo": ("zoo.json", render_zoo), "scale": ("scale.json", render_scale),
     "serving": ("serving.json", render_serving), "lookup": ("lookup.json", render_lookup),
     "peers": ("peers.json", render_peers), "default_recipe": ("default_recipe.json", render_default_recipe),
 }

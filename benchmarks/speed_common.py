@@ -249,7 +249,10 @@ def device_name(device: str) -> str:
 
 
 def git_commit() -> str | None:
-    """The checkout's commit (+ '-dirty' with uncommitted changes): which code a result was measured with."""
+    """The checkout's commit (+ '-dirty' with uncommitted changes): which code a result was measured with.
+    ``LOWRANK_CTR_COMMIT`` names it where git cannot tell (a working tree copied to a lent machine)."""
+    if os.environ.get("LOWRANK_CTR_COMMIT"):
+        return os.environ["LOWRANK_CTR_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                               check=True).stdout.strip()
