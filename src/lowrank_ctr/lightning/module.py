@@ -101,10 +101,10 @@ class CTRModule(pl.LightningModule):
         self._unread_steps += 1
         trainer = self._trainer
         every = trainer.log_every_n_steps if trainer is not None else 0
-        if every and (self.global_step + 1) % every == 0:
+        if every and (self.global_step + 1) % every == 0:  # the steps Lightning writes its loggers on
             self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, batch_size=rows)
-        # A diverged loss would train on (and checkpoint, and test) NaN weights: stop with what to change. A loss is
-        # never negative, so the running sum is non-finite exactly when one of its losses was. Reading it waits for
+        # A diverged loss would train on (and checkpoint, and test) NaN weights: stop with what to change. The running
+        # sum is non-finite exactly when one of its losses was (short of overflowing float32). Reading it waits for
         # the device: free on CPU (every step), a stall on a GPU (every NONFINITE_CHECK_STEPS steps, and before
         # every validation so that no checkpoint is taken of NaN weights).
         read_every = self.nonfinite_read_every or (1 if loss.device.type == "cpu" else NONFINITE_CHECK_STEPS)
