@@ -7,17 +7,19 @@
 # default fine-tune recipe and the control:
 #   afm       the default recipe (int8 codes, loss-aware budget) at target_ratio 3, 5, 10, 20
 #   svd       the paper's baseline in the same framework (float32 codes, variance budget) at 3, 5, 10, 20
-#   tt        tensor-train embeddings, TT-SVD of the trained tables, TT-ranks 2 and 8 (MLP left dense)
-#   tt        the same trained from scratch for the base's epochs (TT-Rec protocol)
-#   qr        quotient-remainder embeddings from the trained tables, 5 and 20 collisions (MLP left dense)
-#   qr        the same trained from scratch
+#   tt        tensor-train embeddings, TT-SVD of the trained tables, TT-ranks 2 and 8 (MLP left dense; TT_RANKS)
+#   tt_scratch  the same trained from scratch for the base's epochs (TT-Rec protocol)
+#   qr        quotient-remainder embeddings from the trained tables, 5 and 20 collisions (MLP left dense;
+#             QR_COLLISIONS)
+#   qr_scratch  the same trained from scratch
 #   int8      row-wise int8 embeddings + int8 Linear weights
 #   tt_afm    TT embeddings (TT-rank 8) + AFM on the Linear layers and first-order tables (conf/compression/
 #             tt_afm.yaml: compression.mlp_method=afm, int8, loss budget) at whole-model target_ratio 3, 5, 10, 20
 #   qr_afm    QR embeddings (20 collisions) + AFM the same way (qr_afm.yaml), the same budgets
 #   tt_afm_scratch / qr_afm_scratch  the same, the TT / QR embeddings trained from scratch for the base's epochs
 #             (TT-Rec protocol) before AFM compresses the Linears of that trained model; then the usual fine-tune
-#             (one scratch training per seed and family, shared by the ratios: compression.scratch_cache)
+#             (one scratch training per seed and structure, shared by the ratios and with tt_scratch /
+#             qr_scratch at the same TT-rank / collisions: compression.scratch_cache)
 # and, on the first seed only, what did not make the default (ablations): afm with float32 codes / the variance
 # budget / sequential calibration + least-squares correction / folding, at 5 and 10.
 #
@@ -34,6 +36,8 @@ FAMILIES=${FAMILIES:-"afm svd tt tt_scratch qr qr_scratch int8 tt_afm qr_afm tt_
 ABLATIONS=${ABLATIONS:-1}                                          # 0: skip the first-seed ablations
 SYNTHETIC_ROWS=${SYNTHETIC_ROWS:-}                                 # e.g. 200000: a smaller synthetic dataset
 EXTRA=${EXTRA:-}
+TT_RANKS=${TT_RANKS:-2,8}            # the TT-ranks of the tt / tt_scratch families
+QR_COLLISIONS=${QR_COLLISIONS:-5,20}  # the collisions of the qr / qr_scratch families
 RUN_TAG=${RUN_TAG:-}   # appended to each family's sweep folder: another RATIOS later (e.g. RUN_TAG=_3) gets new folders
 # an earlier report's results.csv whose runs are gone (e.g. experiments/results/compression_table/results.csv): its
 # rows join report_all, a run found again replaces its row
@@ -68,10 +72,11 @@ for pair in $DATASETS; do
     compress "$ckpt" "$seed" "$runs/afm" compression=afm $ALL $BUDGET compression.target_ratio="$RATIOS"
     compress "$ckpt" "$seed" "$runs/svd" compression=svd $ALL $BUDGET compression.target_ratio="$RATIOS"
     compress "$ckpt" "$seed" "$runs/tt" compression=tt compression.embedding_rank=2,8
-    compress "$ckpt" "$seed" "$runs/tt_scratch" compression=tt compression.embedding_rank=2,8 \
-      compression.from_scratch=true
-    compress "$ckpt" "$seed" "$runs/qr" compression=qr compression.collisions=5,20
-    compress "$ckpt" "$seed" "$runs/qr_scratch" compression=qr compression.collisions=5,20 compression.from_scratch=true
+    compress "$ckpt" "$seed" "$runs/tt_scratch" compression=tt compression.embedding_rank="$TT_RANKS" \
+      compression.from_scratch=true compression.scratch_cache="$OUT/scratch_cache"
+    compress "$ckpt" "$seed" "$runs/qr" compression=qr compression.collisions="$QR_COLLISIONS"
+    compress "$ckpt" "$seed" "$runs/qr_scratch" compression=qr compression.collisions="$QR_COLLISIONS" \
+      compression.from_scratch=true compression.scratch_cache="$OUT/scratch_cache"
     compress "$ckpt" "$seed" "$runs/int8" compression=int8
     compress "$ckpt" "$seed" "$runs/tt_afm" compression=tt_afm compression.target_ratio="$RATIOS"
     compress "$ckpt" "$seed" "$runs/qr_afm" compression=qr_afm compression.target_ratio="$RATIOS"
