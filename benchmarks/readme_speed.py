@@ -4,7 +4,7 @@
 
 Each block between ``<!-- speed:NAME:start -->`` and ``<!-- speed:NAME:end -->`` in the README is the rendering of
 one JSON file in ``benchmarks/results/`` (train.json, train_gpu.json, train_gpu_batch16384.json, zoo.json, scale.json, serving.json, lookup.json,
-peers.json, default_recipe.json). Without
+peers.json, default_recipe.json, host_overhead.json). Without
 ``--write`` the blocks are printed. A block whose JSON is missing is left as it is.
 """
 
@@ -195,6 +195,20 @@ def render_peers(d: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_host_overhead(d: dict[str, Any]) -> str:
+    """bench_host_overhead.py: host time per step of a tiny DeepFM, hand loop vs Lightning."""
+    w, m = d["workload"], d["median_step_s"]
+    hand = m["hand"]
+    names = {"hand": "hand-written loop", "lightning": "Lightning (the project now)",
+             "lightning_self_log_every_step": "Lightning, `train/loss` through `self.log` every step (before)"}
+    lines = [f"DeepFM (embedding {w['embedding_dim']}, MLP {w['mlp'][0]}), batch {w['batch_size']}, {w['threads']} thread, "
+             f"{w['steps']} steps, medians of {w['repeats']} interleaved runs; code {w.get('commit')}. "
+             + _load_note(d), "", *_header("loop", "host ms a step", "x hand loop", "added ms a step")]
+    for key, name in names.items():
+        lines.append(f"| {name} | {m[key] * 1e3:.2f} | {m[key] / hand:.2f} | {(m[key] - hand) * 1e3:+.2f} |")
+    return "\n".join(lines)
+
+
 def render_default_recipe(d: dict[str, Any]) -> str:
     lines = [*_header("precision:optimizer", "seeds", "test AUC (mean; per seed)", "test logloss (mean)",
                       "epochs (mean)", "training s (mean)", "samples/s (mean)")]
@@ -212,6 +226,7 @@ RENDERERS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "zoo": ("zoo.json", render_zoo), "scale": ("scale.json", render_scale),
     "serving": ("serving.json", render_serving), "lookup": ("lookup.json", render_lookup),
     "peers": ("peers.json", render_peers), "default_recipe": ("default_recipe.json", render_default_recipe),
+    "host_overhead": ("host_overhead.json", render_host_overhead),
 }
 
 

@@ -90,9 +90,9 @@ class CTRModule(pl.LightningModule):
         """Add one batch's loss to the epoch's running sum (on the device: nothing is read back), write it to the
         loggers every ``trainer.log_every_n_steps`` steps as ``train/loss_step``, and check it is finite.
 
-        Lightning's ``self.log`` costs ~1 ms of host time per call (it walks its result objects to move them to the
-        loss's device), as much as a whole GPU step's kernels here: calling it every step made the GPU wait for the
-        host. So the step value goes through ``self.log`` only on the steps Lightning writes to the loggers, and the
+        Lightning's ``self.log`` costs ~0.7 ms of host time per call here (it walks its result objects to move them
+        to the loss's device; benchmarks/bench_host_overhead.py), a large share of a GPU step's few milliseconds of
+        host work. So the step value goes through ``self.log`` only on the steps Lightning writes to the loggers, and the
         epoch mean (``train/loss_epoch``, the names ``on_step=True, on_epoch=True`` gave before) once per epoch.
         """
         value = loss.detach().float() * rows
