@@ -33,8 +33,6 @@ def main() -> None:
     ap.add_argument("--workdir", default=str(sc.REPO / "data_cache" / "bench_host"))
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    import lightning.pytorch as pl
-
     from lowrank_ctr.optim import build_optimizer
 
     torch.set_num_threads(1)
@@ -59,7 +57,7 @@ def main() -> None:
         return (starts[-1] - starts[skip]) / (args.steps - 1 - skip)
 
     def lightning(log_every_step: bool) -> float:
-        module, starts = sc.make_module(cfg, dm.schema), []
+        module = sc.make_module(cfg, dm.schema)
         if log_every_step:
             track = module.track_train_loss
 
@@ -68,14 +66,7 @@ def main() -> None:
                 track(loss, rows)
 
             module.track_train_loss = tracked
-
-        class Starts(pl.Callback):
-            def on_train_batch_start(self, *_) -> None:
-                starts.append(time.perf_counter())
-
-        trainer = sc.bench_trainer(cfg, [Starts()], max_epochs=1, min_epochs=1, limit_train_batches=args.steps)
-        trainer.fit(module, datamodule=dm)
-        return (starts[-1] - starts[skip]) / (args.steps - 1 - skip)
+        return sc.lightning_step_seconds(cfg, module, dm, skip, args.steps - 1 - skip)
 
     load = sc.MachineLoad()
     runs: dict[str, list[float]] = {"hand": [], "lightning": [], "lightning_self_log_every_step": []}

@@ -170,19 +170,8 @@ def breakdown_child(spec: dict[str, Any]) -> dict[str, Any]:
                     parts[k] += dt / steps
         return parts
 
-    def lightning_loop() -> float:
-        module = sc.make_module(cfg, dm.schema)
-        times: list[float] = []
-
-        class StepTimer(pl.Callback):
-            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-                sync()
-                times.append(time.perf_counter())
-
-        trainer = sc.bench_trainer(cfg, [StepTimer()], max_epochs=1, min_epochs=1,
-                                   limit_train_batches=warmup + steps + 1)
-        trainer.fit(module, datamodule=dm)
-        return (times[-1] - times[warmup]) / steps  # batch start to batch start: everything the loop does
+    def lightning_loop() -> float:  # batch start to batch start: everything the loop does
+        return sc.lightning_step_seconds(cfg, sc.make_module(cfg, dm.schema), dm, warmup, steps, sync)
 
     hand, lightning_step = [], []
     for _ in range(2):  # interleaved, best of two: the least disturbed figure of each

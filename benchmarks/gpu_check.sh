@@ -50,6 +50,18 @@ export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 PYTHONW
 } 2>&1 | tee "$OUT/machine.txt"
 
 if [ "$DEVICE" = cuda ]; then TRAINER=(trainer=gpu); else TRAINER=(trainer=cpu); fi
+summarise() {  # summarise RESULT.json: bench_train.py's columns (and step breakdown), one line each
+$PY - "$1" <<'EOF' || true
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(r["workload"])
+for row in r["rows"]:
+    print(f"{row['name']:<70} train {row['train_samples_per_s']:>12,.0f}/s ({row['train_over_plain']:.2f}x)  "
+          f"infer {row['infer_samples_per_s']:>12,.0f}/s ({row['infer_over_plain']:.2f}x)  auc {row['test_auc']:.4f}")
+for name, b in r.get("breakdown", {}).items():
+    print(name, f"step {b['step_s'] * 1e3:.2f} ms", {k: round(v, 3) for k, v in b["shares"].items()})
+EOF
+}
 has() { [[ " $STEPS " == *" $1 "* ]]; }
 if has e2e; then
 echo "== 1. end to end: train (bf16) + AFM 5x + fine-tune + control, export"
@@ -72,16 +84,7 @@ timeout 420 $PY benchmarks/bench_train.py --device "$DEVICE" --rows "$ROWS" --re
     --breakdown --breakdown-steps 20 --workdir "$WORK/bench" --out "$OUT/bench_train_$DEVICE.json" \
     > "$OUT/bench_train.log" 2>&1
 tail -5 "$OUT/bench_train.log"
-$PY - "$OUT/bench_train_$DEVICE.json" <<'EOF' || true
-import json, sys
-r = json.load(open(sys.argv[1]))
-print(r["workload"])
-for row in r["rows"]:
-    print(f"{row['name']:<70} train {row['train_samples_per_s']:>12,.0f}/s ({row['train_over_plain']:.2f}x)  "
-          f"infer {row['infer_samples_per_s']:>12,.0f}/s ({row['infer_over_plain']:.2f}x)  auc {row['test_auc']:.4f}")
-for name, b in r.get("breakdown", {}).items():
-    print(name, f"step {b['step_s'] * 1e3:.2f} ms", {k: round(v, 3) for k, v in b["shares"].items()})
-EOF
+summarise "$OUT/bench_train_$DEVICE.json"
 fi
 
 if has bigbatch; then
@@ -91,13 +94,7 @@ timeout 300 $PY benchmarks/bench_train.py --device "$DEVICE" --rows "$ROWS" --re
     --variants "32:adam:data.in_memory=device,bf16-mixed:rowwise_adam:data.in_memory=device" \
     --workdir "$WORK/bench" --out "$OUT/bench_train_${DEVICE}_batch$BIG_BATCH.json" > "$OUT/bench_train_big.log" 2>&1
 tail -3 "$OUT/bench_train_big.log"
-$PY - "$OUT/bench_train_${DEVICE}_batch$BIG_BATCH.json" <<'EOF2' || true
-import json, sys
-r = json.load(open(sys.argv[1]))
-for row in r["rows"]:
-    print(f"{row['name']:<70} train {row['train_samples_per_s']:>12,.0f}/s ({row['train_over_plain']:.2f}x)  "
-          f"infer {row['infer_samples_per_s']:>12,.0f}/s ({row['infer_over_plain']:.2f}x)  auc {row['test_auc']:.4f}")
-EOF2
+summarise "$OUT/bench_train_${DEVICE}_batch$BIG_BATCH.json"
 fi
 
 if has rowsum; then

@@ -222,6 +222,24 @@ def bench_trainer(cfg, callbacks: list, **overrides: Any):
     return instantiate(cfg.trainer, **settings)
 
 
+def lightning_step_seconds(cfg, module, dm, warmup: int, steps: int, sync=lambda: None) -> float:
+    """Seconds from one training batch start to the next in Lightning's loop (``bench_trainer``), averaged over
+    ``steps`` steps after ``warmup``: everything the loop does per step. ``sync`` runs before each clock reading
+    (a GPU's queue)."""
+    import lightning.pytorch as pl
+
+    starts: list[float] = []
+
+    class StepStarts(pl.Callback):
+        def on_train_batch_start(self, *_: Any) -> None:
+            sync()
+            starts.append(time.perf_counter())
+
+    trainer = bench_trainer(cfg, [StepStarts()], max_epochs=1, min_epochs=1, limit_train_batches=warmup + steps + 1)
+    trainer.fit(module, datamodule=dm)
+    return (starts[-1] - starts[warmup]) / steps
+
+
 def score(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], precision: Any = "32"
           ) -> tuple[np.ndarray, np.ndarray, int]:
     """(logits, labels, rows) of ``model`` over ``batches`` under lowrank_ctr.precision.inference (probabilities

@@ -249,9 +249,7 @@ class InMemoryBatches(IterableDataset):
     def __init__(self, source: ShardedBatches, device: torch.device | str = "cpu") -> None:
         super().__init__()
         self.source = source  # its metadata: batch size, shuffle, seed, work split (its rows are read once, below)
-        self.batch_size, self.shuffle, self.seed, self.epoch = source.batch_size, source.shuffle, source.seed, source.epoch
-        self._world = source._world
-        self.rows = source.rows
+        self.epoch, self.rows = source.epoch, source.rows
         self.device = torch.device(device)
         # filled slice by slice: the host holds one decoded slice at a time besides the tensors themselves
         self.tensors: dict[str, torch.Tensor] = {}
@@ -279,20 +277,20 @@ class InMemoryBatches(IterableDataset):
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        _, world = self._world or _distributed()
+        _, world = self.source._world or _distributed()
         return min(self.source.batches_per_consumer(world), max(self.rows // world, 1))
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        rank, world = self._world or _distributed()
+        rank, world = self.source._world or _distributed()
         start, stop = rank * self.rows // world, (rank + 1) * self.rows // world
         mine = stop - start
         count = min(self.source.batches_per_consumer(world), mine)  # one consumer per rank: no loader workers
         rows = None
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch, 53]).permutation(self.rows)
+        if self.source.shuffle:
+            order = np.random.default_rng([self.source.seed, self.epoch, 53]).permutation(self.rows)
             rows = torch.from_numpy(order[start:stop]).to(self.device)
         offset = 0
-        for size in batch_sizes(mine, count, self.batch_size) if mine else []:
+        for size in batch_sizes(mine, count, self.source.batch_size) if mine else []:
             if rows is None:
                 yield {k: v[start + offset: start + offset + size] for k, v in self.tensors.items()}
             else:
