@@ -6,6 +6,8 @@
 # Per (data, model, seed): one base model (the default base recipe), then, each compressing that checkpoint, with the
 # default fine-tune recipe and the control:
 #   afm       the default recipe (int8 codes, loss-aware budget) at target_ratio 3, 5, 10, 20
+#   afm_distill  the same compression with a longer recovery: 3 fine-tune epochs of pure distillation from the base
+#             (compression.distill=1.0) at 1e-4 (the control gets the same recipe); RATIOS as afm
 #   svd       the paper's baseline in the same framework (float32 codes, variance budget) at 3, 5, 10, 20
 #   tt        tensor-train embeddings, TT-SVD of the trained tables, TT-ranks 2 and 8 (MLP left dense; TT_RANKS)
 #   tt_scratch  the same trained from scratch for the base's epochs (TT-Rec protocol)
@@ -32,7 +34,7 @@ OUT=${OUT:-outputs/compression_table}
 DATASETS=${DATASETS:-"synthetic:deepfm synthetic:dcnv2 movielens100k:deepfm criteo_sample:deepfm avazu_sample:deepfm"}
 SEEDS=${SEEDS:-"1 2 3"}
 RATIOS=${RATIOS:-"3,5,10,20"}
-FAMILIES=${FAMILIES:-"afm svd tt tt_scratch qr qr_scratch int8 tt_afm qr_afm tt_afm_scratch qr_afm_scratch"}  # a subset runs only those
+FAMILIES=${FAMILIES:-"afm afm_distill svd tt tt_scratch qr qr_scratch int8 tt_afm qr_afm tt_afm_scratch qr_afm_scratch"}  # a subset runs only those
 ABLATIONS=${ABLATIONS:-1}                                          # 0: skip the first-seed ablations
 SYNTHETIC_ROWS=${SYNTHETIC_ROWS:-}                                 # e.g. 200000: a smaller synthetic dataset
 EXTRA=${EXTRA:-}
@@ -70,6 +72,8 @@ for pair in $DATASETS; do
     ckpt=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['checkpoint'])" "$base/results.json")
     runs="$OUT/runs/$data/$model/seed$seed"
     compress "$ckpt" "$seed" "$runs/afm" compression=afm $ALL $BUDGET compression.target_ratio="$RATIOS"
+    compress "$ckpt" "$seed" "$runs/afm_distill" compression=afm $ALL $BUDGET compression.target_ratio="$RATIOS" \
+      compression.distill=1.0 compression.finetune_lr=1e-4 compression.finetune_epochs=3
     compress "$ckpt" "$seed" "$runs/svd" compression=svd $ALL $BUDGET compression.target_ratio="$RATIOS"
     compress "$ckpt" "$seed" "$runs/tt" compression=tt compression.embedding_rank=2,8
     compress "$ckpt" "$seed" "$runs/tt_scratch" compression=tt compression.embedding_rank="$TT_RANKS" \

@@ -496,9 +496,16 @@ def test_recipe_variants_are_separate_settings():
             rec["config"]["compression"].update(method="qr", collisions=collisions, from_scratch=scratch,
                                                 embedding_rank=None, mlp_rank=None)
             recs.append(rec)
+        # the same compression with another recovery fine-tune (longer, pure distillation)
+        rec = fake_results("afm", 4, seed, 0.78, 0.775, 0.76, 5.0)
+        rec["config"]["compression"].update(target_ratio=5, code_dtype="int8", distill=1.0, finetune_epochs=3,
+                                            finetune_lr=1e-4)
+        recs.append(rec)
     g = grouped_table(runs_table(recs))
     afm = g[g["method"] == "afm"].set_index("setting")
-    assert set(afm.index) == {"target_ratio=5", "target_ratio=5 code_dtype=float32"}
+    recovery = "target_ratio=5 finetune_epochs=3 finetune_lr=0.0001 distill=1.0"
+    assert set(afm.index) == {"target_ratio=5", "target_ratio=5 code_dtype=float32", recovery}
+    assert afm.loc[recovery, "auc_mean"] == pytest.approx(0.78)
     assert afm.loc["target_ratio=5", "auc_mean"] == pytest.approx(0.77)
     assert afm.loc["target_ratio=5 code_dtype=float32", "auc_mean"] == pytest.approx(0.76)
     qr = g[g["method"] == "qr"]

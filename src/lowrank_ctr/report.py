@@ -257,7 +257,10 @@ def compact_ranks(rec: Mapping[str, Any]) -> str:
 
 #: compression keys that make a different experiment at the same ranks / budget (a variant of the recipe)
 VARIANT_KEYS: tuple[str, ...] = ("code_dtype", "allocator", "calibration", "correction", "fold", "from_scratch",
-                                "calibration_batches")
+                                "calibration_batches",
+                                # the recovery fine-tune's recipe: another recipe is another experiment
+                                "finetune_epochs", "finetune_lr", "distill", "temperature", "warmup",
+                                "freeze_codes", "val_check_interval")
 
 
 @functools.lru_cache(maxsize=None)  # a few YAML files per method, read once per report, not once per run
