@@ -73,9 +73,10 @@ def test_movielens_deepfm_beats_logistic_regression(tmp_path, data_dir):
 @pytest.mark.slow
 def test_default_run_reaches_good_auc(tmp_path, data_dir):
     """The no-argument default (synthetic data, DeepFM) learns the teacher well above chance."""
-    res = run(compose_cfg("train", ["progress_bar=false", "logger=none", "bench=false", "trainer.max_epochs=2"],
+    res = run(compose_cfg("train", ["progress_bar=false", "logger=none", "bench=false", "trainer.max_epochs=1"],
                           tmp_path, data_dir))
-    assert res["test/auc"] > 0.68, res["test/auc"]  # measured 0.707 (teacher's own AUC ~0.80, chance 0.5)
+    # one epoch (the suite's slowest test): measured 0.717 (the full recipe 0.721; teacher's own AUC ~0.80, chance 0.5)
+    assert res["test/auc"] > 0.70, res["test/auc"]
 
 
 @pytest.mark.slow
