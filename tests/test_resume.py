@@ -115,13 +115,22 @@ def test_experiment_run_resumes_with_ckpt_path_last(tmp_path):
     assert read_results(tmp_path / "run")["test/auc"] == pytest.approx(a["test/auc"], abs=1e-9)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_finetune_run(tmp_path_factory) -> tuple[str, dict]:
+    """The reference both kill points are compared with (one run, not one per parametrisation): its data cache
+    override and its results."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    cache = f"paths.data_dir={root / 'cache'}"
+    full = cli(["lowrank-ctr-train", *FT_ARGS, cache, f"hydra.run.dir={root / 'full'}"])
+    assert full.returncode == 0, full.stderr[-3000:]
+    return cache, read_results(root / "full")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fit", ["finetune", "control"])
-def test_run_killed_during_finetune_or_control_resumes_to_the_same_metrics(tmp_path, fit):
-    cache = f"paths.data_dir={tmp_path / 'cache'}"
-    full = cli(["lowrank-ctr-train", *FT_ARGS, cache, f"hydra.run.dir={tmp_path / 'full'}"])
-    assert full.returncode == 0, full.stderr[-3000:]
-
+def test_run_killed_during_finetune_or_control_resumes_to_the_same_metrics(tmp_path, fit,
+                                                                           uninterrupted_finetune_run):
+    cache, full = uninterrupted_finetune_run
     run = tmp_path / "killed"
     # killed in the second epoch of the fit, after the first epoch's state was saved
     run_and_kill("train", fit, 1, 10, [*FT_ARGS, cache], run, signal.SIGKILL)
@@ -129,7 +138,7 @@ def test_run_killed_during_finetune_or_control_resumes_to_the_same_metrics(tmp_p
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "calibration is not repeated" in (run / "train.log").read_text()
     assert "stale lock" in (run / "train.log").read_text()  # SIGKILL left the lock of a process that is gone
-    _same_outcome(read_results(tmp_path / "full"), read_results(run))
+    _same_outcome(full, read_results(run))
 
 
 def test_compress_run_resumes_its_finetune(tmp_path):
