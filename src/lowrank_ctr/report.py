@@ -256,11 +256,9 @@ def compact_ranks(rec: Mapping[str, Any]) -> str:
 
 
 #: compression keys that make a different experiment at the same ranks / budget (a variant of the recipe)
+#: (the recovery fine-tune's keys join them in _variant: pipeline.finetune.RECIPE_KEYS)
 VARIANT_KEYS: tuple[str, ...] = ("code_dtype", "allocator", "calibration", "correction", "fold", "from_scratch",
-                                "calibration_batches",
-                                # the recovery fine-tune's recipe: another recipe is another experiment
-                                "finetune_epochs", "finetune_lr", "distill", "temperature", "warmup",
-                                "freeze_codes", "val_check_interval")
+                                "calibration_batches")
 
 
 @functools.lru_cache(maxsize=None)  # a few YAML files per method, read once per report, not once per run
@@ -296,10 +294,11 @@ def _variant(comp: Mapping[str, Any], method: str) -> list[str]:
     """``code_dtype=float32 collisions=5 from_scratch=true``: the recipe keys and the method's own options whose
     value is not the method's default. Without them, runs of different recipes would be averaged as one setting."""
     from lowrank_ctr.compression.methods import METHODS, method_parts
+    from lowrank_ctr.pipeline.finetune import RECIPE_KEYS
 
     defaults = _method_defaults(method)
     parts = [METHODS[p] for p in method_parts(method) if p in METHODS]
-    keys = list(VARIANT_KEYS) + [k for m in parts for k in m.options]
+    keys = [*VARIANT_KEYS, *RECIPE_KEYS.values(), *(k for m in parts for k in m.options)]
     if comp.get("target_ratio") is None:
         keys.remove("allocator")  # only a budget allocates
     if parts:

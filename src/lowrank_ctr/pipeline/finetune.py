@@ -46,6 +46,13 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return (1.0 - weight) * hard + weight * soft * t * t
 
 
+#: the ``compression.*`` key of each FinetuneRecipe field (a run with another value of any of them is another
+#: experiment: the report names them in a run's setting)
+RECIPE_KEYS: dict[str, str] = {"epochs": "finetune_epochs", "lr": "finetune_lr", "distill": "distill",
+                               "temperature": "temperature", "warmup": "warmup", "freeze_codes": "freeze_codes",
+                               "val_check_interval": "val_check_interval"}
+
+
 @dataclass(frozen=True)
 class FinetuneRecipe:
     epochs: int
@@ -58,10 +65,13 @@ class FinetuneRecipe:
 
     @classmethod
     def from_config(cls, comp: Mapping[str, Any]) -> "FinetuneRecipe":
-        return cls(epochs=int(comp.get("finetune_epochs", 1)), lr=float(comp.get("finetune_lr", 5e-4)),
-                   distill=float(comp.get("distill", 0.0) or 0.0), temperature=float(comp.get("temperature", 1.0)),
-                   warmup=float(comp.get("warmup", 0.0) or 0.0), freeze_codes=bool(comp.get("freeze_codes", False)),
-                   val_check_interval=comp.get("val_check_interval", 1.0))
+        key = RECIPE_KEYS
+        return cls(epochs=int(comp.get(key["epochs"], 1)), lr=float(comp.get(key["lr"], 5e-4)),
+                   distill=float(comp.get(key["distill"], 0.0) or 0.0),
+                   temperature=float(comp.get(key["temperature"], 1.0)),
+                   warmup=float(comp.get(key["warmup"], 0.0) or 0.0),
+                   freeze_codes=bool(comp.get(key["freeze_codes"], False)),
+                   val_check_interval=comp.get(key["val_check_interval"], 1.0))
 
 
 class FinetuneModule(CTRModule):
