@@ -32,6 +32,8 @@ from lowrank_ctr.config import project_root
 from lowrank_ctr.export import TensorInputs, export
 from lowrank_ctr.lightning.module import load_model
 
+import speed_common as sc
+
 
 def train_default_pair(work: Path) -> tuple[str, str]:
     """A base and an AFM-compressed checkpoint of the default job (1 epoch, no fine-tune)."""
@@ -63,15 +65,20 @@ def time_calls(call: Callable[[], object], min_calls: int, min_seconds: float, m
 
 
 def backends(ckpt: str, export_dir: Path, threads: int) -> dict[str, Callable[[dict[str, np.ndarray]], object]]:
-    """Scorers of a batch of numpy arrays: PyTorch eager, TorchScript, onnxruntime (same weights)."""
+    """Scorers of a batch of numpy arrays: PyTorch eager, TorchScript, onnxruntime (same weights), and PyTorch /
+    onnxruntime with int8 Linear layers (lowrank-ctr-predict precision=int8, lowrank-ctr-export precision=int8)."""
+    from lowrank_ctr.precision import serving_model
     from lowrank_ctr.predict import onnx_scorer, torch_scorer
 
     model, _ = load_model(ckpt)
     export(ckpt, "onnx", export_dir / "onnx")
     export(ckpt, "torchscript", export_dir / "ts")
+    export(ckpt, "onnx", export_dir / "onnx_int8", precision="int8")
     return {"pytorch": torch_scorer(TensorInputs(model).eval()),
             "torchscript": torch_scorer(torch.jit.load(str(export_dir / "ts" / "model.pt")).eval()),
-            "onnxruntime": onnx_scorer(export_dir / "onnx" / "model.onnx", threads)}
+            "onnxruntime": onnx_scorer(export_dir / "onnx" / "model.onnx", threads),
+            "pytorch-int8": torch_scorer(TensorInputs(serving_model(model, "int8")).eval(), "int8"),
+            "onnxruntime-int8": onnx_scorer(export_dir / "onnx_int8" / "model.onnx", threads)}
 
 
 def predict_throughput(data_config: dict, work: Path, rows: int, threads: int) -> dict[str, dict]:
@@ -146,7 +153,7 @@ def main() -> None:
                           / p50("compressed", "onnxruntime", size)}
               for size in args.batch_sizes}
     report = {"threads": args.threads, "machine": f"{platform.processor() or platform.machine()}, "
-                                                  f"{torch.get_num_threads()} torch threads",
+                                                  f"{torch.get_num_threads()} torch threads", "cpu": sc.cpu_info(),
               "torch": torch.__version__, "params": params,
               "bytes": {name: size["bytes"] for name, size in sizes.items()},
               "size_ratio": sizes["base"]["bytes"] / sizes["compressed"]["bytes"],

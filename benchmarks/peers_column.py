@@ -13,8 +13,8 @@ Hydra configs from ``conf/`` (data=criteo with numeric_mode=bucketize, model=dee
 ``LOWRANK_CTR_BENCH_OVERRIDES`` last); ``CTRDataModule.prepare_data`` + ``setup`` (``prep_s``); one training epoch
 of ``CTRModule`` in the Lightning Trainer from ``conf/trainer`` without validation or checkpoints
 (``train_epoch_s``: on_train_epoch_start -> end); inference over train + test rows through the project's
-loaders under ``lowrank_ctr.precision.inference`` -- bf16 autocast when trained with trainer.precision=bf16-mixed
-(``infer_s``); test AUC / logloss on those rows; peak memory (the harness's PeakMemory).
+loaders under ``lowrank_ctr.precision.inference`` -- bf16 autocast when trained with trainer.precision=bf16-mixed,
+int8 Linear layers with ``infer=int8`` among the overrides (``lowrank_ctr.precision.serving_model``) (``infer_s``); test AUC / logloss on those rows; peak memory (the harness's PeakMemory).
 """
 
 import logging
@@ -101,12 +101,15 @@ def main() -> None:
         f"embedding_l2={S['l2_regularization']}", f"trainer.max_epochs={S['epochs']}",
         f"trainer.min_epochs={S['epochs']}", f"seed={args.seed}", f"threads={args.threads}", "progress_bar=false",
     ]
-    overrides += os.environ.get("LOWRANK_CTR_BENCH_OVERRIDES", "").split()
+    # infer=int8 in LOWRANK_CTR_BENCH_OVERRIDES: score with int8 Linear layers (lowrank_ctr.int8_inference)
+    overrides, infer = sc.split_infer(overrides + os.environ.get("LOWRANK_CTR_BENCH_OVERRIDES", "").split())
     cfg = sc.compose(overrides)
     validate(cfg)
     res["overrides"] = overrides
     res["optimizer"] = OmegaConf.to_container(cfg.optimizer, resolve=True)
     res["precision"] = str(cfg.trainer.precision)
+    infer_precision = infer or str(cfg.trainer.precision)
+    res["infer_precision"] = infer_precision
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     torch.set_num_threads(int(cfg.threads))
 
@@ -149,20 +152,23 @@ def main() -> None:
                            "no validation (limit_val_batches=0), no checkpointing")
 
     # (3) inference over all rows (train + test)
+    from lowrank_ctr.precision import serving_model
+
     model = module.model
     t0 = time.perf_counter()
+    served = serving_model(model, infer_precision)  # int8: a copy with int8 Linears; else the model itself
     train_eval = sc.split_loader(dm, "train", args.batch_size)
     test_loader = sc.split_loader(dm, "test", args.batch_size)
     res["infer_setup_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    sc.score(model, train_eval, cfg.trainer.precision)
-    test_logits, test_labels, test_rows = sc.score(model, test_loader, cfg.trainer.precision)
+    sc.score(served, train_eval, infer_precision)
+    test_logits, test_labels, test_rows = sc.score(served, test_loader, infer_precision)
     res["infer_s"] = time.perf_counter() - t0
     mark("after_inference")
     res["infer_rows"] = res["n_train"] + test_rows
     res["infer_samples_per_s"] = res["infer_rows"] / res["infer_s"]
     res["infer_path"] = ("project loaders (ShardedBatches, batch 4096), sigmoid(model(batch)) under "
-                         f"lowrank_ctr.precision.inference('{cfg.trainer.precision}')")
+                         f"lowrank_ctr.precision.inference('{infer_precision}') (serving_model for int8)")
 
     # (4) held-out AUC
     probs = 1.0 / (1.0 + np.exp(-test_logits.astype(np.float64)))

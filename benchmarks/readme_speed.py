@@ -33,6 +33,15 @@ def _load_note(d: dict[str, Any]) -> str:
     return "" if share is None else f"Other processes used {share:.1%} of the CPU during the run (0 = quiet)."
 
 
+def _cpu_note(w: dict[str, Any]) -> str:
+    """The CPU a figure was measured on (benchmarks record it since 2026-12-04; older ones: empty)."""
+    cpu = w.get("cpu")
+    if not cpu:
+        return ""
+    kernels = "with" if cpu.get("bf16_kernels") else "without"
+    return f"CPU: {cpu['name']} ({cpu['capability']}, {kernels} bf16 kernels). "
+
+
 def _train_table(d: dict[str, Any]) -> list[str]:
     """The workload line and the table of bench_train.py's columns (ratios against the plain loop)."""
     w = d["workload"]
@@ -44,7 +53,9 @@ def _train_table(d: dict[str, Any]) -> list[str]:
     lines = [f"DeepFM (embedding {w['embedding_dim']}, MLP {'x'.join(map(str, w['mlp']))}), batch {w['batch_size']}, "
              f"{where}, {epochs}, data `{Path(str(w['data'])).name}`{code}; "
              + (f"medians of {repeats} interleaved runs" if (repeats := d["rows"][0]["repeats"]) > 1 else "one run")
-             + "; ratios against the plain loop of the same run. "
+             + (f" (inference: the fastest of {w['infer_passes']} passes in each)" if w.get("infer_passes", 1) > 1
+                else "")
+             + "; ratios against the plain loop of the same run. " + _cpu_note(w)
              + _load_note(d), "",
              *_header("column", "train samples/s", "x plain", "inference samples/s", "x plain", "peak RSS MB",
                       "x plain", "test AUC", "AUC - project 32:adam")]
@@ -52,6 +63,10 @@ def _train_table(d: dict[str, Any]) -> list[str]:
         lines.append(f"| {r['name']} | {_f(r['train_samples_per_s'])} | {r['train_over_plain']:.2f} | "
                      f"{_f(r['infer_samples_per_s'])} | {r['infer_over_plain']:.2f} | {_f(r['peak_rss_mb'])} | "
                      f"{r['rss_over_plain']:.2f} | {r['test_auc']:.4f} | {_f(r.get('auc_minus_project_float32_adam'), '+.4f')} |")
+    changes = [r for r in d["rows"] if r.get("infer_auc_change") is not None]
+    if changes:
+        lines += ["", "Serving at another precision than training (`infer=`), test AUC change on the same weights: "
+                  + "; ".join(f"{r['name']}: {r['infer_auc_change']:+.5f}" for r in changes) + "."]
     return lines
 
 
@@ -134,10 +149,12 @@ def render_scale(d: dict[str, Any]) -> str:
 
 
 def render_serving(d: dict[str, Any]) -> str:
+    int8 = any(r["backend"].endswith("-int8") for r in d["rows"])  # serving runs since int8 inference (2026-12-04)
     lines = [f"{d['threads']} intra-op thread, torch {d['torch']}; base {d['params']['base']:,} stored values, "
-             f"compressed {d['params']['compressed']:,} ({d['size_ratio']:.2f}x fewer bytes). p50 / p99 latency per "
-             "call:", "",
-             *_header("batch", "model", "PyTorch", "TorchScript", "onnxruntime", "onnxruntime rows/s")]
+             f"compressed {d['params']['compressed']:,} ({d['size_ratio']:.2f}x fewer bytes). " + _cpu_note(d)
+             + "p50 / p99 latency per call:", "",
+             *_header("batch", "model", "PyTorch", "TorchScript", "onnxruntime", "onnxruntime rows/s",
+                      *(["PyTorch int8", "onnxruntime int8", "onnxruntime int8 rows/s"] if int8 else []))]
     cells: dict[tuple[int, str], dict[str, dict[str, Any]]] = {}
     for r in d["rows"]:
         cells.setdefault((r["batch"], r["model"]), {})[r["backend"]] = r
@@ -146,9 +163,11 @@ def render_serving(d: dict[str, Any]) -> str:
             r = by.get(backend)
             return "n/a" if r is None else f"{r['p50_ms']:.3f} / {r['p99_ms']:.3f} ms"
 
-        ort = by.get("onnxruntime")
+        ort, ort8 = by.get("onnxruntime"), by.get("onnxruntime-int8")
+        extra = (f" {cell('pytorch-int8')} | {cell('onnxruntime-int8')} | "
+                 f"{_f(ort8['rows_per_s'] if ort8 else None)} |") if int8 else ""
         lines.append(f"| {batch} | {model} | {cell('pytorch')} | {cell('torchscript')} | {cell('onnxruntime')} | "
-                     f"{_f(ort['rows_per_s'] if ort else None)} |")
+                     f"{_f(ort['rows_per_s'] if ort else None)} |" + extra)
     ratios = d.get("ratios_p50") or {}
     if ratios:
         lines += ["", "Compressed over base (p50 speed-up): " + "; ".join(
@@ -159,6 +178,27 @@ def render_serving(d: dict[str, Any]) -> str:
         lines.append("End to end (`lowrank-ctr-predict`: raw Criteo-format TSV rows read, encoded, scored by the ONNX "
                      "model, written as CSV): " + ", ".join(
                          f"{k} {_f(v.get('rows_per_second'))} rows/s" for k, v in e2e.items()) + ".")
+    return "\n".join(lines)
+
+
+def render_int8(d: dict[str, Any]) -> str:
+    """bench_int8.py: float32 vs int8 Linear layers on the same weights, per checkpoint."""
+    w = d["workload"]
+    lines = [f"Test split of each model's dataset, {w['threads']} threads, torch {w['torch']} (quantized engine "
+             f"{w['engine']}); inference samples/s best of {w['repeats']} alternated passes in one process. "
+             + _cpu_note(w) + _load_note(d), "",
+             *_header("model", "test rows", "AUC float32", "AUC int8", "AUC change", "logloss change",
+                      "logit RMS diff", "samples/s float32", "samples/s int8", "x")]
+    for r in d["rows"]:
+        a, b = r["32"], r["int8"]
+        lines.append(f"| {r['model']} | {r['test_rows']:,} | {_f(a['auc'], '.5f')} | {_f(b['auc'], '.5f')} | "
+                     f"{_f(r['auc_change'], '+.5f')} | {b['logloss'] - a['logloss']:+.5f} | "
+                     f"{b['logit_rms_vs_float32']:.4f} | {_f(a['samples_per_s'])} | {_f(b['samples_per_s'])} | "
+                     f"{r['speedup']:.2f} |")
+    changes = [r["auc_change"] for r in d["rows"] if r["auc_change"] is not None]
+    if changes:
+        lines += ["", f"AUC change over {len(changes)} models: mean {sum(changes) / len(changes):+.5f}, largest "
+                  f"drop {min(changes):+.5f}."]
     return "\n".join(lines)
 
 
@@ -224,7 +264,8 @@ RENDERERS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "train": ("train.json", render_train), "train_gpu": ("train_gpu.json", render_train_gpu),
     "train_gpu_batch16384": ("train_gpu_batch16384.json", render_train_gpu),
     "zoo": ("zoo.json", render_zoo), "scale": ("scale.json", render_scale),
-    "serving": ("serving.json", render_serving), "lookup": ("lookup.json", render_lookup),
+    "train_avx2": ("train_avx2.json", render_train), "int8": ("int8.json", render_int8),
+    "serving": ("serving.json", render_serving), "serving_avx2": ("serving_avx2.json", render_serving), "lookup": ("lookup.json", render_lookup),
     "peers": ("peers.json", render_peers), "default_recipe": ("default_recipe.json", render_default_recipe),
     "host_overhead": ("host_overhead.json", render_host_overhead),
 }

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -279,6 +280,39 @@ def git_commit() -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None  # not a git checkout (an installed copy, or a machine without git)
     return head + ("-dirty" if dirty else "")
+
+
+def best_of(passes: int, run: Callable[[], Any], sync: Callable[[], None] = lambda: None) -> tuple[float, Any]:
+    """(seconds of the fastest of ``passes`` calls of ``run``, the last call's result): the least disturbed figure."""
+    best, result = float("inf"), None
+    for _ in range(max(1, int(passes))):
+        t0 = time.perf_counter()
+        result = run()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best, result
+
+
+def split_infer(tokens: list[str]) -> tuple[list[str], str | None]:
+    """Benchmark settings -> (config overrides, inference precision or None): ``infer=PRECISION`` (e.g.
+    ``infer=int8``, lowrank_ctr.precision.serving_model) is the benchmarks' own token, not a config key."""
+    infer = [t.split("=", 1)[1] for t in tokens if t.startswith("infer=")]
+    return [t for t in tokens if not t.startswith("infer=")], (infer[-1] if infer else None)
+
+
+def cpu_info() -> dict[str, Any]:
+    """Which CPU a figure was measured on: its name, torch's vector ISA (AVX2 / AVX512 / ...) and whether oneDNN has
+    bfloat16 kernels for it (without them bf16-mixed is several times slower than float32)."""
+    from lowrank_ctr.precision import native_bf16
+
+    name = platform.processor() or "unknown"
+    try:
+        name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"name": name, "capability": torch.backends.cpu.get_cpu_capability(), "bf16_kernels": native_bf16(),
+            "cores": os.cpu_count()}
 
 
 def synchronize(device: torch.device | str) -> None:

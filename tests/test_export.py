@@ -73,6 +73,35 @@ def test_exported_model_matches_pytorch_on_real_rows(trained, which, fmt, tmp_pa
     assert json.loads((out / "export.json").read_text())["fingerprint"] == info["fingerprint"]
 
 
+@needs_onnxruntime
+@pytest.mark.parametrize("which", ["base", "compressed"])
+def test_int8_onnx_export_quantises_exactly_the_linear_layers(trained, which, tmp_path):
+    import onnx
+
+    from lowrank_ctr.int8_inference import int8_weights, quantize_for_inference
+
+    out = tmp_path / "out"
+    info = export(trained[which], "onnx", out, precision="int8")
+    assert info["precision"] == "int8" and sorted(p.name for p in out.glob("*.onnx")) == ["model.onnx"]
+    model, _ = load_model(trained[which])
+    ops = [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node]
+    assert ops.count("MatMulInteger") == len(int8_weights(model)) > 0  # every hidden Linear, not the logit layer
+    arrays = prepared_test_rows(trained[which])
+    inputs = [torch.from_numpy(arrays[k]) for k in INPUTS]
+    with torch.inference_mode():
+        float32 = TensorInputs(model)(*inputs).numpy()
+        torch_int8 = TensorInputs(quantize_for_inference(model))(*inputs).numpy()
+    got = run_exported(out, "onnx", arrays)
+    assert 0 < np.abs(got - float32).max() < 0.02 and np.abs(got - torch_int8).max() < 0.02
+    assert np.corrcoef(got, float32)[0, 1] > 0.999
+    served = load_served_model(out)  # predict scores an int8 export like any other
+    np.testing.assert_allclose(served.scorer(arrays), got, atol=1e-6)
+    with pytest.raises(UserError, match="ONNX only"):
+        export(trained[which], "torchscript", tmp_path / "ts", precision="int8")
+    with pytest.raises(UserError, match="not supported for export"):
+        export(trained[which], "onnx", tmp_path / "x", precision="bf16-mixed")
+
+
 def test_export_cli_prints_and_refuses_to_merge(trained, tmp_path):
     out = tmp_path / "out"
     r = run_cli(["lowrank-ctr-export", f"ckpt_path={trained['base']}", "format=torchscript", f"out={out}",

@@ -84,6 +84,22 @@ def test_raw_rows_reproduce_prepared_predictions(served, which, tmp_path):
     assert summary["logloss"] == pytest.approx(logloss, abs=1e-5)
 
 
+def test_int8_precision_scores_a_checkpoint_like_float32(served, tmp_path):
+    ckpt = served["results"]["compress/checkpoint"]
+    f32 = predict_file(load_served_model(ckpt), served["test"], tmp_path / "f.csv")
+    int8 = load_served_model(ckpt, precision="int8")
+    assert "precision int8" in int8.source
+    summary = predict_file(int8, served["test"], tmp_path / "q.csv")
+    p32, p8 = (pd.read_csv(tmp_path / name)["probability"].to_numpy() for name in ("f.csv", "q.csv"))
+    assert summary["rows"] == f32["rows"] == len(p8)
+    assert 0 < np.abs(p8 - p32).max() < 0.01  # int8 Linears: close to float32, not the float32 model itself
+    assert summary["auc"] == pytest.approx(f32["auc"], abs=0.01)
+    with pytest.raises(UserError, match="applies to a checkpoint"):
+        load_served_model(served["ts"], precision="int8")
+    with pytest.raises(UserError, match="not supported for inference"):
+        load_served_model(ckpt, precision="bf16-true")
+
+
 def test_unlabeled_rows_unseen_categories_and_missing_values(served, tmp_path):
     lines = served["test"].read_text().splitlines()[:50]
     fields = [line.split("\t")[1:] for line in lines]  # no label column, as in Kaggle's test.txt

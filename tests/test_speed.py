@@ -32,8 +32,14 @@ def _run(tmp_path: Path, overrides: list[str], name: str = "run") -> dict:
     return read_results(tmp_path / name)
 
 
-def test_bf16_mixed_rowwise_training_gives_finite_metrics_and_records_choices(tmp_path: Path) -> None:
-    res = _run(tmp_path, ["trainer.precision=bf16-mixed", "optimizer=rowwise_adagrad"])
+def test_bf16_mixed_rowwise_training_gives_finite_metrics_and_records_choices(tmp_path: Path, monkeypatch,
+                                                                              caplog) -> None:
+    import lowrank_ctr.precision
+
+    monkeypatch.setattr(lowrank_ctr.precision, "native_bf16", lambda: False)  # as on an AVX2-only CPU
+    with caplog.at_level("WARNING", logger="lowrank_ctr.pipeline.runner"):
+        res = _run(tmp_path, ["trainer.precision=bf16-mixed", "optimizer=rowwise_adagrad"])
+    assert any("without bfloat16 kernels" in r.getMessage() for r in caplog.records)  # said once, before work
     assert res["train/precision"] == "bf16-mixed"
     assert res["train/optimizer"] == "rowwise_adagrad"
     for key in ("test/auc", "test/logloss", "val/auc", "train/samples_per_s"):
@@ -96,7 +102,7 @@ def test_bf16_inference_keeps_float32_probabilities_close_to_float32() -> None:
 
 @pytest.mark.parametrize("script, args", [
     ("bench_train.py", ["--rows", "3000", "--max-vocab", "200", "--batch-size", "256", "--repeats", "1",
-                        "--variants", "32:adam,bf16-mixed:rowwise_adagrad", "--mlp", "16,16"]),
+                        "--variants", "32:adam,bf16-mixed:rowwise_adagrad,32:adam:infer=int8", "--mlp", "16,16"]),
     ("bench_zoo.py", ["--rows", "3000", "--max-vocab", "200", "--batch-size", "256", "--batches", "2",
                       "--models", "deepfm,xdeepfm", "--tiny"]),
 ])
@@ -109,6 +115,23 @@ def test_benchmark_scripts_run_at_a_tiny_size(tmp_path: Path, script: str, args:
     assert result["rows"], result
     for row in result["rows"]:
         assert row["train_samples_per_s"] > 0
+    if script == "bench_train.py":  # int8 serving of the same weights: its AUC change is measured, and small
+        int8 = next(r for r in result["rows"] if r["name"].endswith("infer=int8"))
+        assert abs(int8["infer_auc_change"]) < 0.01 and "infer_auc_change" not in result["rows"][2]
+        assert result["workload"]["cpu"]["capability"]
+
+
+def test_bench_int8_compares_base_and_compressed_of_a_run(tmp_path: Path) -> None:
+    _run(tmp_path, ["model.mlp=[16,16]", "compression=afm", "compression.calibration_batches=2"])
+    out = tmp_path / "int8.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_int8.py"), str(tmp_path / "run"),
+                           "--repeats", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["model"] for r in rows] == ["deepfm seed 42 base", "deepfm seed 42 compressed 5.0x"]
+    for r in rows:
+        assert r["32"]["logit_rms_vs_float32"] == 0 < r["int8"]["logit_rms_vs_float32"] < 0.05
+        assert abs(r["auc_change"]) < 0.02 and r["int8"]["samples_per_s"] > 0
 
 
 def test_zoo_merge_replaces_only_the_remeasured_rows(tmp_path: Path) -> None:

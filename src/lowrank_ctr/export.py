@@ -3,7 +3,8 @@
 Writes ``OUT/model.onnx`` (or ``model.pt``), ``OUT/schema.json``, the vocabularies (``OUT/vocab/``, copied from
 the prepared dataset) and the data config (``OUT/data_config.json``: how raw rows are read) so the model can be
 served without this package's training code, and prints the max abs difference between the exported model and
-PyTorch on a batch of another size.
+PyTorch on a batch of another size. ``precision=int8`` (ONNX) quantises the model's Linear layers to onnxruntime
+int8 MatMuls (lowrank_ctr.int8_inference.quantize_onnx); the difference is then against float32 PyTorch.
 
 An export is complete or refused: it is written into a fresh temporary folder and renamed into place, it is
 refused when the checkpoint's vocabularies are missing or are not the ones it was trained with, and it never merges
@@ -33,6 +34,7 @@ from lowrank_ctr.data.schema import Schema
 
 INPUTS = ("cat", "num", "multi")
 FORMATS = ("onnx", "torchscript")
+EXPORT_PRECISIONS = ("32", "int8")
 MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.pt"}
 EXPORT_FILE = "export.json"
 DATA_CONFIG_FILE = "data_config.json"
@@ -102,10 +104,18 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def export(ckpt_path: str | Path, fmt: str, out: str | Path, batch_size: int = 64, overwrite: bool = False
-           ) -> dict[str, Any]:
+def export(ckpt_path: str | Path, fmt: str, out: str | Path, batch_size: int = 64, overwrite: bool = False,
+           precision: str = "32") -> dict[str, Any]:
+    """``precision``: ``32``, or ``int8`` (ONNX only): the Linear layers as onnxruntime int8 MatMuls
+    (lowrank_ctr.int8_inference.quantize_onnx); the printed difference is then against float32 PyTorch."""
     if fmt not in FORMATS:
         raise UserError(f"format={fmt!r} is not supported; use one of {list(FORMATS)}")
+    precision = str(precision)
+    if precision not in EXPORT_PRECISIONS:
+        raise UserError(f"precision={precision} is not supported for export; use one of {list(EXPORT_PRECISIONS)}")
+    if precision == "int8" and fmt != "onnx":
+        raise UserError("precision=int8 exports ONNX only (onnxruntime's int8 MatMuls): use format=onnx, or serve the "
+                        "checkpoint itself with lowrank-ctr-predict precision=int8")
     from lowrank_ctr.lightning.module import load_model
 
     out, ckpt_path = Path(out).expanduser(), Path(ckpt_path)
@@ -130,7 +140,7 @@ def export(ckpt_path: str | Path, fmt: str, out: str | Path, batch_size: int = 6
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        info = _write_export(tmp, model, hp, schema, data_config, vocab_src, fmt, batch_size)
+        info = _write_export(tmp, model, hp, schema, data_config, vocab_src, fmt, batch_size, precision)
         info["checkpoint"] = str(ckpt_path)
         (tmp / EXPORT_FILE).write_text(json.dumps(info, indent=2))
         _move_into_place(tmp, out)
@@ -142,7 +152,7 @@ def export(ckpt_path: str | Path, fmt: str, out: str | Path, batch_size: int = 6
 
 
 def _write_export(directory: Path, model: nn.Module, hp: dict[str, Any], schema: Schema, data_config: dict,
-                  vocab_src: Path, fmt: str, batch_size: int) -> dict[str, Any]:
+                  vocab_src: Path, fmt: str, batch_size: int, precision: str = "32") -> dict[str, Any]:
     wrapper = TensorInputs(model).eval()
     example = random_batch(schema, batch_size, torch.Generator().manual_seed(0))
     check = random_batch(schema, batch_size + 17, torch.Generator().manual_seed(1))  # another batch size
@@ -151,9 +161,15 @@ def _write_export(directory: Path, model: nn.Module, hp: dict[str, Any], schema:
     with torch.no_grad():
         expected = wrapper(*(check[k] for k in INPUTS)).numpy()
         if fmt == "onnx":
-            torch.onnx.export(wrapper, args, str(path), input_names=list(INPUTS), output_names=["probability"],
+            float32 = path.with_name("model.float32.onnx") if precision == "int8" else path
+            torch.onnx.export(wrapper, args, str(float32), input_names=list(INPUTS), output_names=["probability"],
                               dynamic_axes={**{k: {0: "batch"} for k in INPUTS}, "probability": {0: "batch"}},
                               opset_version=17, dynamo=False)
+            if precision == "int8":
+                from lowrank_ctr.int8_inference import quantize_onnx
+
+                quantize_onnx(str(float32), str(path), model)
+                float32.unlink()
             import onnxruntime as ort
 
             session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -170,7 +186,7 @@ def _write_export(directory: Path, model: nn.Module, hp: dict[str, Any], schema:
     (directory / DATA_CONFIG_FILE).write_text(json.dumps(data_config, indent=2, default=str))
     shutil.copytree(vocab_src, directory / "vocab")
     check_vocabularies(directory / "vocab", schema, fix="the copy is incomplete; export again")
-    return {"format": fmt, "max_abs_diff": float(abs(got - expected).max()), "inputs": inputs,
+    return {"format": fmt, "precision": precision, "max_abs_diff": float(abs(got - expected).max()), "inputs": inputs,
             "compression": (hp.get("compression_spec") or {}).get("method", "none"),
             "fingerprint": export_fingerprint(directory, path)}
 
@@ -180,8 +196,10 @@ def _main(cfg: DictConfig) -> None:
     with user_errors(where=f"out={cfg.get('out')}"):
         if not cfg.get("ckpt_path"):
             raise UserError("ckpt_path is required: lowrank-ctr-export ckpt_path=RUN/checkpoints/best.ckpt out=DIR")
-        info = export(str(cfg.ckpt_path), str(cfg.format), Path(cfg.out), overwrite=bool(cfg.get("overwrite", False)))
-        print(f"exported {info['format']} -> {info['model']}  max abs diff vs PyTorch: {info['max_abs_diff']:.3g}")
+        info = export(str(cfg.ckpt_path), str(cfg.format), Path(cfg.out), overwrite=bool(cfg.get("overwrite", False)),
+                      precision=str(cfg.get("precision", "32")))
+        against = "PyTorch float32 (int8 quantisation error)" if info["precision"] == "int8" else "PyTorch"
+        print(f"exported {info['format']} -> {info['model']}  max abs diff vs {against}: {info['max_abs_diff']:.3g}")
 
 
 def main() -> None:

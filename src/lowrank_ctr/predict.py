@@ -59,13 +59,25 @@ class ServedModel:
 
 # Loading ------------------------------------------------------------------------------------------------------
 
-def load_served_model(model: str | Path, threads: int | None = None) -> ServedModel:
-    """``threads``: intra-op threads of whichever runtime scores (onnxruntime or torch); None keeps its default."""
+def load_served_model(model: str | Path, threads: int | None = None, precision: str = "32") -> ServedModel:
+    """``threads``: intra-op threads of whichever runtime scores (onnxruntime or torch); None keeps its default.
+    ``precision``: how a checkpoint's model computes (``32``, ``bf16-mixed``, or ``int8``: its Linear layers as
+    int8 GEMMs, lowrank_ctr.int8_inference); an export scores as it was exported (float32)."""
+    from lowrank_ctr.precision import inference_precision_problem
+
+    precision = str(precision)
+    problem = inference_precision_problem(precision, "cpu")
+    if problem:
+        raise UserError(problem)
     path = Path(model).expanduser()
     if not path.exists():
         raise UserError(f"model={model} does not exist: give a lowrank-ctr-export directory, a checkpoint (.ckpt) "
                         "or a training run directory")
     if path.is_dir() and (path / "export.json").exists():
+        if precision != "32":
+            raise UserError(f"precision={precision} applies to a checkpoint or a run directory; export {path} scores "
+                            "at the precision it was exported with (lowrank-ctr-export precision=int8 writes an int8 "
+                            "ONNX model): give the checkpoint instead, or leave precision=32")
         return _load_export(path, threads)
     if path.is_dir() and (path / RESULTS_FILE).exists():
         results = json.loads((path / RESULTS_FILE).read_text())
@@ -74,20 +86,23 @@ def load_served_model(model: str | Path, threads: int | None = None) -> ServedMo
         if not ckpt:
             raise UserError(f"run directory {path} has no checkpoint in results.json: the run did not finish "
                             "training; give a checkpoint or an export directory")
-        return _load_checkpoint(Path(ckpt), threads)
+        return _load_checkpoint(Path(ckpt), threads, precision)
     if path.is_file():
-        return _load_checkpoint(path, threads)
+        return _load_checkpoint(path, threads, precision)
     raise UserError(f"model={model} is a directory without export.json or results.json: give a lowrank-ctr-export "
                     "directory, a checkpoint (.ckpt) or a training run directory")
 
 
-def torch_scorer(module: Any) -> Scorer:
-    """A scorer around a torch module taking (cat, num, multi) tensors and returning probabilities."""
+def torch_scorer(module: Any, precision: str = "32") -> Scorer:
+    """A scorer around a torch module taking (cat, num, multi) tensors and returning probabilities, run under
+    ``lowrank_ctr.precision.inference(precision)``."""
     import torch
 
+    from lowrank_ctr.precision import inference
+
     def score(arrays: dict[str, np.ndarray]) -> np.ndarray:
-        with torch.inference_mode():
-            return module(*(torch.from_numpy(arrays[k]) for k in INPUTS)).numpy()
+        with inference(precision):
+            return module(*(torch.from_numpy(arrays[k]) for k in INPUTS)).float().numpy()
 
     return score
 
@@ -105,7 +120,7 @@ def onnx_scorer(path: Path, threads: int | None) -> Scorer:
     return lambda arrays: session.run(None, {k: arrays[k] for k in declared})[0]
 
 
-def _load_checkpoint(path: Path, threads: int | None) -> ServedModel:
+def _load_checkpoint(path: Path, threads: int | None, precision: str = "32") -> ServedModel:
     import torch
 
     if threads:
@@ -128,8 +143,11 @@ def _load_checkpoint(path: Path, threads: int | None) -> ServedModel:
     check_vocabularies(vocab_dir, schema, fix=f"the prepared dataset of checkpoint {path} is gone or was prepared "
                        "again; score with the model's lowrank-ctr-export directory (it carries its vocabularies), or "
                        "prepare the dataset again from the raw files it was trained on")
-    return ServedModel(torch_scorer(TensorInputs(model).eval()), schema, data_config, vocab_dir, f"checkpoint {path}",
-                       [path, vocab_dir])
+    from lowrank_ctr.precision import serving_model
+
+    served = TensorInputs(serving_model(model.eval(), precision)).eval()
+    source = f"checkpoint {path}" + (f" (precision {precision})" if precision != "32" else "")
+    return ServedModel(torch_scorer(served, precision), schema, data_config, vocab_dir, source, [path, vocab_dir])
 
 
 def _load_export(path: Path, threads: int | None) -> ServedModel:
@@ -310,7 +328,7 @@ def _main(cfg: DictConfig) -> None:
                                 "output=OUT.csv")
         overwrite = bool(cfg.get("overwrite", False))
         check_output(str(cfg.output), str(cfg.input), [], overwrite)  # before the model is loaded
-        served = load_served_model(str(cfg.model), cfg.get("threads"))
+        served = load_served_model(str(cfg.model), cfg.get("threads"), str(cfg.get("precision", "32")))
         summary = predict_file(served, str(cfg.input), str(cfg.output), int(cfg.batch_size), str(cfg.on_bad_rows),
                                overwrite=overwrite)
         for line in summary_lines(summary):

@@ -26,6 +26,7 @@ from lowrank_ctr.pipeline.finetune import control_stage, finetune_stage
 from lowrank_ctr.pipeline.records import StageRecords, run_identity
 from lowrank_ctr.pipeline.results import BenchResult, RunResult, write_results
 from lowrank_ctr.pipeline.summary import log_summary
+from lowrank_ctr.precision import precision_warning
 from lowrank_ctr.validate import validate
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,10 @@ def run(cfg: DictConfig, identity: str | None = None) -> dict[str, Any]:
     stage = base_stage_of(cfg)
     stage.prepare(cfg)
     validate(cfg)
+    slow = precision_warning(OmegaConf.select(cfg, "trainer.precision", default="32"),
+                             OmegaConf.select(cfg, "trainer.accelerator", default="cpu"))
+    if slow:
+        log.warning(slow)
     run_dir = run_dir_of(cfg)
     if is_global_zero():
         rundir.acquire(run_dir, identity, command=str(cfg.get("task_name") or "run"))
