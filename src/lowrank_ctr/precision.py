@@ -47,8 +47,8 @@ def precision_problem(precision: Any, accelerator: Any = "cpu") -> str | None:
 def native_bf16() -> bool:
     """Whether oneDNN has bfloat16 kernels for this CPU (AVX-512; native bf16 arithmetic with AVX-512 BF16 / AMX).
 
-    Without them torch falls back to reference bf16 matmuls, measured 6x slower than float32 on an AVX2 CPU (AMD EPYC, 2 threads:
-    18 vs 113 GFLOP/s on a 4096x624 @ 624x400 GEMM)."""
+    Without them torch falls back to reference bf16 matmuls, measured 6x slower than float32 on an AVX2 CPU
+    (AMD EPYC, 2 threads: 18 vs 113 GFLOP/s on a 4096x624 @ 624x400 GEMM)."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a torch without the probe: assume native rather than warn wrongly
@@ -61,8 +61,7 @@ def precision_warning(precision: Any, accelerator: Any = "cpu") -> str | None:
     if str(precision) == "bf16-mixed" and on_cpu and not native_bf16():
         return ("trainer.precision=bf16-mixed on a CPU without bfloat16 kernels (they need AVX-512, natively "
                 f"AVX-512 BF16 / AMX; this one has {torch.backends.cpu.get_cpu_capability()}): its bf16 matmuls are "
-                "several times slower than "
-                "float32 (6x measured on AVX2); use trainer.precision=32 on this machine")
+                "several times slower than float32 (6x measured on AVX2); use trainer.precision=32 on this machine")
     return None
 
 
