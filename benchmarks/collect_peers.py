@@ -31,6 +31,7 @@ def collect(run_dir: Path) -> dict[str, Any]:
         rs = by_peer[peer]
         col = {"peer": peer, "repeats": len(rs), "version": rs[0].get("peer_version"),
                "overrides": rs[0].get("overrides"), "precision": rs[0].get("precision"),
+               "infer_precision": rs[0].get("infer_precision"),
                "other_cpu_share_max": max(float(r.get("other_cpu_share") or 0.0) for r in rs)}
         col.update({k: statistics.median(float(r[k]) for r in rs) for k in FIGURES if all(k in r for r in rs)})
         columns.append(col)

@@ -228,6 +228,8 @@ def render_peers(d: dict[str, Any]) -> str:
                       "x plain", "peak RSS MB", "x plain", "test AUC")]
     for c in cols:
         settings = " ".join(o for o in (c.get("overrides") or []) if o.startswith(("trainer.precision", "optimizer=")))
+        if c.get("infer_precision") and c["infer_precision"] != c.get("precision"):  # served at another precision
+            settings += f" infer={c['infer_precision']}"
         lines.append(f"| {c['peer']} | {settings or '-'} | {c['prep_s']:.1f} | {_f(c['train_samples_per_s'])} | "
                      f"{c['train_samples_per_s_over_plain']:.2f} | {_f(c['infer_samples_per_s'])} | "
                      f"{c['infer_samples_per_s_over_plain']:.2f} | {_f(c['peak_rss_mb'])} | "
@@ -266,7 +268,7 @@ RENDERERS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "zoo": ("zoo.json", render_zoo), "scale": ("scale.json", render_scale),
     "train_avx2": ("train_avx2.json", render_train), "int8": ("int8.json", render_int8),
     "serving": ("serving.json", render_serving), "serving_avx2": ("serving_avx2.json", render_serving), "lookup": ("lookup.json", render_lookup),
-    "peers": ("peers.json", render_peers), "default_recipe": ("default_recipe.json", render_default_recipe),
+    "peers": ("peers.json", render_peers), "peers_avx2": ("peers_avx2.json", render_peers), "default_recipe": ("default_recipe.json", render_default_recipe),
     "host_overhead": ("host_overhead.json", render_host_overhead),
 }
 
