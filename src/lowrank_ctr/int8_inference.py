@@ -27,7 +27,6 @@ import torch
 from torch import nn
 
 from lowrank_ctr.compression.methods.int8 import Int8Linear, quantize_rows
-from lowrank_ctr.models.layers import OutputLinear
 
 # x86 int8 kernels without VNNI multiply uint8 activations by int8 weights in pairs summed into int16
 # (vpmaddubsw), which saturates with 8-bit activations (measured on AVX2, 624->400 layer: max error 0.43 vs 0.065
@@ -114,7 +113,8 @@ class DynamicInt8Linear(nn.Module):
 
 
 def _converts(module: nn.Module) -> bool:
-    # OutputLinear produces logits: float32 on purpose (AUC ranks them); subclasses of Linear may compute otherwise
+    # models.layers.OutputLinear produces logits: float32 on purpose (AUC ranks them); other Linear subclasses may
+    # compute otherwise, so only exact nn.Linear and the int8 method's Int8Linear convert
     return type(module) is nn.Linear or isinstance(module, Int8Linear)
 
 
