@@ -5,9 +5,10 @@
 A run directory contributes its base checkpoint and, when it has one, its compressed checkpoint (results.json's
 ``base/checkpoint`` / ``compress/checkpoint``). For each model: the test split of its prepared dataset scored in
 float32 and with its Linear layers as int8 GEMMs (``lowrank_ctr.precision.serving_model(model, "int8")``), both
-through the project's evaluation (AUC and logloss by the training metrics), the RMS difference of the logits, and
-inference samples/s over the test split (rows read from the parquet shards once, then the models alternated three
-times, best of three each: same process, same rows, same threads). Run it on a quiet machine; the result records
+through the project's evaluation streaming the split (AUC and logloss by the training metrics), the RMS difference
+of the logits, and inference samples/s over the split's first ``--time-rows`` rows (read from the parquet shards
+once and held, then the models alternated ``--repeats`` times, the fastest pass of each: same process, same rows,
+same threads). Run it on a quiet machine; the result records
 the CPU share other processes used.
 """
 
@@ -28,7 +29,7 @@ from lowrank_ctr.int8_inference import packing_engine
 
 def checkpoints(sources: list[str]) -> list[tuple[str, str]]:
     """(label, checkpoint path) for each source: a checkpoint file, or a run directory's base and compressed."""
-    from lowrank_ctr.pipeline.results import KEY_BASE_CHECKPOINT, KEY_COMPRESSED_CHECKPOINT, RESULTS_FILE
+    from lowrank_ctr.pipeline.results import KEY_BASE_CHECKPOINT, KEY_COMPRESSED_CHECKPOINT, KEY_RATIO, RESULTS_FILE
 
     out = []
     for source in sources:
@@ -41,8 +42,8 @@ def checkpoints(sources: list[str]) -> list[tuple[str, str]]:
             for kind, key in (("base", KEY_BASE_CHECKPOINT), ("compressed", KEY_COMPRESSED_CHECKPOINT)):
                 if results.get(key):
                     label = f"{results.get('model', '?')} seed {results.get('seed', '?')} {kind}"
-                    if kind == "compressed" and results.get("compress/ratio"):
-                        label += f" {results['compress/ratio']:.1f}x"
+                    if kind == "compressed" and results.get(KEY_RATIO):
+                        label += f" {results[KEY_RATIO]:.1f}x"
                     out.append((label, results[key]))
         elif path.is_file():
             out.append((path.name, str(path)))
@@ -51,7 +52,7 @@ def checkpoints(sources: list[str]) -> list[tuple[str, str]]:
     return out
 
 
-def measure(label: str, ckpt: str, repeats: int) -> dict[str, Any]:
+def measure(label: str, ckpt: str, repeats: int, time_rows: int) -> dict[str, Any]:
     from lowrank_ctr.data.datamodule import CTRDataModule
     from lowrank_ctr.lightning.module import load_model
     from lowrank_ctr.pipeline.evaluation import evaluate
@@ -61,11 +62,15 @@ def measure(label: str, ckpt: str, repeats: int) -> dict[str, Any]:
     dm = CTRDataModule(hp["data_config"], seed=0, progress=False)
     dm.prepare_data()
     dm.setup("test")
-    batches = list(dm.test_dataloader())  # read once: the timing below is the models only
-    rows = sum(len(b["label"]) for b in batches)
     served = {"32": model, "int8": serving_model(model, "int8")}
     with torch.inference_mode():
-        metrics = {p: evaluate(m, batches, "cpu", "test", reference=model) for p, m in served.items()}
+        metrics = {p: evaluate(m, dm.test_dataloader(), "cpu", "test", reference=model) for p, m in served.items()}
+    batches, rows = [], 0  # held for the timing: the models only, not the reader
+    for b in dm.test_dataloader():
+        batches.append(b)
+        rows += len(b["label"])
+        if rows >= time_rows:
+            break
     best = {p: float("inf") for p in served}
     for _ in range(repeats):
         for precision, m in served.items():
@@ -74,7 +79,7 @@ def measure(label: str, ckpt: str, repeats: int) -> dict[str, Any]:
                 for b in batches:
                     m(b)
                 best[precision] = min(best[precision], time.perf_counter() - t0)
-    row = {"model": label, "checkpoint": ckpt, "test_rows": rows}
+    row = {"model": label, "checkpoint": ckpt, "test_rows": int(dm.datasets["test"].rows), "timed_rows": rows}
     for precision, (result, mse) in metrics.items():
         row[precision] = {"auc": result.auc, "logloss": result.logloss, "logit_rms_vs_float32": mse ** 0.5,
                           "samples_per_s": rows / best[precision]}
@@ -92,12 +97,13 @@ def main() -> None:
     ap.add_argument("sources", nargs="+", help="run directories (base + compressed checkpoints) or .ckpt files")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--time-rows", type=int, default=200_000, help="test rows held in memory for the timing")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     load = sc.MachineLoad()
-    rows = [measure(label, ckpt, args.repeats) for label, ckpt in checkpoints(args.sources)]
+    rows = [measure(label, ckpt, args.repeats, args.time_rows) for label, ckpt in checkpoints(args.sources)]
     result = {"workload": {"threads": args.threads, "repeats": args.repeats, "torch": torch.__version__,
                            "commit": sc.git_commit(), "cpu": sc.cpu_info(),
                            "engine": packing_engine()},
