@@ -18,6 +18,7 @@ Measured AUC and speed: README, "Speed" (``int8`` inference).
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import logging
 import warnings
@@ -43,6 +44,7 @@ def packing_engine() -> str:
     return next((e for e in PREFERRED_ENGINES if e in supported), torch.backends.quantized.engine)
 
 
+@functools.cache  # a property of the torch build; inference() asks on every batch
 def engine_problem() -> str | None:
     """Why this torch cannot run int8 inference, or None."""
     engines = [e for e in torch.backends.quantized.supported_engines if e != "none"]
