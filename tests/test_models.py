@@ -212,11 +212,41 @@ def test_embedding_table_is_replaceable(name: str) -> None:
     assert torch.isfinite(model(batch)).all()
 
 
+@pytest.mark.parametrize("dim", [1, 3])
+@pytest.mark.parametrize("shape", [(5, 4), (5, 4, 2)])
+def test_field_embedding_lookup_is_an_embedding_lookup(dim: int, shape: tuple) -> None:
+    """Inference lookups (a scalar gather for one-column tables) give F.embedding's rows, for (B, F) and multi-hot
+    (B, F, L) ids."""
+    from lowrank_ctr.models.layers import FieldEmbedding
+
+    torch.manual_seed(0)
+    table = FieldEmbedding([7, 3, 5, 9], dim)
+    ids = torch.stack([torch.randint(0, v, shape[:1] + shape[2:]) for v in table.vocab_sizes], dim=1)
+    with torch.no_grad():
+        out = table(ids)
+    assert out.shape == (*shape, dim)
+    assert torch.equal(out, torch.nn.functional.embedding(table.flat_ids(ids), table.weight))
+
+
 def test_fm_matches_pairwise_dot_products() -> None:
     x = torch.randn(6, 5, 3, dtype=torch.float64)
     brute = sum((x[:, i] * x[:, j]).sum(-1) for i in range(5) for j in range(i + 1, 5))
     assert torch.allclose(FactorizationMachine()(x), brute)
     assert torch.allclose(FactorizationMachine(reduce_sum=False)(x).sum(-1), brute)
+
+
+@pytest.mark.parametrize("reduce_sum", [True, False])
+def test_fm_gradient_matches_autograd_of_pairwise_products(reduce_sum: bool) -> None:
+    """The FM's written-out backward (training path) against autograd through the brute-force pairwise sum."""
+    x = torch.randn(6, 5, 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, 1 if reduce_sum else 3, dtype=torch.float64).squeeze(-1)
+    fm = FactorizationMachine(reduce_sum=reduce_sum)
+    (grad,) = torch.autograd.grad((fm(x) * weight).sum(), x)
+    pairs = sum(x[:, i] * x[:, j] for i in range(5) for j in range(i + 1, 5))  # (B, d)
+    brute = pairs.sum(-1) if reduce_sum else pairs
+    (expected,) = torch.autograd.grad((brute * weight).sum(), x)
+    assert torch.allclose(grad, expected)
+    assert torch.autograd.gradcheck(lambda t: fm(t), (x.detach().requires_grad_(),))
 
 
 def test_cross_networks_match_formulas() -> None:

@@ -84,6 +84,36 @@ def test_sum_rows_sums_each_ids_gradient_rows(method: str) -> None:
         sum_rows(ids, grad_rows, "coalesce")
 
 
+def test_sum_rows_reuses_a_sort_only_for_the_same_ids(monkeypatch) -> None:
+    """Two tables looking up the same ids sort once; other ids, or the same tensor changed in place, sort again."""
+    from lowrank_ctr.models import layers
+
+    sorts = []
+    real_sort = torch.sort
+    monkeypatch.setattr(layers.torch, "sort", lambda *a, **k: sorts.append(1) or real_sort(*a, **k))
+    layers._SORT_MEMO.clear()
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 30, (200,), generator=g)
+    grads = [torch.randn(200, d, generator=g, dtype=torch.float64) for d in (4, 1)]
+
+    def expected(i, grad):
+        return torch.zeros(30, grad.shape[1], dtype=grad.dtype).index_add_(0, i, grad)[torch.unique(i)]
+
+    for grad in grads:  # like DeepFM's embedding and first-order table: equal ids, distinct tensors
+        rows, summed = sum_rows(ids.clone(), grad, "csr")
+        assert torch.equal(rows, torch.unique(ids))
+        torch.testing.assert_close(summed, expected(ids, grad), rtol=0, atol=1e-12)
+    assert len(sorts) == 1
+    held = layers._SORT_MEMO.ids
+    held[:100] = (held[:100] + 7) % 30  # the tensor the memo holds, changed in place
+    rows, summed = sum_rows(held, grads[0], "csr")
+    torch.testing.assert_close(summed, expected(held, grads[0]), rtol=0, atol=1e-12)
+    other = torch.randint(0, 30, (200,), generator=g)
+    rows, summed = sum_rows(other, grads[0], "csr")
+    assert torch.equal(rows, torch.unique(other)) and len(sorts) == 3
+    torch.testing.assert_close(summed, expected(other, grads[0]), rtol=0, atol=1e-12)
+
+
 def test_rowwise_adagrad_matches_reference_and_leaves_untouched_rows() -> None:
     lr, scale, eps = 0.01, 5.0, 1e-8
     model, reference = TinyModel(), TinyModel()

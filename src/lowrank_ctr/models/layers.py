@@ -11,6 +11,51 @@ from torch import nn
 from lowrank_ctr.data.schema import PAD_ID, Schema
 
 
+class _SortMemo:
+    """The last CPU sort of ``sum_rows``: its ids (and their version) -> (rows, counts, order).
+
+    DeepFM-style models look the same flat ids up in two tables (the embedding and the first-order LinearTerm share
+    offsets), and each table's backward sorts them: the second sort (1-2 ms at 160k ids on 2 cores, ~2% of a step) is
+    a repeat. One slot, checked by content (``torch.equal``, ~0.05 ms) and by the version counter of the tensor it
+    holds, so an in-place change of those ids invalidates it.
+    """
+
+    def __init__(self) -> None:
+        self.ids: torch.Tensor | None = None
+        self.version = -1
+        self.result: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def get(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        held = self.ids
+        if (held is None or held.shape != ids.shape or held.device != ids.device or held.dtype != ids.dtype
+                or held._version != self.version or not torch.equal(held, ids)):
+            return None
+        return self.result
+
+    def put(self, ids: torch.Tensor, result: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        self.ids, self.version, self.result = ids, ids._version, result
+
+    def clear(self) -> None:
+        self.ids, self.version, self.result = None, -1, None
+
+
+_SORT_MEMO = _SortMemo()
+
+
+def _sorted_rows(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sorted unique ids, their counts, the permutation sorting ``ids``), reusing the last identical sort."""
+    found = _SORT_MEMO.get(ids)
+    if found is not None:
+        return found
+    # int32 keys sort twice as fast as int64 on CPU (radix passes); every table row index fits below 2**31
+    keys = ids.int() if ids.numel() and int(ids.max()) < 2**31 and int(ids.min()) >= 0 else ids
+    sorted_ids, order = torch.sort(keys)
+    rows, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+    result = (rows.to(ids.dtype), counts, order)
+    _SORT_MEMO.put(ids, result)
+    return result
+
+
 def sum_rows(ids: torch.Tensor, grad_rows: torch.Tensor, method: str | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sorted unique ids, the sum of ``grad_rows`` over each id's occurrences).
@@ -26,8 +71,7 @@ def sum_rows(ids: torch.Tensor, grad_rows: torch.Tensor, method: str | None = No
         return rows, summed
     if method != "csr":
         raise ValueError(f"sum_rows method must be 'csr' or 'index_add', got {method!r}")
-    sorted_ids, order = torch.sort(ids)
-    rows, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+    rows, counts, order = _sorted_rows(ids)
     crow = torch.zeros(rows.numel() + 1, dtype=torch.long, device=ids.device)
     torch.cumsum(counts, 0, out=crow[1:])
     ones = torch.ones(ids.numel(), dtype=grad_rows.dtype, device=ids.device)
@@ -35,6 +79,14 @@ def sum_rows(ids: torch.Tensor, grad_rows: torch.Tensor, method: str | None = No
         warnings.simplefilter("ignore", UserWarning)
         csr = torch.sparse_csr_tensor(crow, order, ones, (rows.numel(), ids.numel()), check_invariants=False)
     return rows, csr @ grad_rows
+
+
+def lookup(flat_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``weight[flat_ids]``: F.embedding, or for one-column tables (first-order weights) a gather of scalars, twice
+    as fast as gathering 4-byte rows (0.22 vs 0.47 ms for 4096 x 39 ids on 2 cores). No autograd of its own."""
+    if weight.shape[1] == 1:
+        return weight.view(-1).index_select(0, flat_ids.reshape(-1)).view_as(flat_ids).unsqueeze(-1)
+    return nn.functional.embedding(flat_ids, weight)
 
 
 class _RowGradientLookup(torch.autograd.Function):
@@ -48,7 +100,7 @@ class _RowGradientLookup(torch.autograd.Function):
     def forward(ctx, flat_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(flat_ids)
         ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
-        return nn.functional.embedding(flat_ids, weight)
+        return lookup(flat_ids, weight)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> tuple[None, torch.Tensor]:
@@ -93,9 +145,11 @@ class FieldEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = self.flat_ids(ids)
-        if self.row_gradients and self.weight.requires_grad and torch.is_grad_enabled():
-            return _RowGradientLookup.apply(flat, self.weight)
-        return nn.functional.embedding(flat, self.weight)
+        if self.weight.requires_grad and torch.is_grad_enabled():
+            if self.row_gradients:
+                return _RowGradientLookup.apply(flat, self.weight)
+            return nn.functional.embedding(flat, self.weight)  # its dense backward
+        return lookup(flat, self.weight)
 
     def field_table(self, i: int) -> torch.Tensor:
         """The rows of field ``i`` (a view into the flat table)."""
@@ -307,6 +361,47 @@ class LinearTerm(nn.Module):
 # Interaction layers
 # ------------------------------------------------------------------------------------------------
 
+def fm_interaction(x: torch.Tensor, reduce_sum: bool = True) -> torch.Tensor:
+    """0.5 * ((sum_i v_i)^2 - sum_i v_i^2) over the fields of x (B, F, d): (B, d), or (B,) summed over d."""
+    return _fm_from_sum(x, x.sum(dim=1), reduce_sum)
+
+
+def _fm_from_sum(x: torch.Tensor, s: torch.Tensor, reduce_sum: bool) -> torch.Tensor:
+    if not reduce_sum:
+        return 0.5 * (s * s - (x * x).sum(dim=1))  # (B, d)
+    flat = x.reshape(x.shape[0], -1)  # all squares as one dot product per row: no (B, F, d) temporary
+    squares = (flat * flat).sum(dim=-1) if _exporting() else torch.linalg.vecdot(flat, flat)
+    return 0.5 * ((s * s).sum(dim=-1) - squares)
+
+
+def _exporting() -> bool:
+    """Tracing for TorchScript / ONNX: plain ops only (linalg.vecdot has no ONNX export)."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+class _FMInteraction(torch.autograd.Function):
+    """fm_interaction with its gradient written out: d out / d v_i = g * (s - v_i), s = sum_i v_i.
+
+    Autograd's backward of the expression runs three (B, F, d) multiplies, two of them against the gradient
+    broadcast from (B,) through a column-major (B, d) intermediate, a cache-hostile access pattern: 3.6 ms each at
+    4096 x 39 x 16 on a 2-core AVX2 machine, ~10% of a DeepFM training step. This is one fused multiply-add.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, reduce_sum: bool) -> torch.Tensor:
+        s = x.sum(dim=1)
+        ctx.save_for_backward(x, s)
+        ctx.reduce_sum = reduce_sum
+        return _fm_from_sum(x, s, reduce_sum)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        x, s = ctx.saved_tensors
+        scale = grad.view(-1, 1) if ctx.reduce_sum else grad  # (B, 1) or (B, d)
+        return torch.addcmul((s * scale).unsqueeze(1), x, scale.unsqueeze(1), value=-1), None  # g*s - g*v_i
+
+
 class FactorizationMachine(nn.Module):
     """Sum of pairwise dot products in O(F*d): 0.5 * ((sum_i v_i)^2 - sum_i v_i^2)."""
 
@@ -315,9 +410,9 @@ class FactorizationMachine(nn.Module):
         self.reduce_sum = reduce_sum
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = x.sum(dim=1)
-        out = 0.5 * (s * s - (x * x).sum(dim=1))  # (B, d)
-        return out.sum(dim=-1) if self.reduce_sum else out
+        if x.requires_grad and torch.is_grad_enabled() and not _exporting():
+            return _FMInteraction.apply(x, self.reduce_sum)
+        return fm_interaction(x, self.reduce_sum)  # inference, tracing and export: plain ops
 
 
 class CrossNetwork(nn.Module):

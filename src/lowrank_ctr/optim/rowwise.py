@@ -32,6 +32,12 @@ def unique_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return grad.indices()[0], grad.values()
 
 
+def _add_rows(p: torch.Tensor, rows: torch.Tensor, update: torch.Tensor, alpha: float = 1.0) -> None:
+    """p[rows] += alpha * update for unique ``rows``: a gather, an add and a copy back. ``index_add_`` gives the same
+    numbers but scatters serially on CPU: 5.9 vs 0.5 ms for 30k rows of a (550k, 16) table on 2 cores."""
+    p.index_copy_(0, rows, p.index_select(0, rows).add_(update, alpha=alpha))
+
+
 class RowWiseOptimizer(torch.optim.Adam):
     """torch's Adam for parameters with dense gradients; a row rule for parameters with sparse (row) gradients.
 
@@ -103,7 +109,7 @@ class RowWiseOptimizer(torch.optim.Adam):
             s = row_sum.index_select(0, rows).add_(g.float().pow(2).flatten(1).mean(1))
             row_sum.index_copy_(0, rows, s)
             step = g / s.sqrt_().add_(group["row_eps"]).view((-1,) + (1,) * (g.dim() - 1)).to(g.dtype)
-            p.index_add_(0, rows, step, alpha=-lr)
+            _add_rows(p, rows, step, -lr)
         else:
             beta1, beta2 = group["betas"]
             if "exp_avg" not in state:
@@ -121,4 +127,4 @@ class RowWiseOptimizer(torch.optim.Adam):
             exp_avg_sq.index_copy_(0, rows, sq)
             step_count = float(state["step"])
             step_size = lr * math.sqrt(1 - beta2**step_count) / (1 - beta1**step_count)
-            p.index_add_(0, rows, avg.div_(sq.sqrt_().add_(group["row_eps"])).mul_(-step_size))
+            _add_rows(p, rows, avg.div_(sq.sqrt_().add_(group["row_eps"])).mul_(-step_size))  # SparseAdam's rounding
