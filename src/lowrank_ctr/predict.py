@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 from omegaconf import DictConfig
 
+from lowrank_ctr.allocator import MODES as MALLOC_MODES, configure_malloc
 from lowrank_ctr.config import CONF_DIR, UserError, in_checkpoint, user_errors, user_message
 from lowrank_ctr.data import readers
 from lowrank_ctr.data.batch import batch_arrays
@@ -328,6 +329,10 @@ def _main(cfg: DictConfig) -> None:
                                 "output=OUT.csv")
         overwrite = bool(cfg.get("overwrite", False))
         check_output(str(cfg.output), str(cfg.input), [], overwrite)  # before the model is loaded
+        malloc = str(cfg.get("malloc", "tuned"))
+        if malloc not in MALLOC_MODES:
+            raise UserError(f"malloc must be one of {', '.join(MALLOC_MODES)}, got {malloc!r}")
+        configure_malloc(malloc)
         served = load_served_model(str(cfg.model), cfg.get("threads"), str(cfg.get("precision", "32")))
         summary = predict_file(served, str(cfg.input), str(cfg.output), int(cfg.batch_size), str(cfg.on_bad_rows),
                                overwrite=overwrite)

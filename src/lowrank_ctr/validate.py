@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from lowrank_ctr.allocator import MODES as MALLOC_MODES
 from lowrank_ctr.config import UserError
 from lowrank_ctr.optim import config_problems as optimizer_problems
 from lowrank_ctr.precision import precision_problem
@@ -73,6 +74,7 @@ def rank(v: Any) -> str | None:
 RULES: dict[str, Check] = {
     "seed": integer(),
     "threads": integer(1, optional=True),
+    "malloc": choice(*MALLOC_MODES),
     "progress_bar": boolean,
     "bench": boolean,
     "embedding_l2": number(0.0),

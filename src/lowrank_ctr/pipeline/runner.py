@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lowrank_ctr import bench
+from lowrank_ctr.allocator import configure_malloc
 from lowrank_ctr.pipeline import rundir
 from lowrank_ctr.pipeline.base import BaseStage, LoadBase, TrainBase
 from lowrank_ctr.pipeline.compression import compress_stage, scratch_stage, two_stage_from_scratch
@@ -90,6 +91,7 @@ def _run(cfg: DictConfig, stage: BaseStage, run_dir, identity: str) -> dict[str,
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
+    configure_malloc(str(cfg.get("malloc", "tuned")))
     resuming = stage.resume_requested(cfg) or in_multirun()  # a retried sweep job continues where it stopped
     records = StageRecords(run_dir, identity)
     if not resuming and is_global_zero():
