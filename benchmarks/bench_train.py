@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import statistics
 import time
 import warnings
 from pathlib import Path
@@ -94,8 +95,11 @@ def project_child(spec: dict[str, Any]) -> dict[str, Any]:
     import lightning.pytorch as pl
     import torch
 
+    from lowrank_ctr.allocator import configure_malloc
+
     torch.set_num_threads(spec["threads"])
     cfg = sc.compose(spec["overrides"])
+    configure_malloc(str(cfg.get("malloc", "tuned")))  # what lowrank-ctr-train does (lowrank_ctr/allocator.py)
     pl.seed_everything(spec["seed"], verbose=False)
     dm = sc.prepared_datamodule(cfg)
     module = sc.make_module(cfg, dm.schema)
@@ -135,12 +139,14 @@ def breakdown_child(spec: dict[str, Any]) -> dict[str, Any]:
     import lightning.pytorch as pl
     import torch
 
+    from lowrank_ctr.allocator import configure_malloc
     from lowrank_ctr.data.batch import to_device
     from lowrank_ctr.optim import build_optimizer
     from lowrank_ctr.precision import autocast_dtype
 
     torch.set_num_threads(spec["threads"])
     cfg = sc.compose(spec["overrides"])
+    configure_malloc(str(cfg.get("malloc", "tuned")))
     pl.seed_everything(spec["seed"], verbose=False)
     dm = sc.prepared_datamodule(cfg)
     warmup = 3
@@ -183,14 +189,37 @@ def breakdown_child(spec: dict[str, Any]) -> dict[str, Any]:
     def lightning_loop() -> float:  # batch start to batch start: everything the loop does
         return sc.lightning_step_seconds(cfg, sc.make_module(cfg, dm.schema), dm, warmup, steps, sync)
 
-    hand, lightning_step = [], []
+    def mlp_alone() -> float | None:
+        """Median seconds of the model's MLP forward + backward by itself on a random input of the step's shape:
+        the share of a step no change outside the MLP can remove (its GEMMs at this machine's speed)."""
+        mlp = getattr(sc.make_module(cfg, dm.schema).model, "mlp", None)
+        if mlp is None:
+            return None
+        mlp = mlp.to(device).train()
+        x = torch.randn(spec["batch_size"], mlp.net[0].in_features, device=device, requires_grad=True)
+        times = []
+        for _ in range(warmup + steps):
+            t0 = time.perf_counter()
+            with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                out = mlp(x).float().sum()
+            out.backward()
+            sync()
+            times.append(time.perf_counter() - t0)
+            x.grad = None
+            mlp.zero_grad(set_to_none=True)
+        return statistics.median(times[warmup:])
+
+    hand, lightning_step, mlp_step = [], [], []
     for _ in range(2):  # interleaved, best of two: the least disturbed figure of each
         hand.append(hand_loop())
         lightning_step.append(lightning_loop())
+        mlp_step.append(mlp_alone())
     parts = min(hand, key=lambda p: sum(p.values()))
     step = min(lightning_step)
     parts["lightning_loop_overhead"] = max(step - sum(parts.values()), 0.0)
-    return {"step_s": step, "steps": steps, "parts_s": parts, "shares": {k: v / step for k, v in parts.items()}}
+    mlp_s = None if None in mlp_step else min(mlp_step)
+    return {"step_s": step, "steps": steps, "parts_s": parts, "shares": {k: v / step for k, v in parts.items()},
+            "mlp_alone_s": mlp_s}
 
 
 CHILDREN = {"plain": plain_child, "project": project_child, "breakdown": breakdown_child}

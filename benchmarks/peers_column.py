@@ -65,6 +65,7 @@ def main() -> None:
     from omegaconf import OmegaConf
 
     import lowrank_ctr.data.prepare  # noqa: F401  (imported before any timer)
+    from lowrank_ctr.allocator import configure_malloc
     from lowrank_ctr.compression.size import model_size
     from lowrank_ctr.pipeline.evaluation import evaluate
     from lowrank_ctr.validate import validate
@@ -112,6 +113,7 @@ def main() -> None:
     res["infer_precision"] = infer_precision
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     torch.set_num_threads(int(cfg.threads))
+    configure_malloc(str(cfg.get("malloc", "tuned")))  # what lowrank-ctr-train does (lowrank_ctr/allocator.py)
 
     # (1) preparation: raw TSV -> parquet shards
     t_all = time.perf_counter()

@@ -73,12 +73,18 @@ def _train_table(d: dict[str, Any]) -> list[str]:
 def _breakdown_table(d: dict[str, Any]) -> list[str]:
     if not d.get("breakdown"):
         return []
-    lines = ["", "Where one training step goes (`--breakdown`, shares of a step):", "",
-             *_header("column", "step ms", "data", "forward", "backward", "optimizer", "Lightning loop")]
+    lines = ["", "Where one training step goes (`--breakdown`, shares of a step; the last column times the MLP's "
+             "forward + backward by itself on an input of the step's shape: the part of a step only faster GEMMs "
+             "can shorten):", "",
+             *_header("column", "step ms", "data", "forward", "backward", "optimizer", "Lightning loop",
+                      "MLP alone ms (share)")]
     for name, b in d["breakdown"].items():
         s, ms = b["shares"], b["step_s"] * 1000
+        mlp = b.get("mlp_alone_s")
+        mlp_cell = "-" if mlp is None else f"{mlp * 1000:.{0 if mlp >= 0.01 else 2}f} ({mlp / b['step_s']:.0%})"
         lines.append(f"| {name} | {ms:.{0 if ms >= 10 else 2}f} | {s['data']:.1%} | {s['forward']:.1%} | "
-                     f"{s['backward']:.1%} | {s['optimizer']:.1%} | {s['lightning_loop_overhead']:.1%} |")
+                     f"{s['backward']:.1%} | {s['optimizer']:.1%} | {s['lightning_loop_overhead']:.1%} | "
+                     f"{mlp_cell} |")
     return lines
 
 

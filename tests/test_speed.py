@@ -102,7 +102,8 @@ def test_bf16_inference_keeps_float32_probabilities_close_to_float32() -> None:
 
 @pytest.mark.parametrize("script, args", [
     ("bench_train.py", ["--rows", "3000", "--max-vocab", "200", "--batch-size", "256", "--repeats", "1",
-                        "--variants", "32:adam,bf16-mixed:rowwise_adagrad,32:adam:infer=int8", "--mlp", "16,16"]),
+                        "--variants", "32:adam,bf16-mixed:rowwise_adagrad,32:adam:infer=int8", "--mlp", "16,16",
+                        "--breakdown", "--breakdown-steps", "2", "--no-fused"]),
     ("bench_zoo.py", ["--rows", "3000", "--max-vocab", "200", "--batch-size", "256", "--batches", "2",
                       "--models", "deepfm,xdeepfm", "--tiny"]),
 ])
@@ -119,6 +120,8 @@ def test_benchmark_scripts_run_at_a_tiny_size(tmp_path: Path, script: str, args:
         int8 = next(r for r in result["rows"] if r["name"].endswith("infer=int8"))
         assert abs(int8["infer_auc_change"]) < 0.01 and "infer_auc_change" not in result["rows"][2]
         assert result["workload"]["cpu"]["capability"]
+        for part in result["breakdown"].values():  # the MLP by itself is a part of the step, not all of it
+            assert 0 < part["mlp_alone_s"] < part["step_s"], part
 
 
 def test_bench_int8_compares_base_and_compressed_of_a_run(tmp_path: Path) -> None:
