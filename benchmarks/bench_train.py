@@ -254,7 +254,8 @@ def main() -> None:
                          "with int8 Linear layers, lowrank_ctr.int8_inference)")
     ap.add_argument("--no-fused", action="store_true", help="skip the plain loop with fused Adam")
     ap.add_argument("--breakdown", action="store_true", help="also time the parts of one training step")
-    ap.add_argument("--breakdown-steps", type=int, default=15)
+    ap.add_argument("--breakdown-steps", type=int, default=30,
+                    help="timed steps per loop (at most one epoch's batches less 4); 15 left +-9 ms of noise here")
     ap.add_argument("--seed", type=int, default=2026)
     ap.add_argument("--workdir", default=str(sc.REPO / "data_cache" / "bench"))
     ap.add_argument("--out", default=None)
