@@ -9,49 +9,32 @@ unmaps them when freed: the peak over the imports fell to ~290 MB at the same sp
 3.4 s). (pyarrow's jemalloc pool with decay 0 lowered it a little more but cost ~35% of the time.)
 
 After the block glibc keeps a fixed 32 MB mmap threshold and a 64 MB trim threshold -- the values its own dynamic
-rule reaches, so training's buffers come from the heap as they would after glibc's adjustment -- and the freed
-memory is handed back. (Peer column, 3 runs each against the commit before: same training and inference speed,
-peak RSS 955-972 -> 864-882 MB.)
+rule reaches -- or ``malloc=tuned``'s (``lowrank_ctr/allocator.py``, the one place that calls ``mallopt``), so
+training's buffers come from the heap as they would after glibc's adjustment, and the freed memory is handed back. (Peer column, 3 runs each against the commit before: same training and inference speed, peak RSS 955-972 ->
+864-882 MB.)
 """
 
 from __future__ import annotations
 
-import ctypes
 import gc
 from contextlib import contextmanager
 from typing import Iterator
 
 import pyarrow as pa
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+from lowrank_ctr.allocator import fixed_thresholds, glibc, steady_thresholds
+
 PREPARE_MMAP_THRESHOLD = 4 << 20
-AFTER_MMAP_THRESHOLD = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
-
-
-def _glibc() -> ctypes.CDLL | None:
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt, libc.malloc_trim  # noqa: B018  (glibc only: musl / macOS have neither)
-        return libc
-    except (OSError, AttributeError):
-        return None
 
 
 @contextmanager
 def lean_allocators() -> Iterator[None]:
     """Large buffers mapped apart while the block runs; what it freed is handed back at its end."""
-    libc = _glibc()
-    if libc is not None:
-        libc.mallopt(M_MMAP_THRESHOLD, PREPARE_MMAP_THRESHOLD)
+    fixed_thresholds(PREPARE_MMAP_THRESHOLD, trim_threshold=None)
     try:
         yield
     finally:
-        if libc is not None:
-            libc.mallopt(M_MMAP_THRESHOLD, AFTER_MMAP_THRESHOLD)
-            # a fixed mmap threshold also freezes the trim threshold at 128 KB: the top of the heap would be handed
-            # back after every step and faulted in again (measured: training -10%, inference -22%); glibc's own
-            # dynamic rule keeps it at twice the mmap threshold
-            libc.mallopt(M_TRIM_THRESHOLD, 2 * AFTER_MMAP_THRESHOLD)
+        steady_thresholds()
         release_memory()
 
 
@@ -63,6 +46,6 @@ def release_memory() -> None:
     with either, 2 runs each)."""
     gc.collect(1)
     pa.default_memory_pool().release_unused()
-    libc = _glibc()
+    libc = glibc()
     if libc is not None:
         libc.malloc_trim(0)
