@@ -197,6 +197,10 @@ def test_predict_cli(served, tmp_path):
     r = run_cli(["lowrank-ctr-predict", f"model={served[SERVING]}", f"output={out}",
                  f"hydra.run.dir={tmp_path / 'log'}"])
     assert r.returncode == 2 and "input is required" in r.stderr
+    r = run_cli(["lowrank-ctr-predict", f"model={served[SERVING]}", f"input={served['test']}",
+                 f"output={tmp_path / 'm.csv'}", "malloc=jemalloc", f"hydra.run.dir={tmp_path / 'log'}"])
+    assert r.returncode == 2 and "malloc must be one of tuned, default" in r.stderr
+    assert not (tmp_path / "m.csv").exists()
     assert json.loads((served[SERVING] / "data_config.json").read_text())["format"] == "criteo"
 
 
