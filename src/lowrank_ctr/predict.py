@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 from omegaconf import DictConfig
 
-from lowrank_ctr.allocator import MODES as MALLOC_MODES, configure_malloc
+from lowrank_ctr.allocator import configure_malloc
 from lowrank_ctr.config import CONF_DIR, UserError, in_checkpoint, user_errors, user_message
 from lowrank_ctr.data import readers
 from lowrank_ctr.data.batch import batch_arrays
@@ -329,10 +329,7 @@ def _main(cfg: DictConfig) -> None:
                                 "output=OUT.csv")
         overwrite = bool(cfg.get("overwrite", False))
         check_output(str(cfg.output), str(cfg.input), [], overwrite)  # before the model is loaded
-        malloc = str(cfg.get("malloc", "tuned"))
-        if malloc not in MALLOC_MODES:
-            raise UserError(f"malloc must be one of {', '.join(MALLOC_MODES)}, got {malloc!r}")
-        configure_malloc(malloc)
+        configure_malloc(str(cfg.get("malloc", "tuned")))  # an unknown value: one line naming the choices
         served = load_served_model(str(cfg.model), cfg.get("threads"), str(cfg.get("precision", "32")))
         summary = predict_file(served, str(cfg.input), str(cfg.output), int(cfg.batch_size), str(cfg.on_bad_rows),
                                overwrite=overwrite)
