@@ -99,7 +99,7 @@ def project_child(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(spec["threads"])
     cfg = sc.compose(spec["overrides"])
-    configure_malloc(str(cfg.get("malloc", "tuned")))  # what lowrank-ctr-train does (lowrank_ctr/allocator.py)
+    configure_malloc(cfg.get("malloc"))  # what lowrank-ctr-train does (lowrank_ctr/allocator.py)
     pl.seed_everything(spec["seed"], verbose=False)
     dm = sc.prepared_datamodule(cfg)
     module = sc.make_module(cfg, dm.schema)
@@ -146,7 +146,7 @@ def breakdown_child(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(spec["threads"])
     cfg = sc.compose(spec["overrides"])
-    configure_malloc(str(cfg.get("malloc", "tuned")))
+    configure_malloc(cfg.get("malloc"))
     pl.seed_everything(spec["seed"], verbose=False)
     dm = sc.prepared_datamodule(cfg)
     warmup = 3

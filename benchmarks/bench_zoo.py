@@ -37,7 +37,7 @@ def model_child(spec: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for label, precision, optimizer in (("float32_adam", "32", "adam"), ("fast", *spec["fast"].split(":"))):
         cfg = sc.compose([*spec["overrides"], f"trainer.precision={precision}", f"optimizer={optimizer}"])
-        configure_malloc(str(cfg.get("malloc", "tuned")))  # what lowrank-ctr-train does
+        configure_malloc(cfg.get("malloc"))  # what lowrank-ctr-train does
         pl.seed_everything(spec["seed"], verbose=False)
         dm = sc.prepared_datamodule(cfg)
         module = sc.make_module(cfg, dm.schema)

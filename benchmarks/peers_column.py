@@ -14,7 +14,8 @@ Hydra configs from ``conf/`` (data=criteo with numeric_mode=bucketize, model=dee
 of ``CTRModule`` in the Lightning Trainer from ``conf/trainer`` without validation or checkpoints
 (``train_epoch_s``: on_train_epoch_start -> end); inference over train + test rows through the project's
 loaders under ``lowrank_ctr.precision.inference`` -- bf16 autocast when trained with trainer.precision=bf16-mixed,
-int8 Linear layers with ``infer=int8`` among the overrides (``lowrank_ctr.precision.serving_model``) (``infer_s``); test AUC / logloss on those rows; peak memory (the harness's PeakMemory).
+int8 Linear layers with ``infer=int8`` among the overrides (``lowrank_ctr.precision.serving_model``) (``infer_s``);
+test AUC / logloss on those rows; peak memory (the harness's PeakMemory).
 """
 
 import logging
@@ -113,7 +114,7 @@ def main() -> None:
     res["infer_precision"] = infer_precision
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     torch.set_num_threads(int(cfg.threads))
-    configure_malloc(str(cfg.get("malloc", "tuned")))  # what lowrank-ctr-train does (lowrank_ctr/allocator.py)
+    configure_malloc(cfg.get("malloc"))  # what lowrank-ctr-train does (lowrank_ctr/allocator.py)
 
     # (1) preparation: raw TSV -> parquet shards
     t_all = time.perf_counter()

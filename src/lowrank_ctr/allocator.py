@@ -65,13 +65,15 @@ def steady_thresholds() -> bool:
     return fixed_thresholds(MMAP_THRESHOLD, TRIM_THRESHOLD if _applied else ADAPTIVE_TRIM_THRESHOLD)
 
 
-def configure_malloc(mode: str = "tuned") -> bool:
-    """Apply ``mode`` to this process's allocator; True when glibc's thresholds were fixed (now or before).
+def configure_malloc(mode: str | None = None) -> bool:
+    """Apply ``mode`` (the config's ``malloc``; None: ``tuned``) to this process's allocator; True when glibc's
+    thresholds were fixed (now or before).
 
     ``default`` leaves glibc's adaptive rule as it is. Settings cannot be taken back within a process (the rule is
     off once a threshold is set), so ``default`` after ``tuned`` only logs that the process stays tuned.
     """
     global _applied
+    mode = MODES[0] if mode is None else str(mode)
     if mode not in MODES:
         raise ValueError(f"malloc must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "default":

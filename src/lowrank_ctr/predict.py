@@ -329,7 +329,7 @@ def _main(cfg: DictConfig) -> None:
                                 "output=OUT.csv")
         overwrite = bool(cfg.get("overwrite", False))
         check_output(str(cfg.output), str(cfg.input), [], overwrite)  # before the model is loaded
-        configure_malloc(str(cfg.get("malloc", "tuned")))  # an unknown value: one line naming the choices
+        configure_malloc(cfg.get("malloc"))  # an unknown value: one line naming the choices
         served = load_served_model(str(cfg.model), cfg.get("threads"), str(cfg.get("precision", "32")))
         summary = predict_file(served, str(cfg.input), str(cfg.output), int(cfg.batch_size), str(cfg.on_bad_rows),
                                overwrite=overwrite)

@@ -48,7 +48,8 @@ def _sorted_rows(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     if found is not None:
         return found
     # int32 keys sort twice as fast as int64 on CPU (radix passes); every table row index fits below 2**31
-    keys = ids.int() if ids.numel() and int(ids.max()) < 2**31 and int(ids.min()) >= 0 else ids
+    low, high = torch.aminmax(ids) if ids.numel() else (None, None)
+    keys = ids.int() if low is not None and int(low) >= 0 and int(high) < 2**31 else ids
     sorted_ids, order = torch.sort(keys)
     rows, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
     result = (rows.to(ids.dtype), counts, order)

@@ -91,7 +91,7 @@ def _run(cfg: DictConfig, stage: BaseStage, run_dir, identity: str) -> dict[str,
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
-    configure_malloc(str(cfg.get("malloc", "tuned")))
+    configure_malloc(cfg.get("malloc"))
     resuming = stage.resume_requested(cfg) or in_multirun()  # a retried sweep job continues where it stopped
     records = StageRecords(run_dir, identity)
     if not resuming and is_global_zero():
