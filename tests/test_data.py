@@ -363,12 +363,15 @@ def test_row_groups_read_in_slices_keep_every_row_once(synth, monkeypatch, shuff
 
 
 def test_loader_holds_about_one_copy_of_its_rows(synth):
-    """A shuffle buffer as large as the split holds the split once: no concatenated copy next to the parts read."""
+    """A shuffle buffer as large as the split holds the split once: no concatenated copy next to the parts read,
+    and its ids at the 4 bytes they were prepared with, although batches carry them as int64."""
     import tracemalloc
 
     ds = ShardedBatches(synth.path / "train", synth.schema, 512, shuffle=True, seed=0, shuffle_buffer=1 << 20)
     first = next(iter(ds))
-    split_bytes = ds.rows * sum(v[:1].numel() * v.element_size() for v in first.values())
+    assert first["cat"].dtype == first["multi"].dtype == torch.int64
+    split_bytes = ds.rows * sum(v[:1].numel() * (4 if k in ("cat", "multi") else v.element_size())
+                                for k, v in first.items())
     tracemalloc.start()
     try:
         for _ in ds:

@@ -36,20 +36,25 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> dic
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def batch_arrays(schema: Schema, table: pa.Table) -> dict[str, np.ndarray]:
+ID_KEYS = ("cat", "multi")  # the id arrays: int64 in batches (what the models' lookups take)
+
+
+def batch_arrays(schema: Schema, table: pa.Table, id_dtype: type = np.int64) -> dict[str, np.ndarray]:
     """Prepared columns (a row group, or rows encoded for prediction) as the batch arrays, in the batch dtypes.
 
+    ``id_dtype``: of the id arrays (ID_KEYS). Prepared ids are int32; the streaming loader keeps them so while rows
+    wait in its shuffle buffer (half the bytes) and widens each batch it cuts.
     An unknown (null) label, or the null-typed label of a file without labels, becomes NaN; a missing or null
     row_id column numbers the rows from 0.
     """
     n = table.num_rows
-    cat = np.empty((n, len(schema.categorical)), np.int64)
+    cat = np.empty((n, len(schema.categorical)), id_dtype)
     for j, f in enumerate(schema.categorical):
         cat[:, j] = table.column(f.name).to_numpy()
     num = np.empty((n, len(schema.numeric)), np.float32)
     for j, f in enumerate(schema.numeric):
         num[:, j] = table.column(f.name).to_numpy()
-    multi = np.zeros((n, len(schema.multihot), schema.multihot_max_len), np.int64)
+    multi = np.zeros((n, len(schema.multihot), schema.multihot_max_len), id_dtype)
     for j, f in enumerate(schema.multihot):
         multi[:, j, : f.max_len] = table.column(f.name).combine_chunks().values.to_numpy().reshape(n, f.max_len)
     label = table.column("label")
