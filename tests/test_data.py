@@ -434,11 +434,15 @@ def test_loading_a_split_into_memory_decodes_one_slice_at_a_time(synth):
 
 
 def test_an_evaluation_split_held_in_memory_gives_the_streamed_batches(synth):
+    """Same batches, same dtypes (int64 ids), although the split is held with its ids at 4 bytes."""
     streamed = list(ShardedBatches(synth.path / "valid", synth.schema, 700))
-    held = list(InMemoryBatches(ShardedBatches(synth.path / "valid", synth.schema, 700)))
+    source = InMemoryBatches(ShardedBatches(synth.path / "valid", synth.schema, 700))
+    assert source.tensors["cat"].element_size() == source.tensors["multi"].element_size() == 4
+    held = list(source)
     assert len(held) == len(streamed)
     for a, b in zip(held, streamed):
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    assert held[0]["cat"].dtype == held[0]["multi"].dtype == torch.int64
 
 
 def test_datamodule_in_memory_serves_once_and_refuses_what_does_not_fit(tmp_path, monkeypatch):

@@ -253,6 +253,7 @@ class InMemoryBatches(IterableDataset):
     The work split is ShardedBatches's with one consumer per DDP rank: rank r of W takes rows [r N / W, (r+1) N / W)
     of the epoch's order and every rank yields the same number of batches. Each rank holds the whole split (the
     permutation mixes all rows). What a plain GPU loop does; with data on the GPU a step copies nothing from the host.
+    Ids are held as prepared, int32 (half the memory of int64), and batches carry them as int64.
     """
 
     def __init__(self, source: ShardedBatches, device: torch.device | str = "cpu") -> None:
@@ -301,10 +302,11 @@ class InMemoryBatches(IterableDataset):
         offset = 0
         for size in batch_sizes(mine, count, self.source.batch_size) if mine else []:
             if rows is None:
-                yield {k: v[start + offset: start + offset + size] for k, v in self.tensors.items()}
+                batch = {k: v[start + offset: start + offset + size] for k, v in self.tensors.items()}
             else:
                 index = rows[offset: offset + size]
-                yield {k: v.index_select(0, index) for k, v in self.tensors.items()}
+                batch = {k: v.index_select(0, index) for k, v in self.tensors.items()}
+            yield {k: v.long() if k in ID_KEYS else v for k, v in batch.items()}  # ids held as prepared (int32)
             offset += size
 
 
