@@ -22,7 +22,7 @@ from lowrank_ctr.lightning.module import NonFiniteLossError, load_model
 from lowrank_ctr.pipeline import rundir
 from lowrank_ctr.pipeline.finetune import distillation_loss
 from lowrank_ctr.pipeline.results import (BaseResult, BenchResult, CompressResult, ControlResult, FinetuneResult,
-                                          Metrics, RunResult, TrainingStats, from_record, to_record)
+                                          Int8Result, Metrics, RunResult, TrainingStats, from_record, to_record)
 from lowrank_ctr.pipeline.summary import count_jobs, human_summary, multirun_line
 from lowrank_ctr.train import run
 
@@ -73,7 +73,9 @@ def _run_result() -> RunResult:
                      finetune=FinetuneResult(epochs=1, seconds=1.0, kept=True, val_auc=0.705,
                                              test=Metrics(None, 0.44), checkpoint="c.ckpt"),
                      control=ControlResult(test=Metrics(0.702, 0.449), kept=False),
-                     bench=BenchResult(base_ms={4096: 2.0}, compressed_ms={4096: 1.0}, threads=2))
+                     bench=BenchResult(base_ms={4096: 2.0}, compressed_ms={4096: 1.0}, threads=2),
+                     int8=Int8Result(test=Metrics(0.6995, 0.441), sizes=[256, 4096], float_ms={256: 0.3, 4096: 1.0},
+                                     int8_ms={256: 0.2, 4096: 0.8}, threads=2))
 
 
 def test_results_flatten_to_the_documented_keys():
@@ -86,6 +88,9 @@ def test_results_flatten_to_the_documented_keys():
     assert out["compress/test/auc_delta"] is None  # undefined AUC: no number derived from it
     assert out["bench/speedup@4096"] == 2.0 and out["train/samples_per_s"] == 100.0
     assert out["control/test/auc"] == 0.702 and out["compress/finetune_kept"] is True
+    assert out["test/int8/auc"] == 0.6995 and out["test/int8/logloss"] == 0.441
+    assert out["test/int8/auc_delta"] is None  # against the final model's undefined float32 AUC
+    assert out["bench/int8_ms@256"] == 0.2 and out["bench/int8_speedup@4096"] == pytest.approx(1.25)
     json.dumps(out, allow_nan=False)  # never NaN in results.json
 
 
@@ -466,6 +471,78 @@ def test_callbacks_come_from_config(tmp_path, data_dir):
                           data_dir))
     assert res["train/samples_per_s"] is None  # the throughput callback was removed by config
     assert Path(res["checkpoint"]).name == "best.ckpt" and (tmp_path / "checkpoints" / "last.ckpt").exists()
+
+
+# bench_int8: the final model served with int8 Linears ------------------------------------------------------------
+
+def _rank_auc(labels, scores) -> float:
+    """Mann-Whitney AUC with average ranks for ties (written here, not the project's metric)."""
+    import numpy as np
+
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    i = 0
+    while i < len(scores):
+        j = i
+        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    pos = labels == 1
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def test_bench_int8_serves_the_final_model_with_int8_linears(tmp_path, data_dir):
+    """test/int8/* are the int8-served final model's on the test split (recomputed here from the checkpoint, with an
+    AUC written in the test); bench/int8_* its latency; the summary says both."""
+    import numpy as np
+
+    from lowrank_ctr.pipeline.context import make_datamodule
+    from lowrank_ctr.pipeline.summary import human_summary
+    from lowrank_ctr.precision import inference, serving_model
+
+    cfg = compose_cfg("train", TINY + ["model.mlp=[16]", "bench=false", "bench_int8=true",
+                                       "bench_batch_sizes=[64,512]"], tmp_path, data_dir)
+    res = run(cfg)
+    model, _ = load_model(res["checkpoint"])
+    served = serving_model(model.eval(), "int8")
+    logits, labels = [], []
+    with inference("int8"):
+        for batch in make_datamodule(cfg).test_dataloader():  # the same batches: activations are quantised per batch
+            logits.append(served(batch).double())
+            labels.append(batch["label"])
+    auc = _rank_auc(torch.cat(labels).numpy(), torch.cat(logits).numpy())
+    assert res["test/int8/auc"] == pytest.approx(auc, abs=1e-6)
+    assert res["test/int8/auc_delta"] == pytest.approx(res["test/int8/auc"] - res["test/auc"], abs=1e-12)
+    assert abs(res["test/int8/auc_delta"]) < 0.01 and np.isfinite(res["test/int8/logloss"])
+    for size in (64, 512):
+        assert res[f"bench/int8_ms@{size}"] > 0 and res[f"bench/int8_speedup@{size}"] > 0
+    assert "bench/int8_ms@4096" not in res and "bench/base_ms@64" not in res  # bench=false: no float32 table
+    assert "int8 serving (CPU): test AUC" in human_summary(res)
+    assert read_results(tmp_path)["test/int8/auc"] == res["test/int8/auc"]
+
+
+def test_bench_int8_without_a_linear_layer_is_null_not_a_number(tmp_path, data_dir, caplog):
+    from lowrank_ctr.pipeline.summary import human_summary
+
+    with caplog.at_level("WARNING"):
+        res = run(compose_cfg("train", TINY + ["model=lr", "bench=false", "bench_int8=true"], tmp_path, data_dir))
+    assert res["test/auc"] is not None
+    assert res["test/int8/auc"] is None and res["test/int8/auc_delta"] is None and res["bench/int8_ms@4096"] is None
+    assert "no Linear layer to run in int8" in caplog.text
+    assert "int8 serving: not measured" in human_summary(res)
+
+
+def test_bench_int8_without_a_quantized_engine_stops_before_training(tmp_path, data_dir, monkeypatch):
+    import lowrank_ctr.int8_inference as int8_inference
+    from lowrank_ctr.config import UserError
+
+    monkeypatch.setattr(int8_inference, "engine_problem", lambda: "this torch has no quantized engine")
+    with pytest.raises(UserError, match="bench_int8=true: this torch has no quantized engine"):
+        run(compose_cfg("train", TINY + ["model.mlp=[16]", "bench_int8=true"], tmp_path, data_dir))
+    assert not (tmp_path / "checkpoints").exists()  # nothing was trained
 
 
 # How to extend: a new result key (README worked example) ----------------------------------------------------------

@@ -322,6 +322,25 @@ def test_only_foreign_results_json_is_a_clear_error(tmp_path):
     assert r.returncode == 2 and "none written by lowrank-ctr" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_int8_serving_columns_come_from_bench_int8_runs_only(tmp_path):
+    """bench_int8 runs fill int8_auc, delta_auc_int8 (int8 minus float32, same weights) and speedup_int8@4096; a null
+    int8 AUC reads undefined; a run that did not measure int8 has no value there, and nothing reads undefined."""
+    write_json(tmp_path / "a", _ok_run(seed=1, **{"test/int8/auc": 0.7695, "bench/int8_speedup@4096": 1.4}))
+    write_json(tmp_path / "b", _ok_run(seed=2, **{"test/int8/auc": None, "bench/int8_speedup@4096": None}))
+    write_json(tmp_path / "c", _ok_run(seed=3))
+    res = load_results([tmp_path])
+    runs = res.runs.set_index(res.runs["run_dir"].map(lambda p: Path(p).name))
+    assert runs.loc["a", "int8_auc"] == 0.7695 and runs.loc["a", "delta_auc_int8"] == pytest.approx(0.7695 - 0.77)
+    assert runs.loc["a", "speedup_int8@4096"] == 1.4 and runs.loc["a", "undefined"] == ""
+    assert runs.loc["b", "undefined"].split() == ["int8_auc", "delta_auc_int8"]
+    assert pd.isna(runs.loc["c", "int8_auc"]) and runs.loc["c", "undefined"] == ""
+    from lowrank_ctr.report import display_table
+
+    shown = display_table(res.runs.sort_values("seed"))
+    assert list(shown["int8_auc"]) == ["0.76950", "undefined", ""]
+    assert list(shown["delta_auc_int8"]) == ["-0.00050", "undefined", ""]
+
+
 def test_undefined_metric_reads_undefined_never_a_number(tmp_path):
     """test/auc null (one-class test split): 'undefined' in the tables, and its group's mean is undefined."""
     write_json(tmp_path / "a", _ok_run(auc=None, seed=1))

@@ -50,6 +50,7 @@ def test_shipped_configs_are_valid(tmp_path):
     (["early_stopping_patience=-1"], "early_stopping_patience=-1", "or null"),
     (["data.in_memory=gpu"], "data.in_memory='gpu'", "false, host or device"),
     (["malloc=jemalloc"], "malloc='jemalloc'", "one of tuned, default"),
+    (["bench_int8=maybe"], "bench_int8='maybe'", "true or false"),
 ])
 def test_wrong_types_and_ranges_name_the_key(tmp_path, overrides, key, need):
     found = problems(cfg_with(tmp_path, *overrides))

@@ -47,16 +47,18 @@ RUN_COLUMNS: list[str] = [
     "params", "bytes", "base_params", "base_bytes", "ratio", "ratio_embedding", "ratio_mlp",
     "base_auc", "base_logloss", "before_ft_auc", "before_ft_logloss", "auc", "logloss",
     "delta_auc", "delta_auc_before_ft", "delta_logloss", "control_auc", "control_logloss", "delta_auc_vs_control",
-    *[f"speedup@{b}" for b in BATCH_SIZES], "base_ms@4096", "latency_ms@4096",
+    "int8_auc", "delta_auc_int8", *[f"speedup@{b}" for b in BATCH_SIZES], "base_ms@4096", "latency_ms@4096",
+    "speedup_int8@4096",
     "val_auc", "train_seconds", "compress_seconds", "base_epoch_seconds", "train_samples_per_s", "undefined",
 ]
 #: what identifies one experimental setting; seeds of a setting are aggregated
 GROUP_KEYS: list[str] = ["data", "model", "method", "targets", "setting"]
 #: aggregated as mean and sample standard deviation (ddof=1) over the ok seeds of a group
 STAT_COLUMNS: list[str] = ["auc", "base_auc", "before_ft_auc", "control_auc", "delta_auc", "delta_auc_before_ft",
-                           "delta_auc_vs_control", "logloss"]
+                           "delta_auc_vs_control", "logloss", "int8_auc", "delta_auc_int8"]
 #: aggregated as mean only
-MEAN_COLUMNS: list[str] = ["ratio", "params", "bytes", "speedup@4096", "latency_ms@4096", "train_seconds"]
+MEAN_COLUMNS: list[str] = ["ratio", "params", "bytes", "speedup@4096", "latency_ms@4096", "speedup_int8@4096",
+                           "train_seconds"]
 #: per-layer rows (from ``compress/layers``) used by the retained-energy plot; ``energy_curve`` is the cumulative
 #: retained energy at ranks 1..full rank from the layer's stored spectrum (None when results.json has none)
 LAYER_COLUMNS: list[str] = ["run_dir", "data", "model", "method", "setting", "seed", "name", "group",
@@ -69,13 +71,17 @@ METRIC_SOURCES: dict[str, str] = {
     "auc": R.KEY_TEST_AUC, "logloss": R.KEY_TEST_LOGLOSS, "base_auc": R.KEY_BASE_TEST_AUC,
     "base_logloss": R.KEY_BASE_TEST_LOGLOSS, "before_ft_auc": R.KEY_AUC_BEFORE_FINETUNE,
     "before_ft_logloss": R.KEY_LOGLOSS_BEFORE_FINETUNE, "control_auc": R.KEY_CONTROL_TEST_AUC,
-    "control_logloss": R.KEY_CONTROL_TEST_LOGLOSS, "val_auc": R.KEY_VAL_AUC,
+    "control_logloss": R.KEY_CONTROL_TEST_LOGLOSS, "val_auc": R.KEY_VAL_AUC, "int8_auc": R.KEY_INT8_AUC,
 }
 #: derived columns and the columns they are computed from (undefined when one of those is undefined)
 DERIVED_FROM: dict[str, tuple[str, ...]] = {
     "delta_auc": ("auc", "base_auc"), "delta_auc_before_ft": ("before_ft_auc", "base_auc"),
     "delta_logloss": ("logloss", "base_logloss"), "delta_auc_vs_control": ("auc", "control_auc"),
+    "delta_auc_int8": ("int8_auc", "auc"),  # the same weights served with int8 Linears (bench_int8=true)
 }
+#: columns of opt-in measurements and the key a run that made the measurement writes (a run without it has no
+#: value there, which is not an undefined one)
+OPT_IN_SOURCES: dict[str, str] = {"int8_auc": R.KEY_INT8_AUC, "delta_auc_int8": R.KEY_INT8_AUC}
 UNDEFINED = "undefined"
 #: text columns of results.csv (the rest are numbers); an earlier report's CSV is read back with these as strings
 TEXT_COLUMNS: tuple[str, ...] = ("run_dir", "status", "error", "data", "model", "method", "targets", "ranks",
@@ -423,6 +429,7 @@ def run_row(rec: Mapping[str, Any]) -> dict[str, Any]:
     before_auc = _num(rec.get(R.KEY_AUC_BEFORE_FINETUNE))
     before_logloss = _num(rec.get(R.KEY_LOGLOSS_BEFORE_FINETUNE))
     control_auc = _num(rec.get(R.KEY_CONTROL_TEST_AUC))
+    int8_auc = _num(rec.get(R.KEY_INT8_AUC))
 
     row: dict[str, Any] = {
         "run_dir": rec.get(R.KEY_RUN_DIR, ""), "status": status, "error": str(rec.get(R.KEY_ERROR) or ""),
@@ -438,6 +445,8 @@ def run_row(rec: Mapping[str, Any]) -> dict[str, Any]:
         "delta_logloss": logloss - base_logloss, "control_auc": control_auc,
         "control_logloss": _num(rec.get(R.KEY_CONTROL_TEST_LOGLOSS)),
         "delta_auc_vs_control": auc - control_auc,
+        "int8_auc": int8_auc, "delta_auc_int8": int8_auc - auc,
+        "speedup_int8@4096": _num(rec.get(R.bench_key("int8_speedup", 4096))),
         "base_ms@4096": _num(rec.get(R.bench_key("base_ms", 4096))),
         "latency_ms@4096": _num(rec.get(R.bench_key("compressed_ms", 4096), rec.get(R.bench_key("base_ms", 4096)))),
         "val_auc": _num(rec.get(R.KEY_VAL_AUC)), "train_seconds": _num(rec.get(R.KEY_TRAIN_SECONDS)),
@@ -460,6 +469,7 @@ def undefined_columns(rec: Mapping[str, Any], own_base: bool = False) -> list[st
         undefined |= {base for base, own in (("base_auc", "auc"), ("base_logloss", "logloss"))
                       if own in undefined and METRIC_SOURCES[base] not in rec}
     undefined |= {col for col, parts in DERIVED_FROM.items() if undefined.intersection(parts)}
+    undefined -= {col for col, key in OPT_IN_SOURCES.items() if key not in rec}  # not measured: missing, not undefined
     return [c for c in RUN_COLUMNS if c in undefined]
 
 
@@ -855,7 +865,7 @@ def display_grouped(grouped: pd.DataFrame) -> pd.DataFrame:
         fmt = _formatter(c)
         out[c] = [fmt(m) + (f" ± {s:.5f}" if pd.notna(s) else "") for m, s in
                   zip(grouped[f"{c}_mean"], grouped[f"{c}_std"])]
-    for c in ("speedup@4096", "latency_ms@4096", "bytes"):
+    for c in ("speedup@4096", "latency_ms@4096", "speedup_int8@4096", "bytes"):
         out[c] = grouped[f"{c}_mean"].map(_formatter(c))
     if "undefined" in grouped.columns:
         out["undefined"] = grouped["undefined"]

@@ -77,6 +77,7 @@ RULES: dict[str, Check] = {
     "malloc": choice(*MALLOC_MODES),
     "progress_bar": boolean,
     "bench": boolean,
+    "bench_int8": boolean,
     "embedding_l2": number(0.0),
     "early_stopping_patience": integer(0, optional=True),
     "optimizer.lr": number(0.0, low_open=True),

@@ -79,8 +79,16 @@ def group_ratio_key(group: str) -> str:
 
 
 def bench_key(what: str, batch_size: int) -> str:
-    """``bench/base_ms@4096``, ``bench/compressed_ms@4096``, ``bench/speedup@4096``."""
+    """``bench/base_ms@4096``, ``bench/compressed_ms@4096``, ``bench/speedup@4096``, ``bench/int8_ms@4096``,
+    ``bench/int8_speedup@4096``."""
     return f"bench/{what}@{int(batch_size)}"
+
+
+#: ``bench_int8=true``: the final model served with int8 Linear layers (lowrank_ctr.int8_inference), on the test split
+INT8_PREFIX = "test/int8/"
+KEY_INT8_AUC = INT8_PREFIX + "auc"
+KEY_INT8_LOGLOSS = INT8_PREFIX + "logloss"
+KEY_INT8_AUC_DELTA = INT8_PREFIX + "auc_delta"  # int8 minus float32, the same weights
 
 
 @dataclass
@@ -167,6 +175,20 @@ class ControlResult:
 
 
 @dataclass
+class Int8Result:
+    """The final model served with int8 Linear layers (``bench_int8=true``): its test metrics, and its latency next
+    to the float32 model's (measured back to back). ``test`` is None, and ``int8_ms`` empty, when the model has no
+    Linear layer to convert (``skipped`` says why): the keys are then null, never a number."""
+
+    test: Metrics | None
+    sizes: list[int]  # the batch sizes asked for (bench_batch_sizes): each gets its keys, null when not measured
+    float_ms: dict[int, float]
+    int8_ms: dict[int, float]
+    threads: int
+    skipped: str | None = None
+
+
+@dataclass
 class BenchResult:
     """Inference latency (median ms) per batch size, base and compressed measured back to back."""
 
@@ -188,6 +210,7 @@ class RunResult:
     scratch: ScratchResult | None = None
     control: ControlResult | None = None
     bench: BenchResult | None = None
+    int8: Int8Result | None = None
     run_dir: str = ""
     config_hash: str = ""
     config: dict[str, Any] = field(default_factory=dict)
@@ -258,6 +281,8 @@ class RunResult:
                     out[bench_key("compressed_ms", size)] = fast
                     out[bench_key("speedup", size)] = ms / fast if fast > 0 else None
             out[KEY_BENCH_THREADS] = self.bench.threads
+        if self.int8 is not None:
+            out.update(_int8(self.int8, self.final_test))
         out[KEY_CHECKPOINT] = final_checkpoint
         out[KEY_BASE_CHECKPOINT] = b.checkpoint
         out.update({KEY_RUN_DIR: self.run_dir, KEY_CONFIG_HASH: self.config_hash, KEY_CONFIG: self.config})
@@ -273,6 +298,17 @@ def _metrics(m: Metrics, prefix: str) -> dict[str, Any]:
 def _training(t: TrainingStats, prefix: str) -> dict[str, Any]:
     return {prefix + "samples_per_s": t.samples_per_s, prefix + "seconds": t.seconds, prefix + "epochs": t.epochs,
             prefix + "rows": t.rows, prefix + "precision": t.precision, prefix + "optimizer": t.optimizer}
+
+
+def _int8(r: Int8Result, float32: Metrics) -> dict[str, Any]:
+    test = r.test
+    out = {KEY_INT8_AUC: test.auc if test else None, KEY_INT8_LOGLOSS: test.logloss if test else None,
+           KEY_INT8_AUC_DELTA: _delta(test.auc, float32.auc) if test else None}
+    for size in r.sizes:
+        slow, fast = r.float_ms.get(size), r.int8_ms.get(size)
+        out[bench_key("int8_ms", size)] = fast
+        out[bench_key("int8_speedup", size)] = slow / fast if slow and fast else None
+    return out
 
 
 def _delta(a: float | None, b: float | None) -> float | None:

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lowrank_ctr import bench
 from lowrank_ctr.allocator import configure_malloc
+from lowrank_ctr.config import UserError
 from lowrank_ctr.pipeline import rundir
 from lowrank_ctr.pipeline.base import BaseStage, LoadBase, TrainBase
 from lowrank_ctr.pipeline.compression import compress_stage, scratch_stage, two_stage_from_scratch
@@ -25,7 +26,7 @@ from lowrank_ctr.pipeline.context import (RunContext, build_loggers, compute_dev
                                           make_datamodule, run_dir_of)
 from lowrank_ctr.pipeline.finetune import control_stage, finetune_stage
 from lowrank_ctr.pipeline.records import StageRecords, run_identity
-from lowrank_ctr.pipeline.results import BenchResult, RunResult, write_results
+from lowrank_ctr.pipeline.results import BenchResult, Int8Result, RunResult, write_results
 from lowrank_ctr.pipeline.summary import log_summary
 from lowrank_ctr.precision import precision_warning
 from lowrank_ctr.validate import validate
@@ -57,6 +58,37 @@ def bench_stage(ctx: RunContext, base_model: torch.nn.Module, final_model: torch
     return BenchResult(base_ms=base_ms, compressed_ms=compressed_ms, threads=threads)
 
 
+def int8_stage(ctx: RunContext, final_model: torch.nn.Module) -> Int8Result:
+    """``bench_int8=true``: the final model served with int8 Linear layers on CPU (lowrank_ctr.int8_inference) —
+    its test metrics in one pass over the test split, and its latency at ``bench_batch_sizes`` next to the float32
+    model's, back to back. A model without a Linear to convert gets null keys and a warning, not a number."""
+    from lowrank_ctr.int8_inference import int8_weights, quantize_for_inference
+    from lowrank_ctr.pipeline.evaluation import evaluate
+
+    sizes = [int(s) for s in ctx.cfg.bench_batch_sizes]
+    model = final_model.cpu()
+    if not int8_weights(model):
+        why = f"{type(model).__name__} has no Linear layer to run in int8"
+        log.warning("bench_int8: %s: test/int8/* and bench/int8_* are null", why)
+        return Int8Result(test=None, sizes=sizes, float_ms={}, int8_ms={}, threads=torch.get_num_threads(),
+                          skipped=why)
+    served = quantize_for_inference(model)
+    test, _ = evaluate(served, ctx.dm.test_dataloader(), "cpu", "test")
+    batches = bench.make_batches(ctx.dm.datasets["test"], sizes)
+    float_ms, int8_ms, threads = bench.measure(model, served, batches, threads=ctx.cfg.get("threads"))
+    return Int8Result(test=test, sizes=sizes, float_ms=float_ms, int8_ms=int8_ms or {}, threads=threads)
+
+
+def int8_problem(cfg: DictConfig) -> str | None:
+    """Why ``bench_int8=true`` cannot run with this torch (no quantized engine), or None: asked before any work."""
+    if not cfg.get("bench_int8"):
+        return None
+    from lowrank_ctr.int8_inference import engine_problem
+
+    problem = engine_problem()
+    return f"bench_int8=true: {problem}; or set bench_int8=false" if problem else None
+
+
 def extra_metrics(cfg: DictConfig) -> dict[str, Any]:
     """``extra_metrics=[name,...]``: factories of the torchmetrics that add ``test/<name>`` keys."""
     return {name: instantiate(mcfg) for name, mcfg in (cfg.get("extra_metrics") or {}).items()
@@ -73,6 +105,9 @@ def run(cfg: DictConfig, identity: str | None = None) -> dict[str, Any]:
     stage = base_stage_of(cfg)
     stage.prepare(cfg)
     validate(cfg)
+    problem = int8_problem(cfg)
+    if problem:
+        raise UserError(problem)
     slow = precision_warning(OmegaConf.select(cfg, "trainer.precision", default="32"),
                              OmegaConf.select(cfg, "trainer.accelerator", default="cpu"))
     if slow:
@@ -118,6 +153,8 @@ def _run(cfg: DictConfig, stage: BaseStage, run_dir, identity: str) -> dict[str,
             result.control = control_stage(ctx, base_model, base)
     if cfg.get("bench", True):
         result.bench = bench_stage(ctx, base_model, final_model)
+    if cfg.get("bench_int8", False):
+        result.int8 = int8_stage(ctx, final_model if final_model is not None else base_model)
     result.run_dir, result.config_hash = str(run_dir), identity
     result.config = OmegaConf.to_container(cfg, resolve=True)
     results = result.to_json()

@@ -25,7 +25,8 @@ from torch import nn
 
 #: settings that change nothing in a cached stage's fit: the compression config (each cache puts what matters of
 #: it in its key), where and how a run reports, and how it was started
-NOT_SHARED_KEYS = ("compression", "paths", "logger", "progress_bar", "bench", "bench_batch_sizes", "task_name",
+NOT_SHARED_KEYS = ("compression", "paths", "logger", "progress_bar", "bench", "bench_batch_sizes", "bench_int8",
+                   "task_name",
                    "ckpt_path", "pipeline", "hparams_search", "optimized_metric", "min_ratio", "resume",
                    "skip_completed", "run_dir")
 

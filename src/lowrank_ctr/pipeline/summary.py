@@ -84,6 +84,16 @@ def human_summary(results: Mapping[str, Any]) -> str:
                      f"(median latency, {results.get(R.KEY_BENCH_THREADS)} threads; a quick in-run measurement)")
     elif results.get(bench_key("base_ms", 4096)) is not None:
         lines.append(f"inference: {results[bench_key('base_ms', 4096)]:.2f} ms per batch of 4096 (median)")
+    if R.KEY_INT8_AUC in results:  # bench_int8=true
+        if results[R.KEY_INT8_AUC] is None and results.get(R.KEY_INT8_LOGLOSS) is None:
+            lines.append("int8 serving: not measured (the model has no Linear layer to run in int8)")
+        else:
+            top = max((int(k.rpartition("@")[2]) for k in results if k.startswith(bench_key("int8_speedup", 0)[:-1])),
+                      default=None)
+            fast = results.get(bench_key("int8_speedup", top)) if top is not None else None
+            lines.append(f"int8 serving (CPU): test AUC {_auc(results[R.KEY_INT8_AUC])} "
+                         f"({_signed(results.get(R.KEY_INT8_AUC_DELTA))} vs float32)"
+                         + (f", {fast:.2f}x the float32 model's speed at batch {top}" if fast else ""))
     lines.append(f"files: {run_dir / RESULTS_FILE}" + (f", model {results[KEY_CHECKPOINT]}"
                                                          if results.get(KEY_CHECKPOINT) else ""))
     lines.append("next:")
