@@ -79,9 +79,9 @@ DERIVED_FROM: dict[str, tuple[str, ...]] = {
     "delta_logloss": ("logloss", "base_logloss"), "delta_auc_vs_control": ("auc", "control_auc"),
     "delta_auc_int8": ("int8_auc", "auc"),  # the same weights served with int8 Linears (bench_int8=true)
 }
-#: columns of opt-in measurements and the key a run that made the measurement writes (a run without it has no
-#: value there, which is not an undefined one)
-OPT_IN_SOURCES: dict[str, str] = {"int8_auc": R.KEY_INT8_AUC, "delta_auc_int8": R.KEY_INT8_AUC}
+#: derived columns of opt-in measurements and the key a run that made the measurement writes (a run without it has
+#: no value there, which is not an undefined one, even when its other part is undefined)
+OPT_IN_SOURCES: dict[str, str] = {"delta_auc_int8": R.KEY_INT8_AUC}
 UNDEFINED = "undefined"
 #: text columns of results.csv (the rest are numbers); an earlier report's CSV is read back with these as strings
 TEXT_COLUMNS: tuple[str, ...] = ("run_dir", "status", "error", "data", "model", "method", "targets", "ranks",

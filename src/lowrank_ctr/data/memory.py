@@ -10,8 +10,9 @@ unmaps them when freed: the peak over the imports fell to ~290 MB at the same sp
 
 After the block glibc keeps a fixed 32 MB mmap threshold and a 64 MB trim threshold -- the values its own dynamic
 rule reaches -- or ``malloc=tuned``'s (``lowrank_ctr/allocator.py``, the one place that calls ``mallopt``), so
-training's buffers come from the heap as they would after glibc's adjustment, and the freed memory is handed back. (Peer column, 3 runs each against the commit before: same training and inference speed, peak RSS 955-972 ->
-864-882 MB.)
+training's buffers come from the heap as they would after glibc's adjustment, and the freed memory is handed back.
+(Peer column, 3 runs each against the commit before: same training and inference speed, peak RSS 955-972 -> 864-882
+MB.)
 """
 
 from __future__ import annotations

@@ -178,14 +178,13 @@ class ControlResult:
 class Int8Result:
     """The final model served with int8 Linear layers (``bench_int8=true``): its test metrics, and its latency next
     to the float32 model's (measured back to back). ``test`` is None, and ``int8_ms`` empty, when the model has no
-    Linear layer to convert (``skipped`` says why): the keys are then null, never a number."""
+    Linear layer to convert: the keys are then null, never a number."""
 
     test: Metrics | None
     sizes: list[int]  # the batch sizes asked for (bench_batch_sizes): each gets its keys, null when not measured
     float_ms: dict[int, float]
     int8_ms: dict[int, float]
     threads: int
-    skipped: str | None = None
 
 
 @dataclass

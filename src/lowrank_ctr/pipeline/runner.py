@@ -68,10 +68,9 @@ def int8_stage(ctx: RunContext, final_model: torch.nn.Module) -> Int8Result:
     sizes = [int(s) for s in ctx.cfg.bench_batch_sizes]
     model = final_model.cpu()
     if not int8_weights(model):
-        why = f"{type(model).__name__} has no Linear layer to run in int8"
-        log.warning("bench_int8: %s: test/int8/* and bench/int8_* are null", why)
-        return Int8Result(test=None, sizes=sizes, float_ms={}, int8_ms={}, threads=torch.get_num_threads(),
-                          skipped=why)
+        log.warning("bench_int8: %s has no Linear layer to run in int8: test/int8/* and bench/int8_* are null",
+                    type(model).__name__)
+        return Int8Result(test=None, sizes=sizes, float_ms={}, int8_ms={}, threads=torch.get_num_threads())
     served = quantize_for_inference(model)
     test, _ = evaluate(served, ctx.dm.test_dataloader(), "cpu", "test")
     batches = bench.make_batches(ctx.dm.datasets["test"], sizes)

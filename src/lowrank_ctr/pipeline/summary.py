@@ -46,11 +46,12 @@ def _signed(value: float | None) -> str:
     return "undefined" if value is None else f"{value:+.4f}"
 
 
-def _largest_speedup(results: Mapping[str, Any]) -> tuple[int, float] | None:
-    sizes = sorted(int(k.rpartition("@")[2]) for k in results if k.startswith(bench_key("speedup", 0)[:-1]))
-    if not sizes or results.get(bench_key("speedup", sizes[-1])) is None:
+def _largest_speedup(results: Mapping[str, Any], what: str = "speedup") -> tuple[int, float] | None:
+    """(largest batch size, its ``bench/<what>@B``), or None when not measured."""
+    sizes = sorted(int(k.rpartition("@")[2]) for k in results if k.startswith(bench_key(what, 0)[:-1]))
+    if not sizes or results.get(bench_key(what, sizes[-1])) is None:
         return None
-    return sizes[-1], float(results[bench_key("speedup", sizes[-1])])
+    return sizes[-1], float(results[bench_key(what, sizes[-1])])
 
 
 def human_summary(results: Mapping[str, Any]) -> str:
@@ -88,12 +89,10 @@ def human_summary(results: Mapping[str, Any]) -> str:
         if results[R.KEY_INT8_AUC] is None and results.get(R.KEY_INT8_LOGLOSS) is None:
             lines.append("int8 serving: not measured (the model has no Linear layer to run in int8)")
         else:
-            top = max((int(k.rpartition("@")[2]) for k in results if k.startswith(bench_key("int8_speedup", 0)[:-1])),
-                      default=None)
-            fast = results.get(bench_key("int8_speedup", top)) if top is not None else None
+            fast = _largest_speedup(results, "int8_speedup")
             lines.append(f"int8 serving (CPU): test AUC {_auc(results[R.KEY_INT8_AUC])} "
                          f"({_signed(results.get(R.KEY_INT8_AUC_DELTA))} vs float32)"
-                         + (f", {fast:.2f}x the float32 model's speed at batch {top}" if fast else ""))
+                         + (f", {fast[1]:.2f}x the float32 model's speed at batch {fast[0]}" if fast else ""))
     lines.append(f"files: {run_dir / RESULTS_FILE}" + (f", model {results[KEY_CHECKPOINT]}"
                                                          if results.get(KEY_CHECKPOINT) else ""))
     lines.append("next:")
